@@ -1,0 +1,47 @@
+"""Shared fixtures: the repository root on sys.path, a seeded single-threaded torch for the tiny
+models of these tests, and the float64 nearest-code reference of the quantizer tests."""
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+
+@pytest.fixture
+def seeded_single_thread():
+    """Seed 0 and one intra-op thread: tiny ops gain nothing from threads, and on a loaded 2-core
+    machine two spinning threads per op slow convolution backward passes by orders of magnitude."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _assert_nearest(indices: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor) -> None:
+    """indices == argmin_k ||z - e_k||^2 computed in float64 by brute force (Eq. 1).
+
+    Where the float64 gap between the best and second-best distance is below the float32 rounding
+    bound of ||e_k||^2 - 2 <z, e_k> (a sum of D + 2 products: error <= (D + 2) eps (||z||^2 + ||e||^2)
+    per distance, twice that between two), the chosen code may be either: there its distance must
+    be within the bound of the best.
+    """
+    z64, e64 = z.double(), codebook.double()
+    distances = ((z64[:, None, :] - e64[None]) ** 2).sum(-1)                       # (N, K)
+    assert indices.dtype == torch.int64 and indices.shape == (len(z),)
+    best = distances.min(1).values
+    second = distances.topk(2, largest=False).values[:, 1] if len(codebook) > 1 else torch.full_like(best, math.inf)
+    eps = torch.finfo(torch.float32).eps
+    bound = 2 * (z.shape[1] + 2) * eps * ((z64 ** 2).sum(1) + (e64 ** 2).sum(1).max())
+    close = second - best <= bound
+    assert torch.equal(indices[~close], distances.argmin(1)[~close])
+    chosen = distances.gather(1, indices[:, None])[:, 0]
+    assert (chosen[close] - best[close] <= bound[close]).all()
+
+
+@pytest.fixture
+def assert_nearest():
+    return _assert_nearest

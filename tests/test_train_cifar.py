@@ -1,0 +1,204 @@
+"""train_cifar.py end to end on a small slice of the real CIFAR-10, resume, data errors, torchrun.
+
+The real data is ../shared/data/cifar10/cifar10-jpeg.tar.gz (or $VQVAE_CIFAR10); it is decoded
+once per session into a cache that every run here shares through --data-dir.
+"""
+import hashlib
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_cifar
+import training
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = Path(os.environ.get("VQVAE_CIFAR10", ROOT.parent / "shared/data/cifar10/cifar10-jpeg.tar.gz"))
+TINY = ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
+        "--batch-size", "8", "--prior-channels", "8", "--prior-layers", "2", "--prior-batch-size", "8",
+        "--max-train-images", "96", "--max-test-images", "40", "--log-every", "1", "--seed", "3"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    if not CIFAR.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"real CIFAR-10 not found at {CIFAR}")
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR} (set VQVAE_CIFAR10)")
+    path = tmp_path_factory.mktemp("data")
+    train_cifar.load_cifar10(CIFAR, path)  # decode once, cache as .npz
+    return path
+
+
+def run(out, data_dir, *extra):
+    args = ["--data", str(CIFAR), "--data-dir", str(data_dir), "--out", str(out), *TINY, *extra]
+    train_cifar.main(args)
+    return out
+
+
+def test_real_data_is_read_in_official_class_order(data_dir):
+    data = train_cifar.load_cifar10(CIFAR, data_dir)
+    assert data["train_x"].shape == (46000, 3, 32, 32) and data["train_x"].dtype == np.uint8
+    assert data["test_x"].shape == (10000, 3, 32, 32)
+    assert list(data["classes"]) == list(train_cifar.CLASSES)
+    assert np.array_equal(np.bincount(data["test_y"]), np.full(10, 1000))
+    assert 100 < data["train_x"].mean() < 140  # real images, not blank
+
+
+@pytest.mark.parametrize("extra", [[], ["--likelihood", "categorical", "--num-groups", "2", "--decay", "none"]],
+                         ids=["gaussian-ema", "categorical-grouped"])
+def test_all_stages_write_metrics_and_figures(tmp_path, data_dir, extra):
+    out = run(tmp_path / "run", data_dir, "--steps", "4", "--prior-steps", "3", *extra)
+    report = json.loads((out / "metrics.json").read_text())
+    m = report["metrics"]
+    assert m["num_test_images"] == 40 and 0 < m["test_mse"] < 1 and m["test_psnr_db"] > 0
+    assert m["test_nmse"] == pytest.approx(m["test_mse"] / report["data_variance"])
+    assert 1 <= m["test_perplexity"] <= m["test_codes_used"] <= 32
+    if "categorical" in extra:
+        # the uniform prior's bound is log K per latent more than log p(x|z) alone
+        assert m["test_bits_per_dim"] > 0 and m["test_bits_per_dim_uniform_prior"] > 0
+        assert report["model_config"]["num_groups"] == 2
+    for name in ["reconstructions", "codebook_usage", "vqvae_curves", "prior_curves", "prior_samples"]:
+        assert (out / f"{name}.png").stat().st_size > 1000
+    assert len(training.load_checkpoint(out / "vqvae.pt")["history"]["step"]) == 4
+
+
+def test_resumed_run_repeats_uninterrupted_losses_step_for_step(tmp_path, data_dir):
+    full = run(tmp_path / "full", data_dir, "--steps", "6", "--prior-steps", "4")
+    part = tmp_path / "part"
+    run(part, data_dir, "--steps", "3", "--prior-steps", "2", "--stages", "vqvae,prior")
+    run(part, data_dir, "--steps", "6", "--prior-steps", "4", "--resume")
+    for name in ["vqvae.pt", "prior.pt"]:
+        a, b = training.load_checkpoint(full / name), training.load_checkpoint(part / name)
+        assert a["history"] == b["history"] and a["step"] == b["step"]
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_existing_checkpoint_without_resume_is_refused(tmp_path, data_dir):
+    run(tmp_path / "r", data_dir, "--steps", "2", "--stages", "vqvae")
+    with pytest.raises(SystemExit, match="--resume"):
+        run(tmp_path / "r", data_dir, "--steps", "2", "--stages", "vqvae")
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir):
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "-u", str(ROOT / "train_cifar.py"), "--data", str(CIFAR), "--data-dir", str(data_dir),
+           "--out", str(out), "--stages", "vqvae", "--steps", "100000", *TINY]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until training runs
+        if line.startswith("[vqvae] training"):
+            break
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "stopped at step" in output
+    state = training.load_checkpoint(out / "vqvae.pt")
+    stopped = state["step"]
+    assert 0 < stopped < 100000
+    run(out, data_dir, "--stages", "vqvae", "--steps", str(stopped + 2), "--resume")
+    full = run(tmp_path / "full", data_dir, "--stages", "vqvae", "--steps", str(stopped + 2))
+    assert training.load_checkpoint(out / "vqvae.pt")["history"] == training.load_checkpoint(full / "vqvae.pt")["history"]
+
+
+def test_torchrun_two_processes_keep_one_codebook(tmp_path, data_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_cifar.py"), "--data", str(CIFAR), "--data-dir", str(data_dir),
+           "--out", str(tmp_path / "ddp"), "--steps", "3", "--prior-steps", "2", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "codebook identical on all 2 processes" in result.stdout
+    assert json.loads((tmp_path / "ddp/metrics.json").read_text())["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------- data errors
+def _tar_gz(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _fake_official(path: Path, payload=None) -> Path:
+    def batch(n, seed):
+        rng = np.random.default_rng(seed)
+        return pickle.dumps(payload if payload is not None else
+                            {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))})
+    members = {f"cifar-10-batches-py/data_batch_{i}": batch(4, i) for i in range(1, 6)}
+    members["cifar-10-batches-py/test_batch"] = batch(3, 9)
+    return _tar_gz(path, members)
+
+
+class _Trap:
+    """Unpickling this object creates a file: proof that pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_bad_checksum_is_refused_before_anything_is_unpickled(tmp_path):
+    marker = tmp_path / "pickle-ran"
+    archive = _fake_official(tmp_path / "cifar-10-python.tar.gz", payload=_Trap(str(marker)))
+    with pytest.raises(train_cifar.DataError, match="MD5"):
+        train_cifar.load_cifar10(archive, tmp_path / "cache")
+    assert not marker.exists() and not (tmp_path / "cache").exists()
+
+
+def test_official_archive_is_read_when_its_checksum_matches(tmp_path, monkeypatch):
+    archive = _fake_official(tmp_path / "cifar-10-python.tar.gz")
+    monkeypatch.setattr(train_cifar, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    data = train_cifar.load_cifar10(archive, tmp_path / "cache")
+    assert data["train_x"].shape == (20, 3, 32, 32) and data["test_x"].shape == (3, 3, 32, 32)
+    first = pickle.loads(tarfile.open(archive).extractfile("cifar-10-batches-py/data_batch_1").read())
+    assert np.array_equal(data["train_x"][:4].reshape(4, -1), first[b"data"])  # channel-first layout kept
+
+
+def test_missing_path_names_the_option(tmp_path):
+    with pytest.raises(train_cifar.DataError, match="--data .*no such file"):
+        train_cifar.load_cifar10(tmp_path / "nowhere.tar.gz", tmp_path / "cache")
+
+
+def test_corrupt_archive_gets_a_clear_error_and_leaves_no_cache(tmp_path):
+    bad = tmp_path / "broken.tar.gz"
+    bad.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 4)  # a gzip magic number, then garbage
+    with pytest.raises(train_cifar.DataError, match="cannot read the archive"):
+        train_cifar.load_cifar10(bad, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_image_folder_without_train_and_test_is_refused(tmp_path):
+    archive = _tar_gz(tmp_path / "imgs.tar.gz", {"photos/cat/1.png": b"x"})
+    with pytest.raises(train_cifar.DataError, match="train/<class>"):
+        train_cifar.load_cifar10(archive, tmp_path / "cache")
+
+
+def test_failed_download_leaves_no_partial_file(tmp_path, monkeypatch):
+    def fail(url, dest):
+        Path(dest).write_bytes(b"partial")
+        raise OSError("network unreachable")
+    monkeypatch.setattr(train_cifar.urllib.request, "urlretrieve", fail)
+    with pytest.raises(train_cifar.DataError, match="could not download"):
+        train_cifar.load_cifar10(None, tmp_path / "data")
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_cifar.urllib.request, "urlretrieve", lambda url, dest: Path(dest).write_bytes(b"evil"))
+    with pytest.raises(train_cifar.DataError, match="MD5"):
+        train_cifar.load_cifar10(None, tmp_path / "data")
+    assert list((tmp_path / "data").iterdir()) == []

@@ -1,0 +1,222 @@
+"""What the training scripts share: processes and devices, seeds, atomic checkpoints, Ctrl-C,
+a progress line with rate and ETA, metrics.json and figures. No model code (see vqvae.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------- processes, seeds
+@dataclass
+class Env:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(seed: int, device: str = "auto") -> Env:
+    """Device (CUDA when present), torch.distributed from torchrun's variables, and seeds.
+
+    Every process gets the same seed, so that models start identical; data are sharded by rank.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    torch.manual_seed(seed)
+    return Env(torch.device(device), rank, world_size)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def batch_indices(step: int, dataset_size: int, batch_size: int, seed: int, env: Env) -> torch.Tensor:
+    """Indices of the batch of this process at `step`: a seeded permutation per epoch, sharded
+    by rank. A pure function of the step, so that a resumed run sees exactly the same batches."""
+    per_epoch = dataset_size // (batch_size * env.world_size)
+    if per_epoch == 0:
+        raise ValueError(f"batch_size {batch_size} x {env.world_size} processes exceeds the dataset ({dataset_size})")
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    start = (i * env.world_size + env.rank) * batch_size
+    return perm[start:start + batch_size]
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def check_replicas_equal(name: str, x: torch.Tensor) -> None:
+    """Raise unless x is bitwise the same on every process (e.g. the EMA codebook)."""
+    if not dist.is_initialized():
+        return
+    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, x.detach().contiguous())
+    if not all(torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"{name} differs between processes")
+    if dist.get_rank() == 0:
+        print(f"{name} identical on all {len(gathered)} processes", flush=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class StopRequest:
+    """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks between steps, so that the
+    checkpoint written on the way out is of a finished step; a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def should_stop(self) -> bool:
+        """True on every process as soon as any process was asked to stop."""
+        if not dist.is_initialized():
+            return self.requested
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+
+# ----------------------------------------------------------------------------- progress
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """One line per `interval` seconds: step/total, metrics, steps/s and ETA."""
+
+    def __init__(self, name: str, total: int, start: int = 0, interval: float = 10.0, enabled: bool = True):
+        self.name, self.total, self.start, self.interval, self.enabled = name, total, start, interval, enabled
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, step: int, **metrics: float) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < self.interval and step < self.total):
+            return
+        self.last = now
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"[{self.name}] {step}/{self.total} {shown} | {rate:.2f} it/s | ETA {_duration(eta)}", flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+# ----------------------------------------------------------------------------- figures
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_image_rows(path: str | Path, rows: list[tuple[str, torch.Tensor]], title: str = "") -> None:
+    """A grid with one labelled row per (label, images (N, C, H, W) in [0, 1])."""
+    plt = _pyplot()
+    n = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 0.95 + 0.4), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
+        axes[r][0].text(-2, images.shape[-2] / 2, label, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_history(path: str | Path, history: dict[str, list[float]], keys: list[str], title: str = "") -> None:
+    """One panel per key of a history {"step": [...], key: [...]}, against step."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot(history["step"], history[key])
+        ax.set_xlabel("step")
+        ax.set_title(key, fontsize=9)
+        if key.endswith("loss") and min(history[key], default=1) > 0:
+            ax.set_yscale("log")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_code_usage(path: str | Path, counts: torch.Tensor, title: str = "") -> None:
+    """Bar chart of code usage, most used first, with the number of codes in use."""
+    plt = _pyplot()
+    counts = counts.double().cpu()
+    ordered = counts.sort(descending=True).values
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(range(len(ordered)), (ordered / ordered.sum()).numpy(), width=1.0)
+    ax.set_xlabel("code (sorted by usage)")
+    ax.set_ylabel("fraction of latents")
+    ax.set_title(f"{title} {int((counts > 0).sum())}/{len(counts)} codes in use", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
