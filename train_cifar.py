@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import training
 import vqvae
@@ -46,7 +45,7 @@ PRESETS = {
     # DeepMind Sonnet's public vqvae_example: NMSE 0.056 and perplexity 326 after 10k steps.
     "sonnet": dict(hidden=128, res_hidden=32, res_layers=2, embedding_dim=64, num_embeddings=512,
                    num_groups=1, decay=0.99, beta=0.25, likelihood="gaussian", lr=3e-4, batch_size=32,
-                   steps=10_000, prior_channels=128, prior_layers=10, prior_steps=5000, prior_batch_size=64),
+                   steps=10_000, prior_channels=64, prior_layers=8, prior_steps=3000, prior_batch_size=32),
     # Paper, Sec. 4.1: 256 hidden units, Adam 2e-4, batch 128, 250k steps, 8x8x10 latents with
     # K = 512 and a 256-way categorical decoder for bits/dim (paper: 4.67).
     "paper": dict(hidden=256, res_hidden=256, res_layers=2, embedding_dim=64, num_embeddings=512,
@@ -252,58 +251,6 @@ def model_config(args, data_variance: float) -> vqvae.VQVAEConfig:
         dead_code_threshold=args.dead_code_threshold, likelihood=args.likelihood, data_variance=data_variance)
 
 
-def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env, extra_state):
-    """The training loop both models share: resume, steps, history, checkpoints, Ctrl-C.
-
-    loss_fn(step) -> (loss, {metric: float}). Returns the history, or None if stopped early.
-    """
-    history, step = {"step": []}, 0
-    if ckpt_path.exists():
-        if not args.resume:
-            raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
-        state = training.load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        history, step = state["history"], state["step"]
-        if env.is_main:
-            print(f"[{name}] resumed at step {step} from {ckpt_path}", flush=True)
-    ddp = DistributedDataParallel(model) if env.world_size > 1 else model
-
-    def save():
-        if env.is_main:
-            training.save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                 "rng": torch.get_rng_state(), "history": history,
-                                                 "step": step, **extra_state})
-
-    progress = training.Progress(name, total_steps, step, enabled=env.is_main)
-    model.train()
-    with training.StopRequest() as stop:
-        if env.is_main:
-            print(f"[{name}] training to step {total_steps} from step {step}", flush=True)
-        while step < total_steps:
-            loss, metrics = loss_fn(ddp, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step % args.log_every == 0 or step == total_steps:
-                history["step"].append(step)
-                for k, v in metrics.items():
-                    history.setdefault(k, []).append(v)
-            progress.update(step, **metrics)
-            if step % args.checkpoint_every == 0 or step == total_steps:
-                save()
-            if stop.should_stop():
-                save()
-                if env.is_main:
-                    print(f"[{name}] stopped at step {step}; checkpoint {ckpt_path}; continue with --resume", flush=True)
-                return None
-    if env.is_main:
-        print(f"[{name}] {total_steps} steps done in {progress.elapsed():.0f} s", flush=True)
-    return history
-
-
 def train_vqvae(args, env, train_x, data_variance):
     model = vqvae.VQVAE(model_config(args, data_variance)).to(env.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -316,7 +263,7 @@ def train_vqvae(args, env, train_x, data_variance):
         return out.loss, {k: training.all_reduce_mean(v).item() for k, v in metrics.items()}
 
     config = dataclasses.asdict(model.config)
-    history = run_loop("vqvae", model, optimizer, loss_fn, args.out / "vqvae.pt", args.steps, args, env, {"config": config})
+    history = training.run_loop("vqvae", model, optimizer, loss_fn, args.out / "vqvae.pt", args.steps, args, env, {"config": config})
     training.check_replicas_equal("codebook", model.quantizer.codebook)
     return model, history
 
@@ -367,7 +314,7 @@ def train_prior(args, env, model, train_x, train_y):
         loss = F.cross_entropy(logits, codes[idx].to(env.device))  # nats per latent
         return loss, {"prior_loss": training.all_reduce_mean(loss).item()}
 
-    history = run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
+    history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
                        {"prior_config": prior_config})
     return prior, history
 

@@ -1,5 +1,6 @@
 """What the training scripts share: processes and devices, seeds, atomic checkpoints, Ctrl-C,
-a progress line with rate and ETA, metrics.json and figures. No model code (see vqvae.py).
+the resumable training loop, a progress line with rate and ETA, metrics.json and figures.
+No model code (see vqvae.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 # ----------------------------------------------------------------------------- processes, seeds
@@ -164,6 +166,60 @@ class Progress:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+
+# ----------------------------------------------------------------------------- training loop
+def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env, extra_state):
+    """The training loop every model of the scripts shares: resume, steps, history, checkpoints,
+    Ctrl-C. args needs resume, log_every and checkpoint_every.
+
+    loss_fn(ddp_model, step) -> (loss, {metric: float}). Returns the history, or None if stopped early.
+    """
+    history, step = {"step": []}, 0
+    if ckpt_path.exists():
+        if not args.resume:
+            raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        history, step = state["history"], state["step"]
+        if env.is_main:
+            print(f"[{name}] resumed at step {step} from {ckpt_path}", flush=True)
+    ddp = DistributedDataParallel(model) if env.world_size > 1 else model
+
+    def save():
+        if env.is_main:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "rng": torch.get_rng_state(), "history": history,
+                                        "step": step, **extra_state})
+
+    progress = Progress(name, total_steps, step, enabled=env.is_main)
+    model.train()
+    with StopRequest() as stop:
+        if env.is_main:
+            print(f"[{name}] training to step {total_steps} from step {step}", flush=True)
+        while step < total_steps:
+            loss, metrics = loss_fn(ddp, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step % args.log_every == 0 or step == total_steps:
+                history["step"].append(step)
+                for k, v in metrics.items():
+                    history.setdefault(k, []).append(v)
+            progress.update(step, **metrics)
+            if step % args.checkpoint_every == 0 or step == total_steps:
+                save()
+            if stop.should_stop():
+                save()
+                if env.is_main:
+                    print(f"[{name}] stopped at step {step}; checkpoint {ckpt_path}; continue with --resume", flush=True)
+                return None
+    if env.is_main:
+        print(f"[{name}] {total_steps} steps done in {progress.elapsed():.0f} s", flush=True)
+    return history
 
 
 # ----------------------------------------------------------------------------- figures

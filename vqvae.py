@@ -11,9 +11,10 @@ the loss (Eq. 3) trains decoder, encoder and codebook:
     L = log p(x|z_q(x)) + ||sg[z_e(x)] - e||^2 + beta * ||z_e(x) - sg[e]||^2
 
 Reading order, smallest part first: nearest_code (Eq. 1), VectorQuantizer (Eq. 2, 3 and the EMA
-codebook of Appendix A.1), Encoder/Decoder, VQVAE, GatedPixelCNN (the prior over codes),
-bits_per_dim. Everything runs in pure PyTorch; when the optional compiled extension `vqvae_ext`
-(built from csrc/ by setup.py) is importable, the nearest-neighbour search and the EMA statistics
+codebook of Appendix A.1), Encoder/Decoder, VQVAE, the speech model (mu-law, WaveNet decoder,
+AudioVQVAE; Sec. 4.3), GatedPixelCNN (the prior over codes), bits_per_dim. Everything runs in
+pure PyTorch; when the optional compiled extension `vqvae_ext` (built from csrc/ by setup.py) is
+importable, the nearest-neighbour search and the EMA statistics
 use it instead and give the same results. This file imports nothing else of the project.
 
 Layout conventions: tensors are channel-first, (B, C, *spatial) with 1, 2 or 3 spatial dims
@@ -46,6 +47,13 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _extension_supports(z: torch.Tensor) -> bool:
+    """Whether vqvae_ext is built for z: float32/64 on the CPU, any float on CUDA if compiled in."""
+    if vqvae_ext is None:
+        return False
+    return z.dtype in (torch.float32, torch.float64) if z.device.type == "cpu" else z.is_cuda and vqvae_ext.has_cuda()
+
+
 # --------------------------------------------------------------------------------------------
 # Eq. 1: the posterior is a one-hot on the nearest codebook entry
 #     q(z = k | x) = 1 if k = argmin_j ||z_e(x) - e_j||_2, else 0
@@ -69,7 +77,7 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto")
            and codebook.dtype == z.dtype, "codebook", f"a (K, {z.shape[1]}) {z.dtype} tensor, K > 0", codebook)
     if not (torch.isfinite(z).all() and torch.isfinite(codebook).all()):
         raise ValueError("nearest_code: z or codebook contains NaN or Inf")
-    use_ext = vqvae_ext is not None and (z.device.type == "cpu" or (z.is_cuda and vqvae_ext.has_cuda()))
+    use_ext = _extension_supports(z)
     if backend == "extension" and not use_ext:
         raise RuntimeError("nearest_code: the vqvae_ext extension is not built for this device "
                            "(pip install --no-build-isolation -e .)")
@@ -81,7 +89,7 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto")
 
 def _code_statistics(z: torch.Tensor, indices: torch.Tensor, num_embeddings: int):
     """Per-code counts (K,) and sums of z (K, D), without a one-hot (N, K) matrix."""
-    if vqvae_ext is not None and (z.device.type == "cpu" or (z.is_cuda and vqvae_ext.has_cuda())):
+    if _extension_supports(z):
         return vqvae_ext.ema_stats(z.contiguous(), indices.contiguous(), num_embeddings)
     counts = torch.bincount(indices, minlength=num_embeddings).to(z.dtype)
     sums = z.new_zeros(num_embeddings, z.shape[1]).index_add_(0, indices, z)
@@ -157,19 +165,19 @@ class VectorQuantizer(nn.Module):
             indices = nearest_code(flat.detach(), codebook.detach())   # Eq. 1, (N,)
             e = F.embedding(indices, codebook)                         # (N, D), e_k
 
+            # Eq. 2 with the straight-through estimator: the forward value is e_k, the backward
+            # pass copies the gradient at z_q unchanged to z_e.
+            z_q = flat + (e - flat).detach()
+
             # Eq. 3, each term averaged over latents and their D components (as the authors'
             # Sonnet code), so that its scale matches a per-pixel mean reconstruction error.
             # The codebook term moves e towards sg[z_e]; the commitment term (beta) moves z_e
             # towards sg[e]. beta belongs to the commitment term, not to the codebook term.
-            commitment_loss = self.commitment_cost * F.mse_loss(flat, e.detach())
             if self.decay is None:
                 codebook_loss = F.mse_loss(e, flat.detach())
             else:
                 codebook_loss = flat.new_zeros(())  # the EMA of App. A.1 replaces this term
-
-            # Eq. 2 with the straight-through estimator: the forward value is e_k, the backward
-            # pass copies the gradient at z_q unchanged to z_e.
-            z_q = flat + (e - flat).detach()
+            commitment_loss = self.commitment_cost * F.mse_loss(flat, e.detach())
 
             counts, sums = _code_statistics(flat.detach(), indices, K)
             probs = counts / counts.sum()
@@ -438,16 +446,181 @@ class VQVAE(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# The prior (Sec. 3.2, 4.2): a gated PixelCNN over the map of codes, trained after the VQ-VAE.
-# Gated activation y = tanh(W_f * x + V_f h) . sigmoid(W_g * x + V_g h), where h is a class (or a
-# conditioning map); a vertical stack sees the rows above, a horizontal stack the pixels to the
-# left, which together cover everything before a pixel in raster order (no blind spot).
+# Speech (Sec. 4.3): an encoder of 6 stride-2 convolutions of window 4 (latents 64x fewer than
+# samples), K = 512, and a WaveNet decoder (A. van den Oord et al., arXiv:1609.03499) conditioned
+# on the latents and on a speaker embedding. Samples are mu-law companded to 256 levels (WaveNet
+# Sec. 2.2), a categorical per sample: F(x) = sign(x) ln(1 + mu |x|) / ln(1 + mu), mu = 255.
 # --------------------------------------------------------------------------------------------
+def mu_law_encode(x: torch.Tensor, mu: int = 255) -> torch.Tensor:
+    """Waveform in [-1, 1] (any shape) -> int64 levels in [0, mu]; 0.0 maps to level 128."""
+    y = torch.sign(x) * torch.log1p(mu * x.abs().clamp(max=1)) / math.log1p(mu)
+    return ((y + 1) / 2 * mu).round().long()
+
+
+def mu_law_decode(levels: torch.Tensor, mu: int = 255) -> torch.Tensor:
+    """Levels in [0, mu] -> waveform in [-1, 1], the inverse of F."""
+    y = 2 * levels.float() / mu - 1
+    return torch.sign(y) * torch.expm1(y.abs() * math.log1p(mu)) / mu
+
+
 def _gate(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=1)
     return torch.tanh(a) * torch.sigmoid(b)
 
 
+class WaveNet(nn.Module):
+    """p(x_t | x_<t, z_q, s): 256-way logits per sample (WaveNet, Sec. 2).
+
+    Layer i (WaveNet Eq. 2 with local and global conditioning):
+        z = tanh(W_f * x + V_f c + U_f s) . sigmoid(W_g * x + V_g c + U_g s)
+        x <- x + 1x1(z) (residual), skip <- skip + 1x1(z)
+    where W * x is a causal convolution of window 2 and dilation 2^(i mod cycle), c is z_q repeated
+    `hop` times along time (each code covers hop samples) and s a learnt speaker embedding.
+    Example: levels (4, 4096), z_q (4, 64, 64), speaker (4,) -> logits (4, 256, 4096).
+    """
+
+    def __init__(self, cond_channels: int, num_speakers: int, hop: int = 64, channels: int = 64,
+                 skip_channels: int = 64, num_layers: int = 10, cycle: int = 10):
+        super().__init__()
+        self.hop, self.channels, self.skip_channels = hop, channels, skip_channels
+        self.dilations = [2 ** (i % cycle) for i in range(num_layers)]
+        self.embed = nn.Embedding(256, channels)                                 # x_{t-1}
+        self.dilated = nn.ModuleList(nn.Conv1d(channels, 2 * channels, 2, dilation=d) for d in self.dilations)
+        self.cond = nn.Conv1d(cond_channels, num_layers * 2 * channels, 1)      # V_f, V_g of all layers
+        self.speaker = nn.Embedding(num_speakers, num_layers * 2 * channels)     # U_f s, U_g s
+        self.res_skip = nn.ModuleList(nn.Conv1d(channels, channels + skip_channels, 1) for _ in self.dilations)
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv1d(skip_channels, skip_channels, 1), nn.ReLU(),
+                                  nn.Conv1d(skip_channels, 256, 1))
+
+    def _conditioning(self, z_q: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+        c = self.cond(z_q) + self.speaker(speaker)[:, :, None]                 # (B, L*2C, T'), code rate
+        return c.unflatten(1, (len(self.dilations), 2 * self.channels))       # (B, L, 2C, T')
+
+    def forward(self, levels: torch.Tensor, z_q: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
+        """levels (B, T) int64 in [0, 256), z_q (B, D, T / hop), speaker (B,) -> logits (B, 256, T)."""
+        _check(levels.dim() == 2 and not levels.is_floating_point() and z_q.dim() == 3
+               and levels.shape[1] == z_q.shape[2] * self.hop, "levels", f"an integer (B, T) tensor "
+               f"with T = {self.hop} x z_q's {z_q.shape[-1]} steps", levels)
+        cond = self._conditioning(z_q, speaker)
+        h = self.embed(F.pad(levels, (1, -1), value=128)).transpose(1, 2)      # (B, C, T), x_{t-1}
+        skip = 0
+        for i, d in enumerate(self.dilations):
+            a = self.dilated[i](F.pad(h, (d, 0))) + cond[:, i].repeat_interleave(self.hop, -1)
+            res, s = self.res_skip[i](_gate(a)).split([self.channels, self.skip_channels], 1)
+            h, skip = h + res, skip + s
+        return self.head(skip)
+
+    @torch.inference_mode()
+    def generate(self, z_q: torch.Tensor, speaker: torch.Tensor, generator: torch.Generator | None = None,
+                 greedy: bool = False, temperature: float = 1.0, return_logits: bool = False):
+        """Sample levels (B, hop * T') one at a time, the forward pass computed step by step.
+
+        Fast WaveNet (T. L. Paine et al., arXiv:1611.09482): layer i keeps its last d_i inputs in a
+        ring buffer, so a step costs one matrix product per layer instead of a pass over the whole
+        receptive field. Teacher-forcing the samples through forward() gives the same logits.
+        """
+        B, T, C = z_q.shape[0], z_q.shape[2] * self.hop, self.channels
+        biases = torch.stack([conv.bias for conv in self.dilated])[None, :, :, None]
+        cond = self._conditioning(z_q, speaker) + biases                      # (B, L, 2C, T')
+        # A window-2 dilated convolution is one product of [x_{t-d}, x_t] with (2C, 2C) weights.
+        taps = [torch.cat([conv.weight[:, :, 0], conv.weight[:, :, 1]], 1).t() for conv in self.dilated]
+        res = [(conv.weight[:C, :, 0].t(), conv.bias[:C]) for conv in self.res_skip]
+        skip_w = torch.cat([conv.weight[C:, :, 0] for conv in self.res_skip], 1).t()   # (L*C, S)
+        skip_b = sum(conv.bias[C:] for conv in self.res_skip)
+        buffers = [z_q.new_zeros(d, B, C) for d in self.dilations]            # x_{t-d} .. x_{t-1}
+        levels = torch.empty(B, T, dtype=torch.long, device=z_q.device)
+        logits_all = z_q.new_empty(B, 256, T) if return_logits else None
+        x = torch.full((B,), 128, dtype=torch.long, device=z_q.device)
+        for t in range(T):
+            h, gated, c = self.embed(x), [], cond[:, :, :, t // self.hop].unbind(1)  # (B, C), L x (B, 2C)
+            for i, d in enumerate(self.dilations):
+                a = torch.addmm(c[i], torch.cat([buffers[i][t % d], h], 1), taps[i])
+                buffers[i][t % d] = h                                          # read before write
+                gated.append(torch.tanh(a[:, :C]) * torch.sigmoid(a[:, C:]))
+                h = torch.addmm(h + res[i][1], gated[-1], res[i][0])
+            skip = torch.addmm(skip_b, torch.cat(gated, 1), skip_w)            # sum of all skips
+            logits = self.head(skip[:, :, None])[:, :, 0]                     # (B, 256)
+            probs = (logits.float() / temperature).softmax(1)
+            x = logits.argmax(1) if greedy else torch.multinomial(probs, 1, generator=generator)[:, 0]
+            levels[:, t] = x
+            if return_logits:
+                logits_all[:, :, t] = logits
+        return (levels, logits_all) if return_logits else levels
+
+
+@dataclass
+class AudioVQVAEConfig:
+    num_speakers: int = 109              # VCTK
+    hidden_channels: int = 128           # encoder; the paper gives no layer sizes for speech
+    res_channels: int = 64
+    num_res_layers: int = 2
+    num_downsamples: int = 6             # paper: 64x fewer latents than samples
+    num_embeddings: int = 512            # K, paper: 512
+    embedding_dim: int = 64              # D
+    commitment_cost: float = 0.25        # beta
+    decay: float | None = 0.99           # EMA codebook (App. A.1), or None for the codebook loss
+    kmeans_init: bool = False            # not in the paper, see VectorQuantizer
+    dead_code_threshold: float | None = None
+    wavenet_channels: int = 64
+    skip_channels: int = 64
+    wavenet_layers: int = 10
+    dilation_cycle: int = 10             # dilations 1, 2, ..., 2^(cycle - 1), repeated
+
+
+class AudioVQVAEOutput(NamedTuple):
+    logits: torch.Tensor                # (B, 256, T) p(x_t | x_<t, z_q, speaker)
+    indices: torch.Tensor               # (B, T / 64)
+    recon_loss: torch.Tensor            # -log p(x|z_q) in nats per sample
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+    loss: torch.Tensor                  # Eq. 3
+    perplexity: torch.Tensor
+    counts: torch.Tensor                # (K,)
+
+
+class AudioVQVAE(nn.Module):
+    """Encoder (dims=1) -> 1x1 conv to D -> VectorQuantizer -> WaveNet(z_q, speaker).
+
+    Example: mu-law levels (8, 4096) int64 and speaker ids (8,) -> codes (8, 64), logits (8, 256, 4096).
+    """
+
+    def __init__(self, config: AudioVQVAEConfig):
+        super().__init__()
+        self.config = c = config
+        self.encoder = Encoder(1, c.hidden_channels, c.res_channels, c.num_res_layers, c.num_downsamples, dims=1)
+        self.pre_quantize = nn.Conv1d(c.hidden_channels, c.embedding_dim, 1)
+        self.quantizer = VectorQuantizer(c.num_embeddings, c.embedding_dim, c.commitment_cost, c.decay,
+                                         kmeans_init=c.kmeans_init, dead_code_threshold=c.dead_code_threshold)
+        self.decoder = WaveNet(c.embedding_dim, c.num_speakers, 2 ** c.num_downsamples, c.wavenet_channels,
+                               c.skip_channels, c.wavenet_layers, c.dilation_cycle)
+
+    def encode(self, levels: torch.Tensor) -> torch.Tensor:
+        """Levels (B, T) -> z_e (B, D, T / 64); the encoder sees 2 * level / 255 - 1 in [-1, 1]."""
+        hop = 2 ** self.config.num_downsamples
+        _check(levels.dim() == 2 and not levels.is_floating_point() and levels.shape[1] % hop == 0
+               and levels.shape[1] > 0, "levels", f"an integer (B, T) tensor, T a multiple of {hop}", levels)
+        return self.pre_quantize(self.encoder((2 * levels.float() / 255 - 1)[:, None]))
+
+    def forward(self, levels: torch.Tensor, speaker: torch.Tensor) -> AudioVQVAEOutput:
+        vq = self.quantizer(self.encode(levels))
+        logits = self.decoder(levels, vq.z_q, speaker)
+        recon_loss = F.cross_entropy(logits.float(), levels)                  # nats per sample
+        loss = recon_loss + vq.codebook_loss + vq.commitment_loss             # Eq. 3
+        return AudioVQVAEOutput(logits, vq.indices, recon_loss, vq.codebook_loss, vq.commitment_loss,
+                                loss, vq.perplexity, vq.counts)
+
+    def generate(self, indices: torch.Tensor, speaker: torch.Tensor, **kwargs):
+        """Codes (B, T') decoded as speaker (B,): levels (B, 64 * T'); see WaveNet.generate.
+        Speaker conversion is the codes of one speaker's clip decoded with another's id."""
+        return self.decoder.generate(self.quantizer.lookup(indices), speaker, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The prior (Sec. 3.2, 4.2): a gated PixelCNN over the map of codes, trained after the VQ-VAE.
+# Gated activation y = tanh(W_f * x + V_f h) . sigmoid(W_g * x + V_g h), where h is a class (or a
+# conditioning map); a vertical stack sees the rows above, a horizontal stack the pixels to the
+# left, which together cover everything before a pixel in raster order (no blind spot).
+# --------------------------------------------------------------------------------------------
 class GatedLayer(nn.Module):
     """One gated layer of both stacks; `first` masks the current pixel (mask A, no residual)."""
 

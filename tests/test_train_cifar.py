@@ -202,3 +202,13 @@ def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):
     with pytest.raises(train_cifar.DataError, match="MD5"):
         train_cifar.load_cifar10(None, tmp_path / "data")
     assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_presets_carry_the_paper_and_sonnet_settings():
+    paper = train_cifar.parse_args(["--preset", "paper"])
+    assert (paper.hidden, paper.res_hidden, paper.lr, paper.batch_size, paper.steps, paper.beta) == (256, 256, 2e-4, 128, 250_000, 0.25)
+    assert (paper.num_embeddings, paper.num_groups, paper.likelihood, paper.decay) == (512, 10, "categorical", None)
+    sonnet = train_cifar.parse_args(["--preset", "sonnet", "--decay", "none", "--steps", "7"])
+    assert (sonnet.hidden, sonnet.res_hidden, sonnet.embedding_dim, sonnet.lr, sonnet.batch_size) == (128, 32, 64, 3e-4, 32)
+    assert sonnet.decay is None and sonnet.steps == 7  # the command line wins over the preset
+    assert train_cifar.parse_args([]).preset == "quick"

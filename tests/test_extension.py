@@ -1,0 +1,257 @@
+"""Tests of the compiled extension vqvae_ext (csrc/), called directly.
+
+nearest_code is checked against a float64 brute force of Eq. 1 of the paper,
+k = argmin_j ||z - e_j||^2, with ties broken to the lowest index, and against
+the pure-PyTorch formula addmm(||e||^2, z, e.T, alpha=-2).argmin(1).
+ema_stats is checked against bincount / index_add_.
+"""
+import pytest
+import torch
+
+vqvae_ext = pytest.importorskip(
+    "vqvae_ext", reason="vqvae_ext is not built (pip install --no-build-isolation -e .)")
+
+EPS32 = torch.finfo(torch.float32).eps
+EPS64 = torch.finfo(torch.float64).eps
+
+
+def brute_force(z, e):
+    """Exact squared distances in float64: z (N, D), e (K, D) -> (N, K)."""
+    z, e = z.double(), e.double()
+    return ((z[:, None, :] - e[None]) ** 2).sum(-1)
+
+
+def assert_nearest(z, e, idx, eps=EPS32, min_clear=0.0):
+    """idx must be the float64 arg-min (lowest index on ties), except on rows where
+    the best and second-best distances are closer than the rounding error of
+    ||e||^2 - 2 <z, e> at precision eps; there the chosen code must be within that
+    error of the best. min_clear: fraction of rows that must be decided exactly."""
+    dist = brute_force(z, e)                                          # (N, K)
+    assert idx.dtype == torch.int64 and idx.shape == (z.shape[0],)
+    if e.shape[0] == 1:
+        assert (idx == 0).all()
+        return
+    zn, en = z.double().norm(dim=1), e.double().norm(dim=1)
+    # dot and norm accumulate at most D roundings each; 2x for the two codes compared
+    bound = 2 * (z.shape[1] + 2) * eps * (en[None] ** 2 + 2 * zn[:, None] * en[None]).max(1).values
+    top2 = dist.topk(2, dim=1, largest=False).values
+    chosen = dist.gather(1, idx[:, None]).squeeze(1)
+    assert (chosen <= top2[:, 0] + bound).all(), "chose a code farther than the rounding bound"
+    clear = top2[:, 1] - top2[:, 0] > bound
+    assert torch.equal(idx[clear], dist.argmin(1)[clear])
+    assert clear.double().mean() >= min_clear
+
+
+def addmm_reference(z, e):
+    """The pure-PyTorch nearest code that the extension replaces."""
+    return torch.addmm((e ** 2).sum(1), z, e.t(), alpha=-2).argmin(1)
+
+
+# ---------------------------------------------------------------- nearest_code
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_data_matches_float64_brute_force(dtype):
+    g = torch.Generator().manual_seed(0)
+    z, e = torch.randn(600, 32, generator=g, dtype=dtype), torch.randn(200, 32, generator=g, dtype=dtype)
+    eps = EPS32 if dtype == torch.float32 else EPS64
+    assert_nearest(z, e, vqvae_ext.nearest_code(z, e), eps, min_clear=0.99)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_random_data_equals_addmm_argmin_exactly(dtype):
+    g = torch.Generator().manual_seed(1)
+    z, e = torch.randn(4096, 64, generator=g, dtype=dtype), torch.randn(512, 64, generator=g, dtype=dtype)
+    assert torch.equal(vqvae_ext.nearest_code(z, e), addmm_reference(z, e))
+
+
+@pytest.mark.parametrize("n", [1, 7, 255, 256, 257, 1000])
+def test_rows_not_a_multiple_of_the_block(n):
+    # K = 256 float32 codes -> blocks of 256 rows on CPU
+    g = torch.Generator().manual_seed(n)
+    z, e = torch.randn(n, 16, generator=g), torch.randn(256, 16, generator=g)
+    idx = vqvae_ext.nearest_code(z, e)
+    assert_nearest(z, e, idx)
+    assert torch.equal(idx, addmm_reference(z, e))
+
+
+@pytest.mark.parametrize("d", [1, 3, 17, 65])
+@pytest.mark.parametrize("k", [1, 2, 15, 16, 17, 33])
+def test_dims_and_codes_not_a_multiple_of_the_vector_width(d, k):
+    g = torch.Generator().manual_seed(100 * d + k)
+    z, e = torch.randn(97, d, generator=g), torch.randn(k, d, generator=g)
+    assert_nearest(z, e, vqvae_ext.nearest_code(z, e))
+
+
+def test_single_code_always_wins():
+    z = torch.randn(50, 8)
+    assert torch.equal(vqvae_ext.nearest_code(z, torch.randn(1, 8)), torch.zeros(50, dtype=torch.int64))
+
+
+def test_exact_tie_at_zero_goes_to_lowest_index():
+    z = torch.zeros(5, 1)
+    assert (vqvae_ext.nearest_code(z, torch.tensor([[1.0], [-1.0]])) == 0).all()
+    assert (vqvae_ext.nearest_code(z, torch.tensor([[-1.0], [1.0]])) == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p,q", [(0, 1), (1, 17), (15, 16), (3, 40), (0, 40)])
+def test_equidistant_symmetric_codes_go_to_lowest_index(p, q, dtype):
+    # e_q = -e_p and z = 0: identical distances in any precision. Pairs in the
+    # same SIMD lane (1, 17), in adjacent lanes (15, 16) and in the tail (40 of 41).
+    g = torch.Generator().manual_seed(p * 41 + q)
+    e = 3.0 + torch.rand(41, 6, generator=g, dtype=dtype)               # norms >= 3*sqrt(6)
+    e[p] = torch.tensor([0.5, -0.25, 0.0, 1.0, 0.5, 0.25])
+    e[q] = -e[p]
+    assert (vqvae_ext.nearest_code(torch.zeros(9, 6, dtype=dtype), e) == p).all()
+
+
+def test_duplicated_codes_return_lowest_index():
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(8, 4, generator=g).repeat(5, 1)                   # code j == code j + 8 == ...
+    z = e[torch.randint(0, 40, (300,), generator=g)] + 0.01 * torch.randn(300, 4, generator=g)
+    idx = vqvae_ext.nearest_code(z, e)
+    assert (idx < 8).all()
+    assert_nearest(z, e, idx)
+    assert (vqvae_ext.nearest_code(z, torch.ones(70, 4)) == 0).all()  # all codes equal
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e-4])
+def test_huge_and_tiny_magnitudes(scale):
+    g = torch.Generator().manual_seed(4)
+    z, e = scale * torch.randn(500, 24, generator=g), scale * torch.randn(100, 24, generator=g)
+    idx = vqvae_ext.nearest_code(z, e)
+    assert_nearest(z, e, idx, min_clear=0.99)
+    assert torch.equal(idx, addmm_reference(z, e))
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(16, 300, generator=g).t()                          # (300, 16) transposed view
+    e = torch.randn(64, 32, generator=g)[:, ::2]                        # (64, 16) strided slice
+    assert not z.is_contiguous() and not e.is_contiguous()
+    idx = vqvae_ext.nearest_code(z, e)
+    assert torch.equal(idx, vqvae_ext.nearest_code(z.contiguous(), e.contiguous()))
+    assert_nearest(z, e, idx)
+
+
+def test_inputs_that_require_grad():
+    z, e = torch.randn(10, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    assert torch.equal(vqvae_ext.nearest_code(z, e), addmm_reference(z.detach(), e.detach()))
+
+
+def test_inference_mode_inputs():
+    # Large enough for several row blocks, so worker threads run outside inference mode.
+    z, e = torch.randn(5000, 16), torch.randn(300, 16)
+    with torch.inference_mode():
+        z_inf, e_inf = z.clone(), e.clone()
+        assert torch.equal(vqvae_ext.nearest_code(z_inf, e_inf), addmm_reference(z, e))
+
+
+def test_empty_z_returns_empty_int64():
+    idx = vqvae_ext.nearest_code(torch.empty(0, 8), torch.randn(4, 8))
+    assert idx.shape == (0,) and idx.dtype == torch.int64
+
+
+# ------------------------------------------------------------------ ema_stats
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ema_stats_equal_bincount_and_index_add(dtype):
+    g = torch.Generator().manual_seed(6)
+    n, d, k = 1000, 12, 64
+    z = torch.randn(n, d, generator=g, dtype=dtype)
+    indices = torch.randint(0, k - 5, (n,), generator=g)                # the last codes stay unused
+    counts, sums = vqvae_ext.ema_stats(z, indices, k)
+    assert counts.dtype == sums.dtype == torch.float32 and counts.shape == (k,) and sums.shape == (k, d)
+    assert torch.equal(counts, torch.bincount(indices, minlength=k).float())
+    expected = torch.zeros(k, d, dtype=dtype).index_add_(0, indices, z).float()
+    torch.testing.assert_close(sums, expected)
+
+
+def test_ema_stats_non_contiguous_and_empty():
+    z = torch.randn(8, 40).t()                                           # (40, 8) view
+    indices = torch.arange(80)[::2] % 3
+    counts, sums = vqvae_ext.ema_stats(z, indices, 3)
+    torch.testing.assert_close(sums, torch.zeros(3, 8).index_add_(0, indices, z))
+    counts, sums = vqvae_ext.ema_stats(torch.empty(0, 8), torch.empty(0, dtype=torch.int64), 3)
+    assert torch.equal(counts, torch.zeros(3)) and torch.equal(sums, torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_ema_stats_rejects_out_of_range_indices(bad):
+    indices = torch.tensor([0, 1, bad, 2])
+    with pytest.raises(RuntimeError, match=r"indices must be in \[0, num_embeddings\) = \[0, 5\)"):
+        vqvae_ext.ema_stats(torch.randn(4, 3), indices, 5)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+@pytest.mark.parametrize("z,e,message", [
+    (torch.randn(8), torch.randn(4, 8), r"z must be 2-D \(N, D\), got shape \[8\]"),
+    (torch.randn(2, 8, 1), torch.randn(4, 8), r"z must be 2-D"),
+    (torch.randn(8, 4), torch.randn(4), r"codebook must be 2-D \(K, D\), got shape \[4\]"),
+    (torch.randn(8, 4), torch.randn(4, 5), r"codebook must be \(K, D\) with D = 4 .* got codebook \[4, 5\]"),
+    (torch.randn(8, 4), torch.randn(0, 4), r"codebook must have K >= 1 codes, got shape \[0, 4\]"),
+    (torch.randn(8, 4), torch.randn(3, 4, dtype=torch.float64), r"codebook must have z's dtype Float, got Double"),
+    (torch.ones(8, 4, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64),
+     r"z must be a floating-point tensor, got dtype Long"),
+    (torch.randn(8, 4).half(), torch.randn(3, 4).half(), r"on CPU z must be float32 or float64, got dtype Half"),
+    (torch.randn(8, 4), torch.randn(3, 4, device="meta"), r"codebook must be on z's device cpu, got meta"),
+    (torch.randn(8, 4, device="meta"), torch.randn(3, 4, device="meta"), r"z must be on CPU or CUDA, got device meta"),
+])
+def test_nearest_code_rejects_bad_inputs_with_clear_messages(z, e, message):
+    with pytest.raises(RuntimeError, match=message):
+        vqvae_ext.nearest_code(z, e)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_raise(value):
+    z, e = torch.randn(20, 4), torch.randn(6, 4)
+    z_bad, e_bad = z.clone(), e.clone()
+    z_bad[13, 2] = value
+    e_bad[5, 1] = value
+    with pytest.raises(RuntimeError, match="z contains NaN/Inf"):
+        vqvae_ext.nearest_code(z_bad, e)
+    with pytest.raises(RuntimeError, match="codebook contains NaN/Inf"):
+        vqvae_ext.nearest_code(z, e_bad)
+
+
+@pytest.mark.parametrize("indices,k,message", [
+    (torch.zeros(4, dtype=torch.int32), 3, r"indices must be int64, got dtype Int"),
+    (torch.zeros(5, dtype=torch.int64), 3, r"indices must have shape \(N,\) = \(4,\) .* got \[5\]"),
+    (torch.zeros(4, dtype=torch.int64), 0, r"num_embeddings must be >= 1, got 0"),
+])
+def test_ema_stats_rejects_bad_inputs_with_clear_messages(indices, k, message):
+    with pytest.raises(RuntimeError, match=message):
+        vqvae_ext.ema_stats(torch.randn(4, 3), indices, k)
+
+
+def test_has_cuda_is_a_bool():
+    assert isinstance(vqvae_ext.has_cuda(), bool)
+
+
+# ------------------------------------------------------------------- CUDA only
+
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and vqvae_ext.has_cuda()),
+                          reason="needs a GPU and vqvae_ext built with CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_float64_brute_force(dtype):
+    g = torch.Generator().manual_seed(7)
+    z, e = torch.randn(3001, 65, generator=g).to(dtype), torch.randn(130, 65, generator=g).to(dtype)
+    idx = vqvae_ext.nearest_code(z.cuda(), e.cuda()).cpu()
+    assert_nearest(z, e, idx, EPS32, min_clear=0.98)  # fp16/bf16 inputs accumulate in fp32
+
+
+@cuda
+def test_cuda_ties_and_ema_stats_match_cpu():
+    e = torch.randn(200, 8).repeat(2, 1)                                # code 200 + j duplicates code j
+    z = torch.cat([torch.zeros(3, 8), torch.randn(997, 8)])
+    indices = vqvae_ext.nearest_code(z.cuda(), e.cuda()).cpu()
+    assert (indices < 200).all()
+    assert_nearest(z, e, indices)
+    counts, sums = vqvae_ext.ema_stats(z.cuda(), indices.cuda(), 400)
+    expected_counts, expected_sums = vqvae_ext.ema_stats(z, indices, 400)
+    torch.testing.assert_close(counts.cpu(), expected_counts)
+    torch.testing.assert_close(sums.cpu(), expected_sums)
