@@ -4,6 +4,7 @@ No model code (see vqvae.py).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -86,6 +87,50 @@ def check_replicas_equal(name: str, x: torch.Tensor) -> None:
         print(f"{name} identical on all {len(gathered)} processes", flush=True)
 
 
+# ----------------------------------------------------------------------------- command line
+def add_run_arguments(p, stages: str, log_every: int, checkpoint_every: int) -> None:
+    """The options every training script has: output, stages, resume, seed, device, logging."""
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<script>_<preset>)")
+    p.add_argument("--stages", default=stages, help=f"comma-separated subset of {stages}")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--log-every", type=int, default=log_every, help="steps between history points")
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints")
+
+
+def add_codebook_arguments(g) -> None:
+    """The quantizer's options (defaults from the preset)."""
+    none_or = lambda cast: lambda s: None if s == "none" else cast(s)  # noqa: E731
+    g.add_argument("--embedding-dim", type=int, help="D")
+    g.add_argument("--num-embeddings", type=int, help="K")
+    g.add_argument("--decay", type=none_or(float), help="EMA decay of the codebook (App. A.1), or 'none' for the codebook loss")
+    g.add_argument("--beta", type=float, help="commitment cost")
+    g.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=False,
+                   help="codebook from k-means on the first batch (not in the paper)")
+    g.add_argument("--dead-code-threshold", type=none_or(float),
+                   help="restart codes whose moving-average use per batch falls below it, or 'none' (not in the paper)")
+
+
+def parse_with_presets(p, presets: dict, argv, out_prefix: str):
+    """Parse twice: the preset chosen first sets the defaults, then any option given wins."""
+    p.set_defaults(**presets[p.parse_known_args(argv)[0].preset])
+    args = p.parse_args(argv)
+    args.out = args.out or Path("runs") / f"{out_prefix}_{args.preset}"
+    valid = p.get_default("stages").split(",")
+    args.stages = set(args.stages.split(","))
+    if not args.stages <= set(valid):
+        p.error(f"--stages: expected a subset of {','.join(valid)}; got {','.join(sorted(args.stages))}")
+    return args
+
+
+def vq_metrics(out) -> dict[str, float]:
+    """The numbers to log of a VQ-VAE output (averaged over processes)."""
+    metrics = {"loss": out.loss, "recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss,
+               "perplexity": out.perplexity, "codes_used": (out.counts > 0).sum().float()}
+    return {k: all_reduce_mean(v).item() for k, v in metrics.items()}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
@@ -101,6 +146,16 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model(path: Path, model_class, config_class, device):
+    """(model in eval mode, checkpoint) from a checkpoint that holds {"config": ..., "model": ...}."""
+    if not Path(path).exists():
+        raise SystemExit(f"{path} not found: run the vqvae stage first")
+    state = load_checkpoint(path)
+    model = model_class(config_class(**state["config"])).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval(), state
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -347,7 +347,7 @@ class VQVAEConfig:
 
 class VQVAEOutput(NamedTuple):
     x_recon: torch.Tensor               # (B, C, *S) reconstruction in the input's [-0.5, 0.5] scale
-    logits: torch.Tensor | None         # (B, 256, C, *S) for the categorical decoder, else None
+    logits: torch.Tensor | None         # (B, C, *S, 256) for the categorical decoder, else None
     z_e: torch.Tensor                   # (B, G*D, *S') encoder output
     z_q: torch.Tensor                   # (B, G*D, *S') quantized
     indices: torch.Tensor               # (B, *S') if G == 1 else (B, G, *S')
@@ -411,10 +411,11 @@ class VQVAE(nn.Module):
         return self.decode_latents(z_q if c.num_groups == 1 else z_q.transpose(1, 2).flatten(1, 2))
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
-        """z_q (B, G*D, *S') -> Gaussian mean (B, C, *S) or categorical logits (B, 256, C, *S)."""
+        """z_q (B, G*D, *S') -> Gaussian mean (B, C, *S) or categorical logits (B, C, *S, 256)."""
         out = self.decoder(z_q)
         if self.logits is not None:
-            out = self.logits(out).unflatten(1, (self.config.in_channels, 256)).transpose(1, 2)
+            # Classes last and contiguous: softmax over a strided axis copies on every call.
+            out = self.logits(out).unflatten(1, (self.config.in_channels, 256)).movedim(2, -1).contiguous()
         return out
 
     def reconstruction(self, decoded: torch.Tensor) -> torch.Tensor:
@@ -422,14 +423,15 @@ class VQVAE(nn.Module):
         if self.config.likelihood == "gaussian":
             return decoded
         levels = torch.arange(256, device=decoded.device, dtype=torch.float32) / 255 - 0.5
-        return torch.einsum("bk...,k->b...", decoded.float().softmax(1), levels)
+        return decoded.float().softmax(-1) @ levels
 
     def log_likelihood(self, x: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
         """log p(x|z_q) in nats per example, (B,): the categorical decoder only (discrete x)."""
         if self.config.likelihood != "categorical":
             raise ValueError("log_likelihood needs likelihood='categorical' (a discrete p(x|z))")
         target = ((x.float() + 0.5) * 255).round().clamp(0, 255).long()    # (B, C, *S) in 0..255
-        return -F.cross_entropy(decoded.float(), target, reduction="none").flatten(1).sum(1)
+        nll = F.cross_entropy(decoded.float().flatten(0, -2), target.flatten(), reduction="none")
+        return -nll.view(len(x), -1).sum(1)
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         z_e = self.encode(x)

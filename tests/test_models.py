@@ -51,13 +51,13 @@ def test_categorical_recon_loss_is_cross_entropy_in_nats_per_dim():
     model = vqvae.VQVAE(tiny(in_channels=2, likelihood="categorical"))
     levels = torch.randint(0, 256, (2, 2, 4, 4))
     out = model(levels / 255 - 0.5)
-    assert out.logits.shape == (2, 256, 2, 4, 4)
-    log_p = F.log_softmax(out.logits.double(), 1).gather(1, levels[:, None])[:, 0]   # (B, C, H, W)
+    assert out.logits.shape == (2, 2, 4, 4, 256)
+    log_p = F.log_softmax(out.logits.double(), -1).gather(-1, levels[..., None])[..., 0]   # (B, C, H, W)
     assert out.recon_loss.item() == pytest.approx(-log_p.mean().item(), rel=1e-5)
     log_likelihood = model.log_likelihood(levels / 255 - 0.5, out.logits)
     assert log_likelihood.shape == (2,)
     assert torch.allclose(log_likelihood.double(), log_p.sum((1, 2, 3)), rtol=1e-5)
-    mean = (out.logits.double().softmax(1) * (torch.arange(256.0) / 255 - 0.5)[:, None, None, None]).sum(1)
+    mean = (out.logits.double().softmax(-1) * (torch.arange(256.0) / 255 - 0.5)).sum(-1)
     assert torch.allclose(out.x_recon.double(), mean, atol=1e-5)  # the categorical's expected value
 
 

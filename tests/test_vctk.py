@@ -1,0 +1,238 @@
+"""The speech model (mu-law, WaveNet decoder, AudioVQVAE) and train_vctk.py: readers on the real
+FSDD files and on synthetic VCTK layouts, and a few-step run of every stage.
+
+The real data is ../shared/data/fsdd (or $VQVAE_FSDD).
+"""
+import json
+import math
+import os
+import sys
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_vctk
+import training
+import vqvae
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDD = Path(os.environ.get("VQVAE_FSDD", ROOT.parent / "shared/data/fsdd"))
+TINY = ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
+        "--wavenet-channels", "8", "--skip-channels", "8", "--wavenet-layers", "3", "--crop", "256",
+        "--max-train-clips", "60", "--max-test-clips", "36", "--eval-clips", "6", "--wav-clips", "2",
+        "--clip-seconds", "0.25", "--log-every", "1", "--seed", "3"]
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(seeded_single_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def fsdd():
+    if not (FSDD / "recordings").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"FSDD not found at {FSDD}")
+        pytest.skip(f"FSDD not found at {FSDD} (set VQVAE_FSDD)")
+    return FSDD
+
+
+def tiny_wavenet(**kw):
+    return vqvae.WaveNet(cond_channels=6, num_speakers=3, hop=4, channels=8, skip_channels=6, num_layers=5, cycle=3, **kw)
+
+
+# ----------------------------------------------------------------------------- model
+def test_mu_law_round_trip_is_exact_on_levels_and_close_on_waveforms():
+    levels = torch.arange(256)
+    assert torch.equal(vqvae.mu_law_encode(vqvae.mu_law_decode(levels)), levels)
+    x = torch.linspace(-1, 1, 10001)
+    y = vqvae.mu_law_decode(vqvae.mu_law_encode(x))
+    # within half a level: F^-1 grows by (1 + mu |x|) ln(1 + mu) / mu per unit of y, a level is 2 / mu
+    # (slightly more than half of it at |x|, as the slope grows within the level)
+    step = (1 + 255 * x.abs()) * math.log1p(255) / 255 * (2 / 255)
+    assert ((y - x).abs() <= 0.51 * step).all()
+    assert vqvae.mu_law_encode(torch.zeros(())) == 128 and vqvae.mu_law_encode(torch.tensor([-1.0, 1.0])).tolist() == [0, 255]
+
+
+def test_wavenet_gives_256_logits_per_sample_and_checks_lengths():
+    net = tiny_wavenet()
+    logits = net(torch.randint(0, 256, (2, 24)), torch.randn(2, 6, 6), torch.tensor([0, 2]))
+    assert logits.shape == (2, 256, 24)
+    with pytest.raises(ValueError, match="T = 4 x"):
+        net(torch.randint(0, 256, (2, 23)), torch.randn(2, 6, 6), torch.tensor([0, 2]))
+
+
+def test_wavenet_output_at_t_gets_no_gradient_from_inputs_at_or_after_t():
+    net = tiny_wavenet()
+    captured = []
+
+    def keep(module, inputs, output):  # the embedded inputs x_{t-1}, (B, T, C)
+        output.retain_grad()
+        captured.append(output)
+    net.embed.register_forward_hook(keep)
+    levels = torch.randint(0, 256, (1, 40))
+    for t in [0, 7, 21, 39]:
+        captured.clear()
+        net(levels, torch.randn(1, 6, 10), torch.tensor([1]))[0, :, t].logsumexp(0).backward()
+        # embedded position s holds x_{s-1}: x_<t is positions <= t, x_>=t is positions > t
+        grad = captured[0].grad[0].abs().sum(1)
+        assert grad[t + 1:].eq(0).all(), t
+        assert grad[t] > 0, t  # x_{t-1} matters (receptive field 1 + 1 + 2 + 4 + 1 + 2 samples)
+
+
+def test_incremental_generation_equals_the_teacher_forced_forward_pass():
+    net = tiny_wavenet().double()
+    z_q, speaker = torch.randn(2, 6, 9, dtype=torch.double), torch.tensor([2, 0])
+    levels, logits = net.generate(z_q, speaker, generator=torch.Generator().manual_seed(5), return_logits=True)
+    assert levels.shape == (2, 36) and levels.dtype == torch.int64
+    torch.testing.assert_close(logits, net(levels, z_q, speaker), rtol=1e-12, atol=1e-12)  # step by step
+    again = net.generate(z_q, speaker, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(again, levels)  # a seeded generator repeats the samples
+    greedy, logits = net.generate(z_q, speaker, greedy=True, return_logits=True)
+    full = net(greedy, z_q, speaker)
+    torch.testing.assert_close(logits, full, rtol=1e-12, atol=1e-12)
+    assert torch.equal(full.argmax(1), greedy)
+
+
+def test_generating_one_second_of_8khz_audio_takes_seconds():
+    model = vqvae.AudioVQVAE(vqvae.AudioVQVAEConfig(num_speakers=6, hidden_channels=64, res_channels=32,
+                                                    num_res_layers=1, wavenet_channels=32, skip_channels=64)).eval()
+    t0 = time.perf_counter()
+    out = model.generate(torch.randint(0, 512, (1, 32)), torch.tensor([3]))  # 2048 samples
+    rate = out.numel() / (time.perf_counter() - t0)
+    assert out.shape == (1, 2048) and rate > 500, f"{rate:.0f} samples/s"  # 1 s of 8 kHz in < 16 s, loaded
+
+
+def test_audio_vqvae_trains_encoder_codebook_and_decoder_from_one_loss():
+    model = vqvae.AudioVQVAE(vqvae.AudioVQVAEConfig(num_speakers=3, hidden_channels=16, res_channels=8, num_res_layers=1,
+                                                    num_embeddings=16, embedding_dim=4, decay=None, wavenet_channels=8,
+                                                    skip_channels=8, wavenet_layers=3))
+    levels = torch.randint(0, 256, (2, 256))
+    out = model(levels, torch.tensor([0, 2]))
+    assert out.logits.shape == (2, 256, 256) and out.indices.shape == (2, 4)
+    assert out.loss.item() == pytest.approx((out.recon_loss + out.codebook_loss + out.commitment_loss).item())
+    out.loss.backward()
+    for name in ["encoder.net.0.weight", "quantizer.codebook", "decoder.cond.weight", "decoder.speaker.weight"]:
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+    assert model.generate(out.indices, torch.tensor([1, 1])).shape == (2, 256)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        model(torch.randint(0, 256, (2, 100)), torch.tensor([0, 1]))
+
+
+# ----------------------------------------------------------------------------- data
+def test_fsdd_reader_gives_the_official_split_speakers_digits_and_alignments(fsdd):
+    data = train_vctk.load_speech(fsdd, 16000)
+    assert data.sample_rate == 8000 and len(data.speakers) == 6 and "george" in data.speakers
+    assert len(data.train.audio) == 2700 and len(data.test.audio) == 300
+    assert all(int(n.split("_")[2]) < 5 for n in data.test.names)
+    assert np.array_equal(np.bincount(data.test.digit), np.full(10, 30))
+    assert np.array_equal(np.bincount(data.train.speaker), np.full(6, 450))
+    i = data.test.names.index("0_george_0")
+    assert data.test.digit[i] == 0 and data.speakers[data.test.speaker[i]] == "george"
+    assert 0.01 < np.abs(data.test.audio[i]).max() <= 1 and data.test.audio[i].dtype == np.float32
+    assert len(data.alignments) == 2985 and data.alignments["0_george_0"][0] == ("Z", 0.0, 0.03)
+    phones = sorted({p for segments in data.alignments.values() for p, _, _ in segments})
+    assert len(phones) == 20 and "SIL" in phones
+    labels = train_vctk.frame_phones("0_george_0", 5, 8000, data.alignments, phones)
+    assert [phones[i] for i in labels] == ["Z", "Z", "Z", "Z", "IY"]  # centres 4, 12, 20, 28, 36 ms; Z ends at 30
+
+
+def _write_wav(path: Path, x: np.ndarray, rate: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((x * 32767).astype("<i2").tobytes())
+
+
+def test_vctk_080_layout_is_read_resampled_to_16khz_and_split_per_speaker(tmp_path):
+    t = np.arange(4800) / 48000
+    for speaker, freq in [("p225", 440.0), ("p226", 1000.0)]:
+        for i in range(1, 13):
+            _write_wav(tmp_path / "wav48" / speaker / f"{speaker}_{i:03d}.wav", 0.5 * np.sin(2 * np.pi * freq * t), 48000)
+    (tmp_path / "wav48" / "log.txt").write_text("not a speaker")
+    data = train_vctk.load_speech(tmp_path, 16000)
+    assert data.sample_rate == 16000 and data.speakers == ["p225", "p226"] and data.train.digit is None
+    assert data.test.names == ["p225_010", "p226_010"] and len(data.train.audio) == 22
+    x = data.train.audio[-1]
+    assert len(x) == 1600 and data.speakers[data.train.speaker[-1]] == "p226"
+    expected = 0.5 * np.sin(2 * np.pi * 1000.0 * np.arange(1600) / 16000)
+    assert np.abs(x - expected)[50:-50].max() < 2e-3  # away from the edges, the tone is kept
+
+
+def test_resampling_removes_what_the_new_rate_cannot_hold():
+    t = np.arange(48000) / 48000
+    for freq, gain in [(1000.0, 1.0), (6000.0, 1.0), (10000.0, 0.0)]:  # 10 kHz would alias at 16 kHz
+        y = train_vctk.resample(np.sin(2 * np.pi * freq * t), 48000, 16000)
+        assert len(y) == 16000
+        assert np.sqrt(2 * np.mean(y[500:-500] ** 2)) == pytest.approx(gain, abs=0.01), freq
+    up = train_vctk.resample(np.sin(2 * np.pi * 440 * np.arange(8000) / 8000), 8000, 16000)
+    assert len(up) == 16000 and np.abs(up - np.sin(2 * np.pi * 440 * np.arange(16000) / 16000))[500:-500].max() < 1e-3
+
+
+def test_vctk_092_flac_without_soundfile_says_how_to_install_it(tmp_path, monkeypatch):
+    (tmp_path / "wav48_silence_trimmed" / "p225").mkdir(parents=True)
+    for i in range(1, 11):
+        (tmp_path / "wav48_silence_trimmed" / "p225" / f"p225_{i:03d}_mic1.flac").write_bytes(b"fLaC")
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # import soundfile raises ImportError
+    with pytest.raises(train_vctk.DataError, match="pip install soundfile"):
+        train_vctk.load_speech(tmp_path, 16000)
+
+
+def test_unknown_layout_names_the_expected_folders(tmp_path):
+    with pytest.raises(train_vctk.DataError, match="recordings/ .*wav48/"):
+        train_vctk.load_speech(tmp_path, 16000)
+
+
+def test_random_crops_are_seeded_and_place_short_clips_inside_silence():
+    clips = [np.arange(1, 11, dtype=np.float32), np.arange(1, 101, dtype=np.float32)]
+    a = train_vctk.random_crops(clips, 32, torch.Generator().manual_seed(1))
+    assert torch.equal(a, train_vctk.random_crops(clips, 32, torch.Generator().manual_seed(1)))
+    assert a.shape == (2, 32) and (a[0] > 0).sum() == 10 and a[0][a[0] > 0].tolist() == list(range(1, 11))
+    assert (a[1][1:] - a[1][:-1] == 1).all()  # a contiguous window of the long clip
+
+
+def test_log_mel_has_one_frame_per_code():
+    fb = train_vctk.mel_filterbank(256, 8000, 40)
+    assert fb.shape == (40, 129) and (fb.sum(1) > 0).all() and fb.max() <= 1
+    assert train_vctk.log_mel(torch.randn(3, 8192), 8000).shape == (3, 40, 8192 // 64 + 1)
+
+
+# ----------------------------------------------------------------------------- the script
+def run(out, *extra):
+    train_vctk.main(["--data", str(FSDD), "--out", str(out), *TINY, *extra])
+    return out
+
+
+def test_all_stages_write_checkpoints_metrics_audio_and_figures(tmp_path, fsdd):
+    out = run(tmp_path / "run", "--steps", "3", "--clf-steps", "2")
+    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert m["num_eval_clips"] == 6 and 0 < m["test_recon_nats_per_sample"] < 6
+    for key in ["real_test_speaker_accuracy", "real_test_digit_accuracy", "reconstruction_speaker_accuracy",
+                "conversion_target_speaker_rate", "conversion_digit_kept_rate", "phone_accuracy",
+                "phone_majority_accuracy", "phone_accuracy_random_encoder", "phone_accuracy_random_encoder_kmeans"]:
+        assert 0 <= m[key] <= 1, key
+    for name in ["reconstructions", "conversion", "code_phone", "vqvae_curves"]:
+        assert (out / f"{name}.png").stat().st_size > 1000, name
+    wavs = sorted((out / "audio").glob("*.wav"))
+    assert len(wavs) == 6 and sum("_as_" in w.name for w in wavs) == 2
+    with wave.open(str(wavs[0])) as w:
+        assert w.getframerate() == 8000 and w.getnframes() > 100
+    assert len(training.load_checkpoint(out / "vqvae.pt")["history"]["step"]) == 3
+
+
+def test_resumed_run_repeats_uninterrupted_losses_and_refuses_to_overwrite(tmp_path, fsdd):
+    full = run(tmp_path / "full", "--steps", "4", "--stages", "vqvae")
+    part = run(tmp_path / "part", "--steps", "2", "--stages", "vqvae")
+    with pytest.raises(SystemExit, match="--resume"):
+        run(part, "--steps", "4", "--stages", "vqvae")
+    run(part, "--steps", "4", "--stages", "vqvae", "--resume")
+    a, b = training.load_checkpoint(full / "vqvae.pt"), training.load_checkpoint(part / "vqvae.pt")
+    assert a["history"] == b["history"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

@@ -1,0 +1,628 @@
+"""The paper's speech experiments (Sec. 4.3), end to end.
+
+Stages, each resumable: (1) vqvae: train the audio VQ-VAE (64x downsampling encoder, K = 512,
+WaveNet decoder conditioned on the codes and the speaker) on random fixed-length crops;
+(2) classifiers: a speaker and a digit classifier on log-mel features of real training clips;
+(3) eval: teacher-forced test loss, reconstructions and speaker conversions generated with the
+WaveNet (WAV files and spectrograms), the classifiers applied to them, and the phone probe of the
+paper (each code mapped to its most frequent aligned phone; frame accuracy on test clips) against
+the same probe on a randomly initialised encoder and the majority phone. Everything lands in
+--out: vqvae.pt, classifiers.pt, metrics.json, *.png and audio/*.wav.
+
+    python train_vctk.py --data ../shared/data/fsdd     # quick preset on FSDD (8 kHz digits)
+    python train_vctk.py --data ~/VCTK-Corpus           # VCTK 0.80 (wav48/pNNN/*.wav), at 16 kHz
+    python train_vctk.py --data ~/VCTK-Corpus-0.92      # VCTK 0.92 (*_mic1.flac): pip install soundfile
+
+VCTK has no digits and no phone alignments: there the digit classifier and the phone probe are
+skipped. A held-out VCTK clip is every 10th utterance of each speaker (the corpus has no split).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import training
+import vqvae
+
+VCTK_URL = "https://datashare.ed.ac.uk/handle/10283/3443"
+HOP = 64  # samples per code: 6 stride-2 convolutions
+
+# Each preset sets the defaults of the options below; any option on the command line wins.
+PRESETS = {
+    # The whole pipeline on FSDD in 20-30 minutes on one CPU core (measured: 20 min unloaded): a
+    # small WaveNet (10 layers, receptive field 1024 samples), 0.256 s crops.
+    # The EMA codebook collapses to a handful of codes at the start (the encoder's first outputs are
+    # all nearest to one random code): k-means on the first batch and restarting codes unused for
+    # ~200 steps (not in the paper) keep 100+ codes in use.
+    "quick": dict(hidden=64, res_hidden=32, res_layers=1, embedding_dim=64, num_embeddings=512, decay=0.99,
+                  beta=0.25, kmeans_init=True, dead_code_threshold=0.1, wavenet_channels=32, skip_channels=64,
+                  wavenet_layers=10, dilation_cycle=10, crop=2048, batch_size=8, steps=3000, lr=1e-3, clf_steps=1000),
+    # Sec. 4.3 gives the encoder (6 stride-2 convolutions of window 4) and K = 512; the WaveNet's
+    # size and the optimisation are not given: 30 layers in 3 cycles of dilations 1..512 and
+    # 1 s crops are a common WaveNet setting. A GPU job. If the codebook collapses (see quick),
+    # add --kmeans-init --dead-code-threshold 0.1.
+    "paper": dict(hidden=256, res_hidden=256, res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99,
+                  beta=0.25, kmeans_init=False, dead_code_threshold=None, wavenet_channels=128, skip_channels=256,
+                  wavenet_layers=30, dilation_cycle=10, crop=16384, batch_size=16, steps=200_000, lr=2e-4, clf_steps=2000),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="quick",
+                   help="quick (default): FSDD in 20-30 min on one CPU core; paper: a GPU job")
+    p.add_argument("--data", type=Path, default=None,
+                   help="an FSDD checkout (recordings/*.wav, alignments.tsv) or a VCTK folder "
+                        f"(wav48/ of 0.80 or wav48_silence_trimmed/ of 0.92; from {VCTK_URL})")
+    p.add_argument("--sample-rate", type=int, default=16000, help="VCTK is resampled from 48 kHz to this")
+    training.add_run_arguments(p, "vqvae,classifiers,eval", log_every=50, checkpoint_every=500)
+    p.add_argument("--max-train-clips", type=int, default=None, help="a seeded random subset, for tests")
+    p.add_argument("--max-test-clips", type=int, default=None, help="a seeded random subset, for tests")
+    p.add_argument("--max-clips-per-speaker", type=int, default=None, help="read at most this many (VCTK)")
+    p.add_argument("--eval-clips", type=int, default=48, help="test clips reconstructed and converted")
+    p.add_argument("--wav-clips", type=int, default=6, help="of those, how many are written as WAV files")
+    p.add_argument("--clip-seconds", type=float, default=1.0, help="classifier input length (longer clips are cut)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the WaveNet in eval")
+    g = p.add_argument_group("audio VQ-VAE (defaults from --preset)")
+    g.add_argument("--hidden", type=int, help="encoder hidden units")
+    g.add_argument("--res-hidden", type=int, help="hidden units inside the encoder's residual blocks")
+    g.add_argument("--res-layers", type=int, help="encoder residual blocks")
+    training.add_codebook_arguments(g)
+    g.add_argument("--wavenet-channels", type=int, help="residual channels of the WaveNet")
+    g.add_argument("--skip-channels", type=int)
+    g.add_argument("--wavenet-layers", type=int)
+    g.add_argument("--dilation-cycle", type=int, help="dilations 1, 2, ..., 2^(cycle-1), repeated")
+    g.add_argument("--crop", type=int, help="training crop in samples, a multiple of 64")
+    g.add_argument("--batch-size", type=int, help="per process")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--clf-steps", type=int, help="steps of the log-mel classifiers (batch 32)")
+    args = training.parse_with_presets(p, PRESETS, argv, "speech")
+    if args.crop % HOP:
+        p.error(f"--crop must be a multiple of {HOP}")
+    return args
+
+
+# ============================================================================ data
+class DataError(Exception):
+    """A data source that is missing or not in an expected layout; the message says what to do."""
+
+
+@dataclass
+class Split:
+    audio: list[np.ndarray]      # float32 waveforms in [-1, 1]
+    speaker: np.ndarray          # (N,) int64 index into Speech.speakers
+    names: list[str]             # file stems
+    digit: np.ndarray | None     # (N,) int64 spoken digit (FSDD), else None
+
+
+@dataclass
+class Speech:
+    sample_rate: int
+    speakers: list[str]
+    train: Split
+    test: Split
+    alignments: dict[str, list[tuple[str, float, float]]] | None  # stem -> (phone, start s, end s)
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """PCM WAV (8, 16 or 32 bit, any channel count) -> mono float32 in [-1, 1] and sample rate."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+            raw = w.readframes(w.getnframes())
+    except (wave.Error, EOFError) as e:
+        raise DataError(f"{path}: not a PCM WAV file ({e})") from e
+    if width == 1:
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width in (2, 4):
+        x = np.frombuffer(raw, f"<i{width}").astype(np.float32) / 2 ** (8 * width - 1)
+    else:
+        raise DataError(f"{path}: {8 * width}-bit WAV is not supported (8, 16 or 32 bit PCM)")
+    return x.reshape(-1, channels).mean(1), rate
+
+
+def read_flac(path: Path) -> tuple[np.ndarray, int]:
+    try:
+        import soundfile
+    except ImportError as e:
+        raise DataError(f"{path}: reading FLAC (VCTK 0.92) needs the optional soundfile package: "
+                        "pip install soundfile") from e
+    x, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    return x.mean(1), rate
+
+
+def write_wav(path: Path, x: np.ndarray, rate: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes())
+
+
+def resample(x: np.ndarray, orig_rate: int, new_rate: int, zeros: int = 16) -> np.ndarray:
+    """Band-limited resampling: each output sample is the input convolved with a Hann-windowed
+    sinc low-pass at min(orig, new) / 2, evaluated at the output instant (`zeros` zero crossings
+    on each side)."""
+    if orig_rate == new_rate:
+        return x.astype(np.float32)
+    cutoff = min(1.0, new_rate / orig_rate)               # of the input's Nyquist frequency
+    width = math.ceil(zeros / cutoff)                     # filter half-width in input samples
+    n_out = math.ceil(len(x) * new_rate / orig_rate)
+    padded = np.pad(x.astype(np.float64), width + 1)
+    out = np.empty(n_out, np.float32)
+    for start in range(0, n_out, 4096):                   # chunks bound the (n, 2 * width) matrix
+        t = np.arange(start, min(start + 4096, n_out)) * (orig_rate / new_rate)
+        taps = np.floor(t)[:, None] + np.arange(-width + 1, width + 1)[None]      # (n, 2 width)
+        d = t[:, None] - taps
+        h = cutoff * np.sinc(cutoff * d) * (0.5 + 0.5 * np.cos(np.pi * np.clip(d / width, -1, 1)))
+        out[start:start + len(t)] = (padded[taps.astype(np.int64) + width + 1] * h).sum(1)
+    return out
+
+
+def load_fsdd(root: Path) -> Speech:
+    """recordings/{digit}_{speaker}_{index}.wav; official split: index 0-4 test, 5-49 train."""
+    files = sorted((root / "recordings").glob("*.wav"))
+    if not files:
+        raise DataError(f"{root}/recordings: no .wav files")
+    items = []
+    for f in files:
+        parts = f.stem.split("_")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[2].isdigit():
+            raise DataError(f"{f}: expected the FSDD name {{digit}}_{{speaker}}_{{index}}.wav")
+        audio, rate = read_wav(f)
+        if rate != 8000:
+            raise DataError(f"{f}: {rate} Hz, FSDD is 8 kHz")
+        items.append((int(parts[2]) < 5, parts[1], int(parts[0]), f.stem, audio))
+    speakers = sorted({s for _, s, _, _, _ in items})
+
+    def split(test: bool) -> Split:
+        chosen = [it for it in items if it[0] == test]
+        return Split([it[4] for it in chosen], np.array([speakers.index(it[1]) for it in chosen], np.int64),
+                     [it[3] for it in chosen], np.array([it[2] for it in chosen], np.int64))
+
+    alignments = None
+    if (root / "alignments.tsv").exists():
+        alignments = {}
+        for line in (root / "alignments.tsv").read_text().splitlines()[1:]:
+            name, _, _, _, phone, start, end = line.split("\t")
+            alignments.setdefault(Path(name).stem, []).append((phone, float(start), float(end)))
+    return Speech(8000, speakers, split(False), split(True), alignments)
+
+
+def load_vctk(root: Path, rate: int, max_per_speaker: int | None = None, test_every: int = 10) -> Speech:
+    """VCTK 0.80 (wav48/pNNN/pNNN_MMM.wav) or 0.92 (wav48_silence_trimmed/pNNN/pNNN_MMM_mic1.flac),
+    resampled to `rate`. Every test_every-th utterance of each speaker is held out."""
+    if (root / "wav48").is_dir():
+        folder, pattern, read = root / "wav48", "*.wav", read_wav
+    else:
+        folder, pattern, read = root / "wav48_silence_trimmed", "*_mic1.flac", read_flac
+    speakers = sorted(d.name for d in folder.iterdir() if d.is_dir() and any(d.glob(pattern)))
+    if not speakers:
+        raise DataError(f"{folder}: no speaker folders with {pattern} files")
+    parts = {False: ([], [], []), True: ([], [], [])}
+    for s, speaker in enumerate(speakers):
+        for i, f in enumerate(sorted((folder / speaker).glob(pattern))[:max_per_speaker]):
+            audio, orig = read(f)
+            audio_list, speaker_list, names = parts[i % test_every == test_every - 1]
+            audio_list.append(resample(audio, orig, rate))
+            speaker_list.append(s)
+            names.append(f.stem)
+    train, test = (Split(a, np.array(s, np.int64), n, None) for a, s, n in (parts[False], parts[True]))
+    if not train.audio or not test.audio:
+        raise DataError(f"{folder}: too few utterances for a train/test split (every {test_every}th is test)")
+    return Speech(rate, speakers, train, test, None)
+
+
+def load_speech(source: Path | None, rate: int, max_per_speaker: int | None = None) -> Speech:
+    if source is None:
+        raise DataError(f"pass --data: an FSDD checkout or a VCTK folder (download VCTK from {VCTK_URL})")
+    if (source / "recordings").is_dir():
+        return load_fsdd(source)
+    if (source / "wav48").is_dir() or (source / "wav48_silence_trimmed").is_dir():
+        return load_vctk(source, rate, max_per_speaker)
+    raise DataError(f"--data {source}: expected recordings/ (FSDD), wav48/ (VCTK 0.80) or "
+                    "wav48_silence_trimmed/ (VCTK 0.92)")
+
+
+def subset(split: Split, n: int | None, seed: int) -> Split:
+    if n is None or n >= len(split.audio):
+        return split
+    keep = np.sort(np.random.default_rng(seed).permutation(len(split.audio))[:n])
+    return Split([split.audio[i] for i in keep], split.speaker[keep], [split.names[i] for i in keep],
+                 None if split.digit is None else split.digit[keep])
+
+
+def random_crops(clips: list[np.ndarray], length: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, length) float: a random window of each clip; a shorter clip lands at a random offset in silence."""
+    out = torch.zeros(len(clips), length)
+    for b, clip in enumerate(clips):
+        clip = torch.from_numpy(clip)
+        shift = int(torch.randint(abs(len(clip) - length) + 1, (), generator=generator))
+        if len(clip) >= length:
+            out[b] = clip[shift:shift + length]
+        else:
+            out[b, shift:shift + len(clip)] = clip
+    return out
+
+
+def fixed_length(clips: list[np.ndarray], length: int) -> torch.Tensor:
+    """(B, length) float: each clip from its start, cut or padded with silence at the end."""
+    out = torch.zeros(len(clips), length)
+    for b, clip in enumerate(clips):
+        n = min(len(clip), length)
+        out[b, :n] = torch.from_numpy(clip[:n])
+    return out
+
+
+# ============================================================================ log-mel features
+def mel_filterbank(n_fft: int, rate: int, n_mels: int) -> torch.Tensor:
+    """(n_mels, n_fft // 2 + 1) triangles evenly spaced on the mel scale m = 2595 log10(1 + f / 700)."""
+    mel = lambda f: 2595 * np.log10(1 + f / 700)
+    hz = lambda m: 700 * (10 ** (m / 2595) - 1)
+    edges = hz(np.linspace(0, mel(rate / 2), n_mels + 2))                  # (n_mels + 2,) Hz
+    bins = np.linspace(0, rate / 2, n_fft // 2 + 1)
+    lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    up, down = (bins - lo) / (mid - lo), (hi - bins) / (hi - mid)
+    return torch.from_numpy(np.maximum(0, np.minimum(up, down))).float()
+
+
+def log_mel(x: torch.Tensor, rate: int, n_mels: int = 40) -> torch.Tensor:
+    """Waveforms (B, T) -> log-mel (B, n_mels, frames): 32 ms Hann windows every 8 ms."""
+    n_fft = 2 ** round(math.log2(rate * 0.032))
+    spec = torch.stft(x, n_fft, n_fft // 4, window=torch.hann_window(n_fft, device=x.device), return_complex=True)
+    return torch.log(mel_filterbank(n_fft, rate, n_mels).to(x.device) @ spec.abs() ** 2 + 1e-6)
+
+
+class MelClassifier(nn.Module):
+    """Log-mel (B, n_mels, F) -> class logits: two convolutions over time, mean over frames."""
+
+    def __init__(self, n_mels: int, num_classes: int, channels: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(n_mels, channels, 5, padding=2), nn.ReLU(),
+                                 nn.Conv1d(channels, channels, 5, padding=2), nn.ReLU())
+        self.out = nn.Linear(channels, num_classes)
+        self.register_buffer("mean", torch.zeros(n_mels, 1))
+        self.register_buffer("std", torch.ones(n_mels, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.net((features - self.mean) / self.std).mean(2))
+
+
+class Classifiers(nn.Module):
+    """One MelClassifier per label ("speaker", "digit"); log-mel (B, n_mels, F) -> {label: logits}."""
+
+    def __init__(self, num_classes: dict[str, int], n_mels: int = 40):
+        super().__init__()
+        self.heads = nn.ModuleDict({k: MelClassifier(n_mels, n) for k, n in num_classes.items()})
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: head(features) for k, head in self.heads.items()}
+
+
+# ============================================================================ stages
+def model_config(args, num_speakers: int) -> vqvae.AudioVQVAEConfig:
+    return vqvae.AudioVQVAEConfig(
+        num_speakers=num_speakers, hidden_channels=args.hidden, res_channels=args.res_hidden,
+        num_res_layers=args.res_layers, num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
+        commitment_cost=args.beta, decay=args.decay, kmeans_init=args.kmeans_init,
+        dead_code_threshold=args.dead_code_threshold, wavenet_channels=args.wavenet_channels,
+        skip_channels=args.skip_channels, wavenet_layers=args.wavenet_layers, dilation_cycle=args.dilation_cycle)
+
+
+def crop_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """Crop offsets as a pure function of the step, so that a resumed run sees the same crops."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
+
+
+def train_vqvae(args, env, data: Speech):
+    model = vqvae.AudioVQVAE(model_config(args, len(data.speakers))).to(env.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    train = data.train
+
+    def loss_fn(ddp, step):
+        idx = training.batch_indices(step, len(train.audio), args.batch_size, args.seed, env)
+        crops = random_crops([train.audio[i] for i in idx], args.crop, crop_generator(args.seed, step, env.rank))
+        out = ddp(vqvae.mu_law_encode(crops).to(env.device), torch.from_numpy(train.speaker[idx.numpy()]).to(env.device))
+        return out.loss, training.vq_metrics(out)
+
+    extra = {"config": dataclasses.asdict(model.config), "speakers": data.speakers, "sample_rate": data.sample_rate}
+    history = training.run_loop("vqvae", model, optimizer, loss_fn, args.out / "vqvae.pt", args.steps, args, env, extra)
+    training.check_replicas_equal("codebook", model.quantizer.codebook)
+    return model, history
+
+
+def make_classifiers(data: Speech) -> Classifiers:
+    num_classes = {"speaker": len(data.speakers)}
+    if data.train.digit is not None:
+        num_classes["digit"] = 10
+    return Classifiers(num_classes)
+
+
+def train_classifiers(args, env, data: Speech):
+    """Speaker (and digit) classifiers on log-mel features of real training clips, shifted at random
+    and with a little white noise added."""
+    classifiers = make_classifiers(data).to(env.device)
+    length = clip_length(args, data)
+    with torch.no_grad():  # feature normalisation from a fixed sample of training clips
+        sample = log_mel(fixed_length(data.train.audio[::max(1, len(data.train.audio) // 256)], length), data.sample_rate)
+        for clf in classifiers.heads.values():
+            clf.mean.copy_(sample.mean((0, 2))[:, None])
+            clf.std.copy_(sample.std((0, 2))[:, None])
+    optimizer = torch.optim.Adam(classifiers.parameters(), lr=1e-3)
+    train, batch = data.train, min(32, len(data.train.audio))
+
+    def loss_fn(model, step):
+        idx = training.batch_indices(step, len(train.audio), batch, args.seed + 1, env).numpy()
+        gen = crop_generator(args.seed + 1, step, env.rank)
+        x = random_crops([train.audio[i] for i in idx], length, gen)
+        # White noise at a random level up to 0.1 x the clip's RMS, so that the classifiers judge
+        # generated audio (which has a noise floor) by its content rather than by its noise.
+        rms = x.pow(2).mean(1, keepdim=True).sqrt()
+        x = x + torch.randn(x.shape, generator=gen) * rms * 0.1 * torch.rand(len(x), 1, generator=gen)
+        features = log_mel(x.to(env.device), data.sample_rate)
+        labels = {"speaker": train.speaker[idx], "digit": None if train.digit is None else train.digit[idx]}
+        losses = {f"{k}_loss": F.cross_entropy(logits, torch.from_numpy(labels[k]).to(env.device))
+                  for k, logits in model(features).items()}
+        return sum(losses.values()), {k: v.item() for k, v in losses.items()}
+
+    history = training.run_loop("classifiers", classifiers, optimizer, loss_fn, args.out / "classifiers.pt",
+                                args.clf_steps, args, env, {})
+    return classifiers, history
+
+
+def clip_length(args, data: Speech) -> int:
+    return max(HOP, round(args.clip_seconds * data.sample_rate / HOP) * HOP)
+
+
+@torch.no_grad()
+def classify(classifiers, x: torch.Tensor, rate: int, length: int) -> dict[str, np.ndarray]:
+    """Waveforms (B, T) -> predicted class per classifier, on the first `length` samples."""
+    x = F.pad(x, (0, max(0, length - x.shape[1])))[:, :length]
+    return {k: logits.argmax(1).cpu().numpy() for k, logits in classifiers.eval()(log_mel(x, rate)).items()}
+
+
+@torch.no_grad()
+def encode_clips(model, clips: list[np.ndarray], device, batch_size: int = 64) -> list[np.ndarray]:
+    """Codes of whole clips (each padded with silence to a multiple of 64 samples), one array per clip."""
+    order, codes = np.argsort([len(c) for c in clips]), [None] * len(clips)
+    for i in range(0, len(clips), batch_size):
+        chosen = order[i:i + batch_size]
+        length = -(-max(len(clips[j]) for j in chosen) // HOP) * HOP
+        levels = vqvae.mu_law_encode(fixed_length([clips[j] for j in chosen], length)).to(device)
+        indices = model.quantizer(model.encode(levels)).indices.cpu().numpy()
+        for row, j in enumerate(chosen):
+            codes[j] = indices[row, :-(-len(clips[j]) // HOP)]
+    return codes
+
+
+def frame_phones(name: str, num_frames: int, rate: int, alignments, phones: list[str]) -> np.ndarray:
+    """Phone index at the centre of each code frame (64 samples), -1 where the alignment has none."""
+    labels = np.full(num_frames, -1, np.int64)
+    centres = (np.arange(num_frames) * HOP + HOP / 2) / rate
+    for phone, start, end in alignments.get(name, []):
+        labels[(centres >= start) & (centres < end)] = phones.index(phone)
+    return labels
+
+
+def phone_probe(model, data: Speech, device) -> dict:
+    """Sec. 4.3's probe: each code -> its most frequent phone on training frames; frame accuracy on
+    test frames. Returns accuracy, the (K, P) train counts and the test confusion inputs."""
+    phones = sorted({p for segs in data.alignments.values() for p, _, _ in segs})
+    K = model.config.num_embeddings
+    stats = {}
+    for part, split in (("train", data.train), ("test", data.test)):
+        keep = [i for i, n in enumerate(split.names) if n in data.alignments]
+        codes = encode_clips(model, [split.audio[i] for i in keep], device)
+        labels = [frame_phones(split.names[i], len(c), data.sample_rate, data.alignments, phones) for i, c in zip(keep, codes)]
+        codes, labels = np.concatenate(codes), np.concatenate(labels)
+        stats[part] = (codes[labels >= 0], labels[labels >= 0])
+    counts = np.zeros((K, len(phones)), np.int64)
+    np.add.at(counts, stats["train"], 1)
+    majority = int(np.bincount(stats["train"][1], minlength=len(phones)).argmax())
+    mapping = np.where(counts.sum(1) > 0, counts.argmax(1), majority)          # unseen codes: majority
+    codes, labels = stats["test"]
+    return {"accuracy": float((mapping[codes] == labels).mean()), "majority_accuracy": float((labels == majority).mean()),
+            "codes_used_train": int((counts.sum(1) > 0).sum()), "counts": counts, "phones": phones,
+            "test_codes": codes, "test_labels": labels, "num_test_frames": len(labels)}
+
+
+def random_encoder_probes(args, data: Speech, config, device) -> dict:
+    """The probe on an untrained encoder: with its random codebook (as the paper's baseline), and
+    with a codebook fitted by k-means to its outputs (a stronger baseline, not in the paper)."""
+    torch.manual_seed(args.seed + 1)
+    random_model = vqvae.AudioVQVAE(config).to(device).eval()
+    results = {"random_encoder": phone_probe(random_model, data, device)["accuracy"]}
+    clips = data.train.audio[::max(1, len(data.train.audio) // 200)]
+    with torch.no_grad():
+        z_e = torch.cat([random_model.encode(vqvae.mu_law_encode(fixed_length([c], -(-len(c) // HOP) * HOP)).to(device))
+                         for c in clips], 2)                                   # (1, D, frames)
+        quantizer = random_model.quantizer
+        quantizer.kmeans_init = True
+        quantizer.initialized.fill_(False)
+        quantizer.train()(z_e)
+        quantizer.eval()
+    results["random_encoder_kmeans"] = phone_probe(random_model, data, device)["accuracy"]
+    return results
+
+
+@torch.no_grad()
+def evaluate(args, env, model, classifiers, data: Speech):
+    """Teacher-forced test loss, reconstructions, conversions, classifier scores, phone probe, files."""
+    out, rate, test, device = args.out, data.sample_rate, data.test, env.device
+    metrics, S = {}, len(data.speakers)
+    length = clip_length(args, data)
+    # Classifiers on all real test clips: how well they work before they judge generated audio.
+    real = classify(classifiers, fixed_length(test.audio, length).to(device), rate, length)
+    labels = {"speaker": test.speaker, "digit": test.digit}
+    for k, pred in real.items():
+        metrics[f"real_test_{k}_accuracy"] = float((pred == labels[k]).mean())
+    # Eval clips: the same number from every speaker, seeded; teacher-forced loss on all of them.
+    rng = np.random.default_rng(args.seed)
+    per_speaker = max(1, args.eval_clips // S)
+    picks = np.sort(np.concatenate([rng.permutation(np.flatnonzero(test.speaker == s))[:per_speaker] for s in range(S)]))
+    gen_length = min(length, -(-max(len(test.audio[i]) for i in picks) // HOP) * HOP)
+    levels = vqvae.mu_law_encode(fixed_length([test.audio[i] for i in picks], gen_length)).to(device)
+    source = torch.from_numpy(test.speaker[picks]).to(device)
+    rank_in_speaker = np.array([np.sum(test.speaker[picks[:j]] == test.speaker[picks[j]]) for j in range(len(picks))])
+    target = (source + 1 + torch.from_numpy(rank_in_speaker % max(1, S - 1)).to(device)) % S  # another speaker
+    o = model(levels, source)
+    metrics["test_recon_nats_per_sample"] = o.recon_loss.item()
+    metrics["test_perplexity"] = o.perplexity.item()
+    print(f"[eval] generating {2 * len(picks)} clips of {gen_length} samples (reconstructions and conversions)", flush=True)
+    t0 = time.perf_counter()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    generated = model.generate(o.indices.repeat(2, 1), torch.cat([source, target]), generator=gen,
+                               temperature=args.temperature)
+    metrics["generation_seconds"] = time.perf_counter() - t0
+    metrics["generated_samples_per_second"] = generated.numel() / metrics["generation_seconds"]
+    # Past a clip's end the original is padded with zeros; so is what was generated there.
+    inside = torch.arange(gen_length)[None] < torch.tensor([len(test.audio[i]) for i in picks])[:, None]
+    waves = vqvae.mu_law_decode(generated).cpu() * inside.repeat(2, 1)
+    recon, converted = waves[:len(picks)], waves[len(picks):]
+    original = vqvae.mu_law_decode(levels).cpu() * inside
+    pr, pc = classify(classifiers, recon.to(device), rate, length), classify(classifiers, converted.to(device), rate, length)
+    src, tgt = source.cpu().numpy(), target.cpu().numpy()
+    metrics["reconstruction_speaker_accuracy"] = float((pr["speaker"] == src).mean())
+    metrics["conversion_target_speaker_rate"] = float((pc["speaker"] == tgt).mean())
+    metrics["conversion_source_speaker_rate"] = float((pc["speaker"] == src).mean())
+    if "digit" in pr:
+        metrics["reconstruction_digit_accuracy"] = float((pr["digit"] == test.digit[picks]).mean())
+        metrics["conversion_digit_kept_rate"] = float((pc["digit"] == test.digit[picks]).mean())
+    metrics["num_eval_clips"], metrics["speaker_chance"] = len(picks), 1 / S
+
+    # Files: WAVs of the first clips of different speakers, spectrograms.
+    shown = [int(np.flatnonzero(src == s)[0]) for s in range(S) if (src == s).any()][:args.wav_clips]
+    for j in shown:
+        name, n = test.names[picks[j]], min(len(test.audio[picks[j]]), gen_length)
+        write_wav(out / "audio" / f"{name}_original.wav", original[j, :n].numpy(), rate)
+        write_wav(out / "audio" / f"{name}_reconstruction.wav", recon[j, :n].numpy(), rate)
+        write_wav(out / "audio" / f"{name}_as_{data.speakers[tgt[j]]}.wav", converted[j, :n].numpy(), rate)
+    rows = [(test.names[picks[j]], [("original", original[j]), ("reconstruction", recon[j])]) for j in shown[:4]]
+    plot_spectrograms(out / "reconstructions.png", rows, rate, "held-out clips and their reconstructions")
+    rows = [(test.names[picks[j]], [("original", original[j]), (f"as {data.speakers[tgt[j]]}", converted[j])])
+            for j in shown[:4]]
+    plot_spectrograms(out / "conversion.png", rows, rate, "speaker conversion: codes of one speaker, decoded as another")
+
+    if data.alignments is not None:
+        print("[eval] phone probe: trained encoder, random encoder, random encoder + k-means codebook", flush=True)
+        probe = phone_probe(model, data, device)
+        metrics["phone_accuracy"] = probe["accuracy"]
+        metrics["phone_majority_accuracy"] = probe["majority_accuracy"]
+        metrics["phone_num_test_frames"] = probe["num_test_frames"]
+        for k, v in random_encoder_probes(args, data, model.config, device).items():
+            metrics[f"phone_accuracy_{k}"] = v
+        plot_code_phone(out / "code_phone.png", probe)
+    return metrics
+
+
+# ============================================================================ figures
+def plot_spectrograms(path: Path, rows, rate: int, title: str) -> None:
+    """One row per clip, one log-mel panel per (label, waveform) of that row."""
+    plt = training._pyplot()
+    cols = max(len(panels) for _, panels in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 1.8 * len(rows) + 0.4), squeeze=False)
+    for r, (name, panels) in enumerate(rows):
+        for c, (label, x) in enumerate(panels):
+            ax = axes[r][c]
+            ax.imshow(log_mel(x[None].float(), rate)[0].numpy(), origin="lower", aspect="auto", vmin=-14, vmax=4)
+            ax.set_title(f"{name}: {label}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_code_phone(path: Path, probe: dict, num_codes: int = 60) -> None:
+    """P(phone | code) on training frames for the most used codes, grouped by their mapped phone."""
+    plt = training._pyplot()
+    counts = probe["counts"]
+    top = np.argsort(-counts.sum(1))[:num_codes]
+    top = top[counts.sum(1)[top] > 0]
+    top = top[np.argsort(counts[top].argmax(1), kind="stable")]
+    p = counts[top] / counts[top].sum(1, keepdims=True)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    fig.colorbar(ax.imshow(p.T, aspect="auto", cmap="Greys", vmin=0), ax=ax, fraction=0.03)
+    ax.set_yticks(range(len(probe["phones"])), probe["phones"], fontsize=7)
+    ax.set_xticks(range(len(top)), [str(k) for k in top], fontsize=5, rotation=90)
+    ax.set_xlabel(f"code (the {len(top)} most used on training frames)")
+    ax.set_title(f"P(phone | code); test frame accuracy of code -> most frequent phone: {probe['accuracy']:.1%} "
+                 f"(majority phone {probe['majority_accuracy']:.1%})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    env = training.setup(args.seed, args.device)
+    try:
+        data = load_speech(args.data, args.sample_rate, args.max_clips_per_speaker)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    data.train = subset(data.train, args.max_train_clips, args.seed)
+    data.test = subset(data.test, args.max_test_clips, args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        seconds = sum(len(a) for a in data.train.audio) / data.sample_rate
+        print(f"speech: {len(data.train.audio)} train clips ({seconds / 60:.1f} min) / {len(data.test.audio)} test; "
+              f"{len(data.speakers)} speakers; {data.sample_rate} Hz; preset {args.preset}; device {env.device} x "
+              f"{env.world_size}; out {args.out}", flush=True)
+    t0, histories, timings = time.perf_counter(), {}, {}
+
+    if "vqvae" in args.stages:
+        model, histories["vqvae"] = train_vqvae(args, env, data)
+        if histories["vqvae"] is None:
+            return training.teardown()
+        timings["vqvae_seconds"] = time.perf_counter() - t0
+    model, state = training.load_model(args.out / "vqvae.pt", vqvae.AudioVQVAE, vqvae.AudioVQVAEConfig, env.device)
+    histories["vqvae"] = state["history"]
+    if state["speakers"] != data.speakers:
+        raise SystemExit(f"{args.out}/vqvae.pt was trained on other speakers: {state['speakers']}")
+
+    if "classifiers" in args.stages:
+        t1 = time.perf_counter()
+        classifiers, histories["classifiers"] = train_classifiers(args, env, data)
+        if histories["classifiers"] is None:
+            return training.teardown()
+        timings["classifier_seconds"] = time.perf_counter() - t1
+    elif "eval" in args.stages:
+        if not (args.out / "classifiers.pt").exists():
+            raise SystemExit(f"{args.out}/classifiers.pt not found: run the classifiers stage first")
+        state = training.load_checkpoint(args.out / "classifiers.pt")
+        classifiers = make_classifiers(data).to(env.device)
+        classifiers.load_state_dict(state["model"])
+        histories["classifiers"] = state["history"]
+
+    if "eval" in args.stages and env.is_main:
+        t2 = time.perf_counter()
+        metrics = evaluate(args, env, model, classifiers, data)
+        training.plot_history(args.out / "vqvae_curves.png", histories["vqvae"],
+                              ["loss", "recon_loss", "commitment_loss", "perplexity"], "audio VQ-VAE training")
+        timings["eval_seconds"] = time.perf_counter() - t2
+        config = {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}
+        report = {"metrics": metrics, "config": config, "model_config": dataclasses.asdict(model.config),
+                  "timings": {**timings, "total_seconds": time.perf_counter() - t0}, "speakers": data.speakers,
+                  "sample_rate": data.sample_rate, "num_train_clips": len(data.train.audio),
+                  "torch": torch.__version__, "world_size": env.world_size}
+        training.write_json(args.out / "metrics.json", report)
+        print("test: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        print(f"wrote {args.out}/metrics.json, figures and audio/", flush=True)
+    training.teardown()
+
+
+if __name__ == "__main__":
+    main()
