@@ -386,14 +386,8 @@ def main(argv=None) -> None:
         metrics, test_codes = evaluate(args, env, model, prior, data, data_variance)
         make_figures(args, env, model, prior, data, test_codes, histories)
         timings["eval_seconds"] = time.perf_counter() - t2
-        config = {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}
-        report = {"metrics": metrics, "config": config, "model_config": dataclasses.asdict(model.config),
-                  "timings": {**timings, "total_seconds": time.perf_counter() - t0},
-                  "num_train_images": len(data["train_x"]), "data_variance": data_variance,
-                  "torch": torch.__version__, "extension": vqvae.vqvae_ext is not None, "world_size": env.world_size}
-        training.write_json(args.out / "metrics.json", report)
-        print("test: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-        print(f"wrote {args.out}/metrics.json and figures", flush=True)
+        training.write_report(args, metrics, model.config, time.perf_counter() - t0, timings, env,
+                              num_train_images=len(data["train_x"]), data_variance=data_variance)
     training.teardown()
 
 

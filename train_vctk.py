@@ -613,14 +613,8 @@ def main(argv=None) -> None:
         training.plot_history(args.out / "vqvae_curves.png", histories["vqvae"],
                               ["loss", "recon_loss", "commitment_loss", "perplexity"], "audio VQ-VAE training")
         timings["eval_seconds"] = time.perf_counter() - t2
-        config = {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}
-        report = {"metrics": metrics, "config": config, "model_config": dataclasses.asdict(model.config),
-                  "timings": {**timings, "total_seconds": time.perf_counter() - t0}, "speakers": data.speakers,
-                  "sample_rate": data.sample_rate, "num_train_clips": len(data.train.audio),
-                  "torch": torch.__version__, "world_size": env.world_size}
-        training.write_json(args.out / "metrics.json", report)
-        print("test: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-        print(f"wrote {args.out}/metrics.json, figures and audio/", flush=True)
+        training.write_report(args, metrics, model.config, time.perf_counter() - t0, timings, env, speakers=data.speakers,
+                              sample_rate=data.sample_rate, num_train_clips=len(data.train.audio))
     training.teardown()
 
 

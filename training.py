@@ -5,6 +5,7 @@ No model code (see vqvae.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+import vqvae
 
 
 # ----------------------------------------------------------------------------- processes, seeds
@@ -163,6 +166,17 @@ def write_json(path: str | Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def write_report(args, metrics: dict, model_config, elapsed: float, timings: dict, env: Env, **extra) -> None:
+    """--out/metrics.json: the metrics, the exact command-line config and model config, timings."""
+    config = {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}
+    write_json(args.out / "metrics.json", {
+        "metrics": metrics, "config": config, "model_config": dataclasses.asdict(model_config),
+        "timings": {**timings, "total_seconds": elapsed}, "torch": torch.__version__,
+        "extension": vqvae.vqvae_ext is not None, "world_size": env.world_size, **extra})
+    print("test: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+    print(f"wrote {args.out}/metrics.json and figures", flush=True)
 
 
 class StopRequest:

@@ -141,13 +141,7 @@ def test_fsdd_reader_gives_the_official_split_speakers_digits_and_alignments(fsd
     assert [phones[i] for i in labels] == ["Z", "Z", "Z", "Z", "IY"]  # centres 4, 12, 20, 28, 36 ms; Z ends at 30
 
 
-def _write_wav(path: Path, x: np.ndarray, rate: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((x * 32767).astype("<i2").tobytes())
+_write_wav = train_vctk.write_wav  # the script's own writer makes the synthetic VCTK files
 
 
 def test_vctk_080_layout_is_read_resampled_to_16khz_and_split_per_speaker(tmp_path):
