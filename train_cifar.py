@@ -35,7 +35,7 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 # Each preset sets the defaults of the options below; any option on the command line wins.
-# Costs are measured on 2 CPU cores (see README); a GPU is 20-50x faster.
+# Costs measured on one CPU core are in --help and TUTORIAL.md.
 PRESETS = {
     # The whole pipeline in under 10 minutes on 2 CPU cores: Sonnet's model, fewer steps.
     "quick": dict(hidden=128, res_hidden=32, res_layers=2, embedding_dim=64, num_embeddings=512,
@@ -56,8 +56,8 @@ PRESETS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="quick",
-                   help="quick (default): whole pipeline in about 10 min on 2 CPU cores; sonnet: about 1 h "
-                        "on 2 CPU cores; paper: 250k steps at batch 128, days on a CPU: use a GPU")
+                   help="quick (default): the whole pipeline in 5 min on 2 CPU cores; sonnet: 55 min on "
+                        "one CPU core; paper: 250k steps at batch 128, weeks on a CPU: use a GPU")
     p.add_argument("--data", type=Path, default=None,
                    help="CIFAR-10 source: the official cifar-10-python.tar.gz, an image folder "
                         "<root>/{train,test}/<class>/*.png|jpg, or a .tar.gz of one (default: "

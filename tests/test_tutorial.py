@@ -23,6 +23,8 @@ def commands(doc: str) -> list[list[str]]:
         for line in block.splitlines():
             for part in line.split("&&"):
                 words = shlex.split(part.split("#")[0])
+                while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
+                    words = words[1:]
                 if words:
                     out.append(words)
     return out
