@@ -263,14 +263,24 @@ def encode_all(model, x_uint8: torch.Tensor, device, decode: bool = False, batch
     return torch.cat(codes), torch.cat(sq_err) if sq_err else None, torch.cat(log_px) if log_px else None
 
 
-def train_prior(args, env, model, train_x, train_y):
+def check_prior_matches(prior_state: dict, vqvae_step: int) -> None:
+    """A prior is only valid for the codes of the VQ-VAE it was trained on."""
+    if prior_state["vqvae_step"] != vqvae_step:
+        raise SystemExit(f"prior.pt was fitted to the codes of the VQ-VAE at step {prior_state['vqvae_step']}, "
+                         f"but vqvae.pt is at step {vqvae_step}: delete prior.pt to fit a new prior")
+
+
+def train_prior(args, env, model, vqvae_step, train_x, train_y):
     codes_path = args.out / "codes.pt"
-    if codes_path.exists():
-        codes = training.load_checkpoint(codes_path)["train"]
-    else:
+    cached = training.load_checkpoint(codes_path) if codes_path.exists() else None
+    if cached is not None and cached["vqvae_step"] == vqvae_step:
+        codes = cached["train"]
+    else:  # absent, or the codes of an earlier VQ-VAE
         codes = encode_all(model, train_x, env.device)[0]
         if env.is_main:
-            training.save_checkpoint(codes_path, {"train": codes})
+            training.save_checkpoint(codes_path, {"train": codes, "vqvae_step": vqvae_step})
+    if (args.out / "prior.pt").exists():
+        check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_step)
     c = model.config
     prior_config = dict(num_embeddings=c.num_embeddings, num_groups=c.num_groups, channels=args.prior_channels,
                         num_layers=args.prior_layers, kernel_size=5, num_classes=len(CLASSES))
@@ -284,7 +294,7 @@ def train_prior(args, env, model, train_x, train_y):
         return loss, {"prior_loss": training.all_reduce_mean(loss).item()}
 
     history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
-                       {"prior_config": prior_config})
+                       {"prior_config": prior_config, "vqvae_step": vqvae_step})
     return prior, history
 
 
@@ -366,17 +376,18 @@ def main(argv=None) -> None:
             return training.teardown()
         timings["vqvae_seconds"] = time.perf_counter() - t0
     model, state = training.load_model(args.out / "vqvae.pt", vqvae.VQVAE, vqvae.VQVAEConfig, env.device)
-    histories["vqvae"] = state["history"]
+    histories["vqvae"], vqvae_step = state["history"], state["step"]
 
     prior = None
     if "prior" in args.stages:
         t1 = time.perf_counter()
-        prior, histories["prior"] = train_prior(args, env, model, data["train_x"], data["train_y"])
+        prior, histories["prior"] = train_prior(args, env, model, vqvae_step, data["train_x"], data["train_y"])
         if histories["prior"] is None:
             return training.teardown()
         timings["prior_seconds"] = time.perf_counter() - t1
-    elif (args.out / "prior.pt").exists():
+    elif "eval" in args.stages and (args.out / "prior.pt").exists():
         state = training.load_checkpoint(args.out / "prior.pt")
+        check_prior_matches(state, vqvae_step)
         prior = vqvae.GatedPixelCNN(**state["prior_config"]).to(env.device)
         prior.load_state_dict(state["model"])
         histories["prior"] = state["history"]

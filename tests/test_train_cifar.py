@@ -75,7 +75,8 @@ def test_all_stages_write_metrics_and_figures(tmp_path, data_dir, extra):
 def test_resumed_run_repeats_uninterrupted_losses_step_for_step(tmp_path, data_dir):
     full = run(tmp_path / "full", data_dir, "--steps", "6", "--prior-steps", "4")
     part = tmp_path / "part"
-    run(part, data_dir, "--steps", "3", "--prior-steps", "2", "--stages", "vqvae,prior")
+    run(part, data_dir, "--steps", "3", "--stages", "vqvae")
+    run(part, data_dir, "--steps", "6", "--prior-steps", "2", "--stages", "vqvae,prior", "--resume")
     run(part, data_dir, "--steps", "6", "--prior-steps", "4", "--resume")
     for name in ["vqvae.pt", "prior.pt"]:
         a, b = training.load_checkpoint(full / name), training.load_checkpoint(part / name)
@@ -88,6 +89,14 @@ def test_existing_checkpoint_without_resume_is_refused(tmp_path, data_dir):
     run(tmp_path / "r", data_dir, "--steps", "2", "--stages", "vqvae")
     with pytest.raises(SystemExit, match="--resume"):
         run(tmp_path / "r", data_dir, "--steps", "2", "--stages", "vqvae")
+
+
+def test_prior_of_an_earlier_vqvae_is_refused_and_codes_are_recomputed(tmp_path, data_dir):
+    out = run(tmp_path / "r", data_dir, "--steps", "2", "--prior-steps", "2", "--stages", "vqvae,prior")
+    run(out, data_dir, "--steps", "4", "--stages", "vqvae", "--resume")  # the VQ-VAE trains on
+    with pytest.raises(SystemExit, match="delete prior.pt"):
+        run(out, data_dir, "--steps", "4", "--prior-steps", "2", "--stages", "prior", "--resume")
+    assert training.load_checkpoint(out / "codes.pt")["vqvae_step"] == 4
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir):
