@@ -263,13 +263,6 @@ def encode_all(model, x_uint8: torch.Tensor, device, decode: bool = False, batch
     return torch.cat(codes), torch.cat(sq_err) if sq_err else None, torch.cat(log_px) if log_px else None
 
 
-def check_prior_matches(prior_state: dict, vqvae_step: int) -> None:
-    """A prior is only valid for the codes of the VQ-VAE it was trained on."""
-    if prior_state["vqvae_step"] != vqvae_step:
-        raise SystemExit(f"prior.pt was fitted to the codes of the VQ-VAE at step {prior_state['vqvae_step']}, "
-                         f"but vqvae.pt is at step {vqvae_step}: delete prior.pt to fit a new prior")
-
-
 def train_prior(args, env, model, vqvae_step, train_x, train_y):
     codes_path = args.out / "codes.pt"
     cached = training.load_checkpoint(codes_path) if codes_path.exists() else None
@@ -280,7 +273,7 @@ def train_prior(args, env, model, vqvae_step, train_x, train_y):
         if env.is_main:
             training.save_checkpoint(codes_path, {"train": codes, "vqvae_step": vqvae_step})
     if (args.out / "prior.pt").exists():
-        check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_step)
+        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_step)
     c = model.config
     prior_config = dict(num_embeddings=c.num_embeddings, num_groups=c.num_groups, channels=args.prior_channels,
                         num_layers=args.prior_layers, kernel_size=5, num_classes=len(CLASSES))
@@ -305,11 +298,7 @@ def evaluate(args, env, model, prior, data, data_variance):
     codes, sq_err, log_px = encode_all(model, test_x, env.device, decode=True)
     c = model.config
     mse = sq_err.sum().item() / test_x[0].numel() / len(test_x)   # on the [0, 1] pixel scale
-    counts = torch.bincount(codes.flatten(), minlength=c.num_embeddings).double()
-    p = counts / counts.sum()
-    metrics = {"test_mse": mse, "test_nmse": mse / data_variance, "test_psnr_db": 10 * math.log10(1 / mse),
-               "test_perplexity": math.exp(torch.special.entr(p).sum().item()),
-               "test_codes_used": int((counts > 0).sum()), "num_test_images": len(test_x)}
+    metrics = {**training.image_metrics(mse, data_variance, codes, c.num_embeddings), "num_test_images": len(test_x)}
     num_dims, num_latents = test_x[0].numel(), codes[0].numel()
     if prior is not None:
         prior.eval()
@@ -387,7 +376,7 @@ def main(argv=None) -> None:
         timings["prior_seconds"] = time.perf_counter() - t1
     elif "eval" in args.stages and (args.out / "prior.pt").exists():
         state = training.load_checkpoint(args.out / "prior.pt")
-        check_prior_matches(state, vqvae_step)
+        training.check_prior_matches(state, vqvae_step)
         prior = vqvae.GatedPixelCNN(**state["prior_config"]).to(env.device)
         prior.load_state_dict(state["model"])
         histories["prior"] = state["history"]

@@ -134,6 +134,15 @@ def vq_metrics(out) -> dict[str, float]:
     return {k: all_reduce_mean(v).item() for k, v in metrics.items()}
 
 
+def image_metrics(mse: float, data_variance: float, codes: torch.Tensor, num_embeddings: int) -> dict:
+    """Test-set numbers of an image or frame VQ-VAE: mse (pixels in [0, 1]), NMSE (Sonnet's: mse over
+    the training data's variance), PSNR, and the code usage (perplexity of all test codes, codes used)."""
+    counts = torch.bincount(codes.long().flatten(), minlength=num_embeddings).double()
+    return {"test_mse": mse, "test_nmse": mse / data_variance, "test_psnr_db": 10 * math.log10(1 / mse),
+            "test_perplexity": math.exp(torch.special.entr(counts / counts.sum()).sum().item()),
+            "test_codes_used": int((counts > 0).sum())}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
@@ -159,6 +168,13 @@ def load_model(path: Path, model_class, config_class, device):
     model = model_class(config_class(**state["config"])).to(device)
     model.load_state_dict(state["model"])
     return model.eval(), state
+
+
+def check_prior_matches(prior_state: dict, vqvae_step: int) -> None:
+    """A prior is only valid for the codes of the VQ-VAE it was trained on."""
+    if prior_state["vqvae_step"] != vqvae_step:
+        raise SystemExit(f"prior.pt was fitted to the codes of the VQ-VAE at step {prior_state['vqvae_step']}, "
+                         f"but vqvae.pt is at step {vqvae_step}: delete prior.pt to fit a new prior")
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -12,10 +12,10 @@ the loss (Eq. 3) trains decoder, encoder and codebook:
 
 Reading order, smallest part first: nearest_code (Eq. 1), VectorQuantizer (Eq. 2, 3 and the EMA
 codebook of Appendix A.1), Encoder/Decoder, VQVAE, the speech model (mu-law, WaveNet decoder,
-AudioVQVAE; Sec. 4.3), GatedPixelCNN (the prior over codes), bits_per_dim. Everything runs in
-pure PyTorch; when the optional compiled extension `vqvae_ext` (built from csrc/ by setup.py) is
-importable, the nearest-neighbour search and the EMA statistics
-use it instead and give the same results. This file imports nothing else of the project.
+AudioVQVAE; Sec. 4.3), GatedPixelCNN (the prior over codes), ActionConditionalPrior (video;
+Sec. 4.4), bits_per_dim. Everything runs in pure PyTorch; when the optional compiled extension
+`vqvae_ext` (built from csrc/ by setup.py) is importable, the nearest-neighbour search and the
+EMA statistics use it instead and give the same results. This file imports nothing else of the project.
 
 Layout conventions: tensors are channel-first, (B, C, *spatial) with 1, 2 or 3 spatial dims
 (audio, images, video); the codebook is (K, D) as in nn.Embedding; K = num_embeddings,
@@ -726,13 +726,87 @@ class GatedPixelCNN(nn.Module):
         device = self.embedding.weight.device
         codes = torch.zeros(B, self.num_groups, *shape, dtype=torch.long, device=device)
         for i in range(shape[0]):
+            # Row i depends only on rows <= i (causality), so the rows below need not be computed.
+            rows, cond_rows = codes[:, :, :i + 1], None if cond is None else cond[:, :, :i + 1]
             for j in range(shape[1]):
                 for g in range(self.num_groups):
-                    logits = self(codes if self.num_groups > 1 else codes[:, 0], label, cond)
+                    logits = self(rows if self.num_groups > 1 else rows[:, 0], label, cond_rows)
                     logits = logits if self.num_groups > 1 else logits[:, :, None]
                     probs = (logits[:, :, g, i, j].float() / temperature).softmax(1)
                     codes[:, g, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0]
         return codes if self.num_groups > 1 else codes[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Sec. 4.4: video in latent space. The prior over the codes of frame t+1 is conditioned on the
+# codes of the frames before it and on the action; whole videos are sampled as codes and decoded
+# only at the end.
+# --------------------------------------------------------------------------------------------
+class ActionConditionalPrior(nn.Module):
+    """p(z_t+1 | z_t-F+1..t, a_t) = prod_i p(z_t+1,i | z_t+1,<i, z_t-F+1..t, a_t), over the grid.
+
+    A convolutional context network reads the embedded codes of the last F = context_frames
+    frames and the embedded action; its output map conditions every layer of a gated PixelCNN
+    over the new frame (GatedPixelCNN's cond_channels). The context network runs once per frame
+    and carries the motion, so the autoregressive part, run once per position, can stay small.
+
+    Args:
+        num_embeddings: K of the frame VQ-VAE. num_actions: size of the discrete action set.
+        context_frames: F. channels, num_layers, kernel_size: the PixelCNN.
+        context_channels, context_layers: the context network (3x3 conv, residual blocks);
+            its receptive field is +-(1 + context_layers) positions, which bounds the motion
+            it can follow per frame.
+    Shapes: codes (B, H, W), context (B, F, H, W), both int64 in [0, K); action (B,) in [0, A).
+    """
+
+    def __init__(self, num_embeddings: int = 512, num_actions: int = 3, context_frames: int = 4,
+                 channels: int = 64, num_layers: int = 4, kernel_size: int = 5,
+                 context_channels: int = 128, context_layers: int = 4):
+        super().__init__()
+        self.num_embeddings, self.num_actions, self.context_frames = num_embeddings, num_actions, context_frames
+        self.code_embedding = nn.Embedding(num_embeddings, channels)
+        self.action_embedding = nn.Embedding(num_actions, channels)
+        self.context = nn.Sequential(nn.Conv2d((context_frames + 1) * channels, context_channels, 3, padding=1),
+                                     ResidualStack(context_channels, context_channels // 2, context_layers))
+        self.pixelcnn = GatedPixelCNN(num_embeddings, 1, channels, num_layers, kernel_size,
+                                      cond_channels=context_channels)
+
+    def condition(self, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The conditioning map (B, context_channels, H, W) of the context frames and action."""
+        _check(context.dim() == 4 and context.shape[1] == self.context_frames and not context.is_floating_point(),
+               "context", f"an integer (B, {self.context_frames}, H, W) tensor of codes", context)
+        _check(action.shape == context.shape[:1] and not action.is_floating_point(),
+               "action", f"an integer ({context.shape[0]},) tensor", action)
+        if context.min() < 0 or context.max() >= self.num_embeddings:
+            raise ValueError(f"context: values must lie in [0, {self.num_embeddings})")
+        if action.min() < 0 or action.max() >= self.num_actions:
+            raise ValueError(f"action: values must lie in [0, {self.num_actions})")
+        frames = self.code_embedding(context.long()).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, F*c, H, W)
+        act = self.action_embedding(action.long())[:, :, None, None].expand(-1, -1, *context.shape[2:])
+        return self.context(torch.cat([frames, act], 1))
+
+    def forward(self, codes: torch.Tensor, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K, H, W) of p(z_t+1,i | z_t+1,<i, context, action), teacher-forced."""
+        return self.pixelcnn(codes, cond=self.condition(context, action))
+
+    def log_prob(self, codes: torch.Tensor, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """log p(z_t+1 | context, action) in nats, (B,)."""
+        return self.pixelcnn.log_prob(codes, cond=self.condition(context, action))
+
+    @torch.no_grad()
+    def generate(self, context: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+        """Roll out T frames of codes (B, T, H, W) from the context (B, F, H, W) and actions (B, T):
+        each sampled frame joins the context of the next; nothing is decoded."""
+        _check(actions.dim() == 2 and actions.shape[0] == context.shape[0], "actions",
+               f"a ({context.shape[0]}, T) tensor", actions)
+        frames = []
+        for t in range(actions.shape[1]):
+            cond = self.condition(context, actions[:, t])
+            frames.append(self.pixelcnn.sample(tuple(context.shape[2:]), batch_size=len(context), cond=cond,
+                                               generator=generator, temperature=temperature))
+            context = torch.cat([context[:, 1:], frames[-1][:, None]], 1)
+        return torch.stack(frames, 1)
 
 
 # --------------------------------------------------------------------------------------------

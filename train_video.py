@@ -1,0 +1,528 @@
+"""The paper's video experiment (Sec. 4.4), in ViZDoom's first-person maze instead of DeepMind Lab.
+
+Stages, each resumable: (1) collect: episodes of a random agent (each action held for a few
+steps) in the scenario `my_way_home`, 84x84 RGB, seeded, repeatable and cached in --data-dir;
+(2) vqvae: a frame VQ-VAE, 84x84x3 -> 21x21 codes with K = 512; (3) prior: the codes of frame t+1
+given those of the frames before it and the action (vqvae.ActionConditionalPrior); (4) eval:
+from 6 real frames of held-out episodes, 10 frames are generated in latent space while the agent
+goes "forward", "turn_right" or keeps its random actions, decoded only at the end, and compared
+per step with the truth, replayed in the deterministic engine with the same seed: the model with
+the true actions, with shuffled actions (another sequence's), and copying the last real frame.
+Everything lands in --out: vqvae.pt, prior.pt, codes.pt, metrics.json, *.png and *.gif.
+
+    pip install vizdoom==1.3.2          # optional dependency: the engine, Freedoom and the scenarios
+    python train_video.py               # quick preset: about 30 min on 2 CPU cores
+    python train_video.py --preset paper    # larger model, more data and steps: a GPU job
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import training
+import vqvae
+
+ACTIONS = ("forward", "turn_left", "turn_right")
+SCRIPTS = ("forward", "turn_right", "random")   # the continuations generated in eval
+FRAME_SIZE = 84                                 # the paper's DeepMind Lab frames
+GIVEN, GENERATED = 6, 10                        # the paper's protocol: 6 real frames, then 10
+
+# Each preset sets the defaults of the options below; any option on the command line wins.
+PRESETS = {
+    # About 30 min on 2 CPU cores: 9.6k frames, a small frame VQ-VAE, and a prior whose
+    # autoregressive part is small so that sampling 21x21 codes per frame takes seconds.
+    "quick": dict(episodes=48, episode_length=200, test_episodes=8, hidden=64, res_hidden=32, res_layers=2,
+                  embedding_dim=64, num_embeddings=512, decay=0.99, beta=0.25, kmeans_init=True,
+                  dead_code_threshold=0.1, lr=1e-3, batch_size=16, steps=2000, context_frames=4,
+                  prior_channels=32, prior_layers=3, context_channels=128, context_layers=4,
+                  prior_steps=3000, prior_batch_size=16, prior_lr=1e-3),
+    # Sec. 4.4 gives 84x84 frames -> 21x21 codes with K = 512; the rest is not given.
+    "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden=128, res_hidden=64, res_layers=2,
+                  embedding_dim=64, num_embeddings=512, decay=0.99, beta=0.25, kmeans_init=False,
+                  dead_code_threshold=None, lr=3e-4, batch_size=64, steps=100_000, context_frames=4,
+                  prior_channels=128, prior_layers=8, context_channels=256, context_layers=8,
+                  prior_steps=200_000, prior_batch_size=64, prior_lr=3e-4),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="quick",
+                   help="quick (default): about 30 min on 2 CPU cores; paper: a GPU job")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="where collected episodes are cached")
+    training.add_run_arguments(p, "collect,vqvae,prior,eval", log_every=50, checkpoint_every=500)
+    g = p.add_argument_group("environment (defaults from --preset)")
+    g.add_argument("--episodes", type=int, help="training episodes")
+    g.add_argument("--test-episodes", type=int, help="held-out episodes (other seeds); eval starts from each")
+    g.add_argument("--episode-length", type=int, help="actions per episode")
+    g.add_argument("--frame-skip", type=int, default=4, help="engine tics per action (a turn is 14 degrees at 4)")
+    g.add_argument("--max-hold", type=int, default=4, help="the random agent holds each action 1..max-hold steps")
+    g = p.add_argument_group("frame VQ-VAE (defaults from --preset)")
+    g.add_argument("--hidden", type=int, help="hidden units of encoder and decoder")
+    g.add_argument("--res-hidden", type=int, help="hidden units inside the residual blocks")
+    g.add_argument("--res-layers", type=int, help="residual blocks")
+    training.add_codebook_arguments(g)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--batch-size", type=int, help="frames per step")
+    g.add_argument("--steps", type=int)
+    g = p.add_argument_group("action-conditional prior (defaults from --preset)")
+    g.add_argument("--context-frames", type=int, help="frames of codes the prior conditions on (<= 6)")
+    g.add_argument("--prior-channels", type=int, help="PixelCNN channels (also the embedding width)")
+    g.add_argument("--prior-layers", type=int, help="PixelCNN gated layers")
+    g.add_argument("--context-channels", type=int, help="context network channels")
+    g.add_argument("--context-layers", type=int, help="context network residual blocks")
+    g.add_argument("--prior-steps", type=int)
+    g.add_argument("--prior-batch-size", type=int)
+    g.add_argument("--prior-lr", type=float)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the prior")
+    args = training.parse_with_presets(p, PRESETS, argv, "video")
+    if not 1 <= args.context_frames <= GIVEN:
+        p.error(f"--context-frames: expected 1..{GIVEN} (the given frames); got {args.context_frames}")
+    if args.episode_length < GIVEN + GENERATED:
+        p.error(f"--episode-length: expected at least {GIVEN + GENERATED}; got {args.episode_length}")
+    return args
+
+
+# ============================================================================ environment
+def _vizdoom():
+    try:
+        import vizdoom
+    except ImportError:
+        raise SystemExit("train_video.py needs ViZDoom, an optional dependency: pip install vizdoom==1.3.2 "
+                         "(MIT; the wheel bundles the engine, the Freedoom data and the my_way_home scenario)") from None
+    return vizdoom
+
+
+class EpisodeEnded(Exception):
+    """The agent reached the goal before the actions ran out."""
+
+
+def rollout(seed: int, actions: np.ndarray, frame_skip: int) -> np.ndarray:
+    """Play `actions` (indices into ACTIONS) in my_way_home from the start of the episode of `seed`.
+
+    Returns the frames seen before each action and after the last: (len(actions) + 1, 84, 84, 3)
+    uint8. The engine is deterministic: the same seed and actions give the same frames.
+    Raises EpisodeEnded if the agent reaches the goal early.
+    """
+    vzd = _vizdoom()
+    game = vzd.DoomGame()
+    game.load_config(os.path.join(vzd.scenarios_path, "my_way_home.cfg"))
+    game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
+    game.set_screen_format(vzd.ScreenFormat.RGB24)
+    game.set_window_visible(False)
+    game.set_sound_enabled(False)
+    game.set_available_buttons([vzd.Button.MOVE_FORWARD, vzd.Button.TURN_LEFT, vzd.Button.TURN_RIGHT])
+    game.set_episode_timeout((len(actions) + 2) * frame_skip + 100)
+    game.set_seed(seed)
+    game.init()
+    try:
+        game.new_episode()
+        frames, buttons = [], np.eye(len(ACTIONS), dtype=int).tolist()
+        for i in range(len(actions) + 1):
+            if game.is_episode_finished():
+                raise EpisodeEnded(f"seed {seed}: the episode ended after {i} of {len(actions)} actions")
+            frames.append(game.get_state().screen_buffer)
+            if i < len(actions):
+                game.make_action(buttons[actions[i]], frame_skip)
+    finally:
+        game.close()
+    return resize(np.stack(frames))
+
+
+def resize(frames: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, 84, 84, 3) uint8, antialiased (the 4:3 screen is squeezed, as in Atari work)."""
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(FRAME_SIZE, FRAME_SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def random_actions(seed: int, length: int, max_hold: int) -> np.ndarray:
+    """The random agent: a uniformly drawn action held for 1..max_hold steps, again and again."""
+    rng, actions = np.random.default_rng(seed), []
+    while len(actions) < length:
+        actions += [int(rng.integers(len(ACTIONS)))] * int(rng.integers(1, max_hold + 1))
+    return np.array(actions[:length], dtype=np.int64)
+
+
+def play_episodes(first_seed: int, count: int, args) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`count` full-length episodes (seeds from first_seed on; one whose agent reaches the goal early
+    is replaced by the next seed): frames (E, T+1, 84, 84, 3) uint8, actions (E, T), seeds (E,)."""
+    frames, actions, seeds, seed = [], [], [], first_seed
+    progress = training.Progress("collect", count)
+    while len(seeds) < count:
+        a = random_actions(seed, args.episode_length, args.max_hold)
+        try:
+            frames.append(rollout(seed, a, args.frame_skip))
+            actions.append(a)
+            seeds.append(seed)
+            progress.update(len(seeds))
+        except EpisodeEnded:
+            pass
+        seed += 1
+    return np.stack(frames), np.stack(actions), np.array(seeds)
+
+
+def eval_starts(test_actions: np.ndarray, test_seeds: np.ndarray, args) -> dict[str, np.ndarray]:
+    """For each held-out episode, a start t0 and, per continuation in SCRIPTS, the 6 + 10 true frames.
+
+    The agent plays the episode's own actions up to frame t0 + 5, then 10 steps of the script
+    ("random" continues the episode's own actions); the engine replays it from the same seed.
+    Returns frames (S, len(SCRIPTS), 16, 84, 84, 3) uint8, actions (S, len(SCRIPTS), 10) and the
+    starts t0 (S,) and episodes (S,) they come from.
+    """
+    rng = np.random.default_rng(args.seed)
+    frames, actions, starts, episodes = [], [], [], []
+    for episode, (a, seed) in enumerate(zip(test_actions, test_seeds)):
+        t0 = int(rng.integers(0, len(a) - GIVEN - GENERATED + 1))
+        scripts = {"forward": np.full(GENERATED, ACTIONS.index("forward")),
+                   "turn_right": np.full(GENERATED, ACTIONS.index("turn_right")),
+                   "random": a[t0 + GIVEN - 1:t0 + GIVEN - 1 + GENERATED]}
+        per_script = []
+        for name in SCRIPTS:
+            played = np.concatenate([a[:t0 + GIVEN - 1], scripts[name]])
+            try:
+                per_script.append(rollout(int(seed), played, args.frame_skip)[t0:])
+            except EpisodeEnded:   # the scripted agent found the goal: skip this start
+                break
+        if len(per_script) == len(SCRIPTS):
+            frames.append(np.stack(per_script))
+            actions.append(np.stack([scripts[name] for name in SCRIPTS]))
+            starts.append(t0)
+            episodes.append(episode)
+    return {"frames": np.stack(frames), "actions": np.stack(actions), "t0": np.array(starts), "episode": np.array(episodes)}
+
+
+def collect(args) -> dict[str, np.ndarray]:
+    """Training and held-out episodes and the eval continuations, cached by their settings."""
+    name = (f"vizdoom_my_way_home_{args.episodes}+{args.test_episodes}x{args.episode_length}"
+            f"_skip{args.frame_skip}_hold{args.max_hold}_seed{args.seed}.npz")
+    path = args.data_dir / name
+    if path.exists():
+        with np.load(path) as f:
+            return dict(f)
+    t0 = time.perf_counter()
+    print(f"collecting {args.episodes} + {args.test_episodes} episodes of {args.episode_length} actions "
+          f"in my_way_home (frame skip {args.frame_skip}) -> {path}", flush=True)
+    # Seeds of held-out episodes start far above those of training episodes.
+    train_frames, train_actions, train_seeds = play_episodes(args.seed * 10_000_000, args.episodes, args)
+    test_frames, test_actions, test_seeds = play_episodes(args.seed * 10_000_000 + 5_000_000, args.test_episodes, args)
+    starts = eval_starts(test_actions, test_seeds, args)
+    data = dict(train_frames=train_frames, train_actions=train_actions, train_seeds=train_seeds,
+                test_frames=test_frames, test_actions=test_actions, test_seeds=test_seeds,
+                eval_frames=starts["frames"], eval_actions=starts["actions"], eval_t0=starts["t0"],
+                eval_episode=starts["episode"],
+                collect_seconds=np.array(time.perf_counter() - t0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part.npz")
+    np.savez(tmp, **data)
+    os.replace(tmp, path)
+    print(f"collected {train_frames.shape[0] * train_frames.shape[1] + test_frames.shape[0] * test_frames.shape[1]} "
+          f"frames in {float(data['collect_seconds']):.1f} s", flush=True)
+    return data
+
+
+def to_float(frames_uint8: torch.Tensor, device) -> torch.Tensor:
+    """uint8 (..., 84, 84, 3) -> float (..., 3, 84, 84) in [-0.5, 0.5]."""
+    return frames_uint8.to(device).movedim(-1, -3).float() / 255 - 0.5
+
+
+# ============================================================================ stages
+def model_config(args, data_variance: float) -> vqvae.VQVAEConfig:
+    return vqvae.VQVAEConfig(
+        in_channels=3, hidden_channels=args.hidden, res_channels=args.res_hidden, num_res_layers=args.res_layers,
+        num_downsamples=2, num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
+        commitment_cost=args.beta, decay=args.decay, kmeans_init=args.kmeans_init,
+        dead_code_threshold=args.dead_code_threshold, data_variance=data_variance)
+
+
+def train_vqvae(args, env, frames: torch.Tensor, data_variance: float):
+    """frames: (N, 84, 84, 3) uint8, every frame of the training episodes."""
+    model = vqvae.VQVAE(model_config(args, data_variance)).to(env.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+    def loss_fn(ddp, step):
+        idx = training.batch_indices(step, len(frames), args.batch_size, args.seed, env)
+        out = ddp(to_float(frames[idx], env.device))
+        return out.loss, training.vq_metrics(out)
+
+    config = dataclasses.asdict(model.config)
+    history = training.run_loop("vqvae", model, optimizer, loss_fn, args.out / "vqvae.pt", args.steps, args, env,
+                                {"config": config})
+    training.check_replicas_equal("codebook", model.quantizer.codebook)
+    return model, history
+
+
+@torch.no_grad()
+def encode(model, frames: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
+    """Codes (..., 21, 21) int64 of frames (..., 84, 84, 3) uint8."""
+    flat = frames.reshape(-1, *frames.shape[-3:])
+    codes = [model.quantize(model.encode(to_float(flat[i:i + batch_size], device))).indices.cpu()
+             for i in range(0, len(flat), batch_size)]
+    return torch.cat(codes).reshape(*frames.shape[:-3], *codes[0].shape[1:])
+
+
+@torch.no_grad()
+def decode(model, codes: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Frames (..., 3, 84, 84) float in [0, 1] of codes (..., 21, 21)."""
+    flat = codes.reshape(-1, *codes.shape[-2:])
+    device = model.quantizer.codebook.device
+    out = [model.reconstruction(model.decode(flat[i:i + batch_size].to(device))).cpu() + 0.5
+           for i in range(0, len(flat), batch_size)]
+    return torch.cat(out).clamp(0, 1).reshape(*codes.shape[:-2], *out[0].shape[1:])
+
+
+def transitions(num_episodes: int, episode_length: int, context_frames: int) -> torch.Tensor:
+    """(episode, t) of every transition with a full context: frames t-F+1..t -> t+1 under action t."""
+    e, t = torch.meshgrid(torch.arange(num_episodes), torch.arange(context_frames - 1, episode_length), indexing="ij")
+    return torch.stack([e.flatten(), t.flatten()], 1)
+
+
+def context_of(codes: torch.Tensor, e: torch.Tensor, t: torch.Tensor, context_frames: int) -> torch.Tensor:
+    """Codes of frames t-F+1..t of episodes e: (B, F, 21, 21)."""
+    return codes[e[:, None], t[:, None] + torch.arange(1 - context_frames, 1)]
+
+
+def episode_codes(args, env, model, vqvae_step, data) -> dict[str, torch.Tensor]:
+    """Codes of every training and held-out frame, cached in codes.pt for this VQ-VAE step."""
+    path = args.out / "codes.pt"
+    cached = training.load_checkpoint(path) if path.exists() else None
+    if cached is not None and cached["vqvae_step"] == vqvae_step:
+        return cached
+    codes = {"train": encode(model, data["train_frames"], env.device).to(torch.int16),
+             "test": encode(model, data["test_frames"], env.device).to(torch.int16), "vqvae_step": vqvae_step}
+    if env.is_main:
+        training.save_checkpoint(path, codes)
+    return codes
+
+
+def prior_config(args, model) -> dict:
+    return dict(num_embeddings=model.config.num_embeddings, num_actions=len(ACTIONS), context_frames=args.context_frames,
+                channels=args.prior_channels, num_layers=args.prior_layers, context_channels=args.context_channels,
+                context_layers=args.context_layers)
+
+
+def train_prior(args, env, model, vqvae_step, codes, actions):
+    """codes: (E, T+1, 21, 21) of the training episodes; actions (E, T)."""
+    if (args.out / "prior.pt").exists():
+        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_step)
+    config = prior_config(args, model)
+    prior = vqvae.ActionConditionalPrior(**config).to(env.device)
+    optimizer = torch.optim.Adam(prior.parameters(), lr=args.prior_lr)
+    pairs = transitions(len(codes), actions.shape[1], args.context_frames)
+    codes = codes.long()
+
+    def loss_fn(ddp, step):
+        e, t = pairs[training.batch_indices(step, len(pairs), args.prior_batch_size, args.seed + 1, env)].unbind(1)
+        logits = ddp(codes[e, t + 1].to(env.device), context_of(codes, e, t, args.context_frames).to(env.device),
+                     actions[e, t].to(env.device))
+        loss = F.cross_entropy(logits, codes[e, t + 1].to(env.device))   # nats per latent
+        return loss, {"prior_loss": training.all_reduce_mean(loss).item()}
+
+    history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
+                                {"prior_config": config, "vqvae_step": vqvae_step})
+    return prior, history
+
+
+@torch.no_grad()
+def prior_test_nats(prior, codes: torch.Tensor, actions: torch.Tensor, device, batch_size: int = 64) -> dict[str, float]:
+    """Teacher-forced -log p(z_t+1 | context, a_t) per latent on held-out episodes, with the true
+    actions and with the actions of a random permutation of the transitions."""
+    pairs = transitions(len(codes), actions.shape[1], prior.context_frames)
+    codes = codes.long()
+    shuffled = actions.flatten()[torch.randperm(actions.numel(), generator=torch.Generator().manual_seed(0))]
+    shuffled = shuffled.reshape(actions.shape)
+    totals = {"prior_test_nats_per_latent": 0.0, "prior_test_nats_per_latent_shuffled_actions": 0.0}
+    for i in range(0, len(pairs), batch_size):
+        e, t = pairs[i:i + batch_size].unbind(1)
+        target, context = codes[e, t + 1].to(device), context_of(codes, e, t, prior.context_frames).to(device)
+        for key, acts in zip(totals, (actions, shuffled)):
+            totals[key] -= prior.log_prob(target, context, acts[e, t].to(device)).sum().item()
+    return {k: v / (len(pairs) * codes[0, 0].numel()) for k, v in totals.items()}
+
+
+@torch.no_grad()
+def evaluate_video(args, env, model, prior, data) -> tuple[dict, dict]:
+    """Generate 10 frames from 6 real ones per held-out start and continuation; compare with the truth.
+
+    Returns (metrics, videos): per-step mean squared error (pixels in [0, 1]) and code accuracy of
+    the model with the true actions, with shuffled actions (each sequence takes another
+    continuation's actions: forward <- turn_right <- random <- forward), and of copying the last
+    real frame; the VQ-VAE's reconstruction of the truth is the floor of what codes can reach.
+    """
+    frames, actions = data["eval_frames"], data["eval_actions"]         # (S, 3, 16, 84, 84, 3), (S, 3, 10)
+    S, V = actions.shape[:2]
+    codes = encode(model, frames, env.device)                            # (S, 3, 16, 21, 21)
+    context = codes[:, :, GIVEN - args.context_frames:GIVEN].flatten(0, 1).to(env.device)
+    shuffled = actions.roll(-1, dims=1)                                  # another continuation's actions
+    gen = torch.Generator(device=env.device).manual_seed(args.seed)
+    generated = {}
+    for name, acts in (("true_actions", actions), ("shuffled_actions", shuffled)):
+        t0 = time.perf_counter()
+        z = prior.generate(context, acts.flatten(0, 1).to(env.device), generator=gen, temperature=args.temperature)
+        generated[name] = z.cpu().reshape(S, V, GENERATED, *z.shape[-2:])
+        print(f"[eval] generated {S * V} x {GENERATED} frames of codes with {name.replace('_', ' ')} "
+              f"in {time.perf_counter() - t0:.0f} s", flush=True)
+    truth = frames[:, :, GIVEN:].movedim(-1, -3).float() / 255          # (S, 3, 10, 3, 84, 84)
+    truth_codes = codes[:, :, GIVEN:]
+    last = frames[:, :, GIVEN - 1:GIVEN].movedim(-1, -3).float() / 255
+    videos = {"truth": frames.movedim(-1, -3).float() / 255,
+              "vqvae_reconstruction": decode(model, truth_codes)}
+    videos.update({name: decode(model, z) for name, z in generated.items()})
+    per_step = lambda x: ((x - truth) ** 2).mean((0, 1, 3, 4, 5))   # noqa: E731  (10,)
+    mse = {"true_actions": per_step(videos["true_actions"]), "shuffled_actions": per_step(videos["shuffled_actions"]),
+           "copy_last_frame": per_step(last.expand_as(truth)),
+           "vqvae_reconstruction": per_step(videos["vqvae_reconstruction"])}
+    code_acc = {name: (z == truth_codes).float().mean((0, 1, 3, 4)) for name, z in generated.items()}
+    code_acc["copy_last_frame"] = (codes[:, :, GIVEN - 1:GIVEN] == truth_codes).float().mean((0, 1, 3, 4))
+    metrics = {"eval_starts": S, "eval_sequences": S * V}
+    for name, curve in mse.items():
+        metrics[f"mse_{name}"] = curve.mean().item()
+        metrics[f"mse_per_step_{name}"] = curve.tolist()
+    for name, curve in code_acc.items():
+        metrics[f"code_accuracy_{name}"] = curve.mean().item()
+        metrics[f"code_accuracy_per_step_{name}"] = curve.tolist()
+    for name in SCRIPTS:   # per continuation, mean over the 10 steps
+        v = SCRIPTS.index(name)
+        for variant in ("true_actions", "shuffled_actions"):
+            metrics[f"mse_{name}_{variant}"] = ((videos[variant][:, v] - truth[:, v]) ** 2).mean().item()
+        metrics[f"mse_{name}_copy_last_frame"] = ((last[:, v] - truth[:, v]) ** 2).mean().item()
+    return metrics, videos
+
+
+# ============================================================================ figures
+def plot_error_curves(path: Path, metrics: dict) -> None:
+    plt = training._pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    steps = range(1, GENERATED + 1)
+    for name in ("true_actions", "shuffled_actions", "copy_last_frame", "vqvae_reconstruction"):
+        style = ":" if name == "vqvae_reconstruction" else "-o"
+        axes[0].plot(steps, metrics[f"mse_per_step_{name}"], style, ms=3, label=name.replace("_", " "))
+        if f"code_accuracy_per_step_{name}" in metrics:
+            axes[1].plot(steps, metrics[f"code_accuracy_per_step_{name}"], style, ms=3, label=name.replace("_", " "))
+    axes[0].set_title("pixel MSE to the true frame (lower is better)", fontsize=9)
+    axes[1].set_title("codes equal to those of the true frame", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("generated step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_strips(out: Path, videos: dict, num_starts: int = 3) -> None:
+    """Per continuation, a PNG strip: rows of 16 frames (6 real + 10 true / generated) per start."""
+    for v, name in enumerate(SCRIPTS[:2]):
+        rows = []
+        for s in range(min(num_starts, len(videos["truth"]))):
+            given = videos["truth"][s, v, :GIVEN]
+            rows += [(f"{s}: truth", videos["truth"][s, v]),
+                     (f"{s}: generated", torch.cat([given, videos["true_actions"][s, v]])),
+                     (f"{s}: shuffled actions", torch.cat([given, videos["shuffled_actions"][s, v]]))]
+        training.save_image_rows(out / f"video_{name}.png", rows,
+                                 f'"{name}": {GIVEN} real frames, then {GENERATED} generated in latent space')
+
+
+def save_gif(path: Path, videos: dict, v: int, num_starts: int = 4) -> None:
+    """An animated GIF: for a few starts side by side, the truth above and the generated frames below."""
+    from PIL import Image   # a dependency of matplotlib
+    n = min(num_starts, len(videos["truth"]))
+    given = videos["truth"][:n, v, :GIVEN]
+    top = videos["truth"][:n, v]
+    bottom = torch.cat([given, videos["true_actions"][:n, v]], 1)
+    side_by_side = lambda x: torch.cat(list(x.unbind(0)), -1)           # noqa: E731  (16, 3, H, n W)
+    grid = torch.cat([side_by_side(top), side_by_side(bottom)], -2)     # (16, 3, 2H, n W)
+    images = [Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize(
+        (f.shape[2] * 2, f.shape[1] * 2), Image.NEAREST) for f in grid]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=250, loop=0)
+
+
+def make_figures(args, env, model, data, test_codes, metrics, videos, histories) -> None:
+    out = args.out
+    frames = data["test_frames"][:2, ::25].flatten(0, 1)[:12]
+    recon = decode(model, encode(model, frames, env.device))
+    training.save_image_rows(out / "reconstructions.png", [("original", frames.movedim(-1, -3).float() / 255),
+                                                           ("reconstruction", recon)],
+                             "held-out frames and their reconstructions (84x84 -> 21x21 codes)")
+    counts = torch.bincount(test_codes.long().flatten(), minlength=model.config.num_embeddings)
+    training.plot_code_usage(out / "codebook_usage.png", counts, "held-out frames' code usage:")
+    training.plot_history(out / "vqvae_curves.png", histories["vqvae"], ["loss", "recon_loss", "perplexity"],
+                          "frame VQ-VAE training")
+    training.plot_history(out / "prior_curves.png", histories["prior"], ["prior_loss"], "prior (nats per latent)")
+    plot_error_curves(out / "error_curves.png", metrics)
+    save_strips(out, videos)
+    for v, name in enumerate(SCRIPTS[:2]):
+        save_gif(out / f"video_{name}.gif", videos, v)
+
+
+# ============================================================================ main
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    env = training.setup(args.seed, args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0, histories, timings = time.perf_counter(), {}, {}
+    data = {k: torch.from_numpy(v) for k, v in collect(args).items()}   # cached: every process reads one file
+    timings["collect_seconds"] = data.pop("collect_seconds").item()
+    train_frames = data["train_frames"]
+    data_variance = (train_frames[:, ::10].double() / 255).var().item()
+    if env.is_main:
+        print(f"my_way_home: {train_frames.shape[0]} x {train_frames.shape[1]} training frames, "
+              f"{len(data['test_frames'])} held-out episodes, {len(data['eval_frames'])} eval starts; "
+              f"preset {args.preset}; device {env.device} x {env.world_size}; out {args.out}", flush=True)
+
+    if "vqvae" in args.stages:
+        t1 = time.perf_counter()
+        model, histories["vqvae"] = train_vqvae(args, env, train_frames.flatten(0, 1), data_variance)
+        if histories["vqvae"] is None:
+            return training.teardown()
+        timings["vqvae_seconds"] = time.perf_counter() - t1
+    if not {"prior", "eval"} & args.stages:
+        return training.teardown()
+    model, state = training.load_model(args.out / "vqvae.pt", vqvae.VQVAE, vqvae.VQVAEConfig, env.device)
+    histories["vqvae"], vqvae_step = state["history"], state["step"]
+    codes = episode_codes(args, env, model, vqvae_step, data)
+    train_actions, test_actions = data["train_actions"], data["test_actions"]
+
+    if "prior" in args.stages:
+        t1 = time.perf_counter()
+        prior, histories["prior"] = train_prior(args, env, model, vqvae_step, codes["train"], train_actions)
+        if histories["prior"] is None:
+            return training.teardown()
+        timings["prior_seconds"] = time.perf_counter() - t1
+    elif "eval" in args.stages:
+        prior_path = args.out / "prior.pt"
+        if not prior_path.exists():
+            raise SystemExit(f"{prior_path} not found: run the prior stage first")
+        state = training.load_checkpoint(prior_path)
+        training.check_prior_matches(state, vqvae_step)
+        prior = vqvae.ActionConditionalPrior(**state["prior_config"]).to(env.device)
+        prior.load_state_dict(state["model"])
+        histories["prior"] = state["history"]
+
+    if "eval" in args.stages and env.is_main:
+        t1 = time.perf_counter()
+        prior.eval()
+        recon = decode(model, codes["test"].long())
+        mse = ((recon - data["test_frames"].movedim(-1, -3).float() / 255) ** 2).mean().item()
+        metrics = training.image_metrics(mse, data_variance, codes["test"], model.config.num_embeddings)
+        metrics.update(prior_test_nats(prior, codes["test"], test_actions, env.device))
+        video_metrics, videos = evaluate_video(args, env, model, prior, data)
+        metrics.update(video_metrics)
+        make_figures(args, env, model, data, codes["test"], metrics, videos, histories)
+        timings["eval_seconds"] = time.perf_counter() - t1
+        shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
+        training.write_report(args, shown, model.config, time.perf_counter() - t0, timings, env,
+                              curves={k: v for k, v in metrics.items() if isinstance(v, list)},
+                              prior_config=prior_config(args, model))
+    training.teardown()
+
+
+if __name__ == "__main__":
+    main()
