@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,6 +120,7 @@ def rollout(seed: int, actions: np.ndarray, frame_skip: int) -> np.ndarray:
     game.set_screen_format(vzd.ScreenFormat.RGB24)
     game.set_window_visible(False)
     game.set_sound_enabled(False)
+    game.set_doom_config_path(os.path.join(tempfile.gettempdir(), "_vizdoom.ini"))  # not in the user's cwd
     game.set_available_buttons([vzd.Button.MOVE_FORWARD, vzd.Button.TURN_LEFT, vzd.Button.TURN_RIGHT])
     game.set_episode_timeout((len(actions) + 2) * frame_skip + 100)
     game.set_seed(seed)
