@@ -39,7 +39,7 @@ GIVEN, GENERATED = 6, 10                        # the paper's protocol: 6 real f
 PRESETS = {
     # About 30 min on 2 CPU cores: 9.6k frames, a small frame VQ-VAE, and a prior whose
     # autoregressive part is small so that sampling 21x21 codes per frame takes seconds.
-    "quick": dict(episodes=48, episode_length=200, test_episodes=8, hidden=64, res_hidden=32, res_layers=2,
+    "quick": dict(episodes=48, episode_length=200, test_episodes=16, hidden=64, res_hidden=32, res_layers=2,
                   embedding_dim=64, num_embeddings=512, decay=0.99, beta=0.25, kmeans_init=True,
                   dead_code_threshold=0.1, lr=1e-3, batch_size=16, steps=2000, context_frames=4,
                   prior_channels=32, prior_layers=3, context_channels=128, context_layers=4,
@@ -293,13 +293,18 @@ def context_of(codes: torch.Tensor, e: torch.Tensor, t: torch.Tensor, context_fr
 
 
 def episode_codes(args, env, model, vqvae_step, data) -> dict[str, torch.Tensor]:
-    """Codes of every training and held-out frame, cached in codes.pt for this VQ-VAE step."""
+    """Codes of every training and held-out frame, cached in codes.pt for this VQ-VAE step and
+    these episodes (their seeds and lengths)."""
     path = args.out / "codes.pt"
     cached = training.load_checkpoint(path) if path.exists() else None
-    if cached is not None and cached["vqvae_step"] == vqvae_step:
+    episodes = {"train_seeds": data["train_seeds"], "test_seeds": data["test_seeds"],
+                "frames_per_episode": data["train_frames"].shape[1]}
+    if cached is not None and cached["vqvae_step"] == vqvae_step and all(
+            torch.equal(torch.as_tensor(cached.get(k, -1)), torch.as_tensor(v)) for k, v in episodes.items()):
         return cached
     codes = {"train": encode(model, data["train_frames"], env.device).to(torch.int16),
-             "test": encode(model, data["test_frames"], env.device).to(torch.int16), "vqvae_step": vqvae_step}
+             "test": encode(model, data["test_frames"], env.device).to(torch.int16), "vqvae_step": vqvae_step,
+             **episodes}
     if env.is_main:
         training.save_checkpoint(path, codes)
     return codes

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_video
+import training
 import vqvae
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
@@ -178,3 +179,15 @@ def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vi
     train_video.main(argv + ["--resume", "--stages", "eval"])
     again = json.loads((out / "metrics.json").read_text())
     assert again["curves"] == curves
+
+    # Cached codes belong to one VQ-VAE step and one set of episodes: other held-out episodes
+    # (here: the first training one) are encoded anew.
+    args, env = train_video.parse_args(argv), training.setup(0, "cpu")
+    model, state = training.load_model(out / "vqvae.pt", vqvae.VQVAE, vqvae.VQVAEConfig, "cpu")
+    data = {k: torch.from_numpy(v) for k, v in train_video.collect(args).items()}
+    cached = train_video.episode_codes(args, env, model, state["step"], data)
+    assert torch.equal(cached["test"], training.load_checkpoint(out / "codes.pt")["test"])
+    data.update(test_frames=data["train_frames"][:1], test_seeds=data["train_seeds"][:1])
+    fresh = train_video.episode_codes(args, env, model, state["step"], data)
+    assert torch.equal(fresh["test"], train_video.encode(model, data["test_frames"], "cpu").to(torch.int16))
+    assert torch.equal(training.load_checkpoint(out / "codes.pt")["test_seeds"], data["train_seeds"][:1])
