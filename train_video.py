@@ -446,9 +446,9 @@ def save_gif(path: Path, videos: dict, v: int, num_starts: int = 4) -> None:
     bottom = torch.cat([given, videos["true_actions"][:n, v]], 1)
     side_by_side = lambda x: torch.cat(list(x.unbind(0)), -1)           # noqa: E731  (16, 3, H, n W)
     grid = torch.cat([side_by_side(top), side_by_side(bottom)], -2)     # (16, 3, 2H, n W)
-    images = [Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).resize(
-        (f.shape[2] * 2, f.shape[1] * 2), Image.NEAREST) for f in grid]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=250, loop=0)
+    images = [Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).quantize(
+        64, dither=Image.Dither.NONE) for f in grid]   # undithered: noisy textures make GIFs large
+    images[0].save(path, save_all=True, append_images=images[1:], duration=300, loop=0, optimize=True)
 
 
 def make_figures(args, env, model, data, test_codes, metrics, videos, histories) -> None:
