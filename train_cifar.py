@@ -13,7 +13,6 @@ vqvae.pt, prior.pt, codes.pt, metrics.json and *.png.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import io
 import math
@@ -224,26 +223,7 @@ def to_float(x_uint8: torch.Tensor, device) -> torch.Tensor:
 
 # ============================================================================ stages
 def model_config(args, data_variance: float) -> vqvae.VQVAEConfig:
-    return vqvae.VQVAEConfig(
-        in_channels=3, hidden_channels=args.hidden, res_channels=args.res_hidden, num_res_layers=args.res_layers,
-        num_downsamples=2, num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
-        num_groups=args.num_groups, commitment_cost=args.beta, decay=args.decay, kmeans_init=args.kmeans_init,
-        dead_code_threshold=args.dead_code_threshold, likelihood=args.likelihood, data_variance=data_variance)
-
-
-def train_vqvae(args, env, train_x, data_variance):
-    model = vqvae.VQVAE(model_config(args, data_variance)).to(env.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-
-    def loss_fn(ddp, step):
-        idx = training.batch_indices(step, len(train_x), args.batch_size, args.seed, env)
-        out = ddp(to_float(train_x[idx], env.device))
-        return out.loss, training.vq_metrics(out)
-
-    config = dataclasses.asdict(model.config)
-    history = training.run_loop("vqvae", model, optimizer, loss_fn, args.out / "vqvae.pt", args.steps, args, env, {"config": config})
-    training.check_replicas_equal("codebook", model.quantizer.codebook)
-    return model, history
+    return training.image_vqvae_config(args, data_variance, num_groups=args.num_groups, likelihood=args.likelihood)
 
 
 @torch.no_grad()
@@ -360,7 +340,10 @@ def main(argv=None) -> None:
     t0, histories, timings = time.perf_counter(), {}, {}
 
     if "vqvae" in args.stages:
-        model, histories["vqvae"] = train_vqvae(args, env, data["train_x"], data_variance)
+        train_x = data["train_x"]
+        batch = lambda step: to_float(train_x[training.batch_indices(step, len(train_x), args.batch_size, args.seed, env)],
+                                      env.device)  # noqa: E731
+        model, histories["vqvae"] = training.train_vqvae(args, env, model_config(args, data_variance), batch)
         if histories["vqvae"] is None:
             return training.teardown()
         timings["vqvae_seconds"] = time.perf_counter() - t0
@@ -375,11 +358,8 @@ def main(argv=None) -> None:
             return training.teardown()
         timings["prior_seconds"] = time.perf_counter() - t1
     elif "eval" in args.stages and (args.out / "prior.pt").exists():
-        state = training.load_checkpoint(args.out / "prior.pt")
-        training.check_prior_matches(state, vqvae_step)
-        prior = vqvae.GatedPixelCNN(**state["prior_config"]).to(env.device)
-        prior.load_state_dict(state["model"])
-        histories["prior"] = state["history"]
+        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae.GatedPixelCNN, vqvae_step,
+                                                        env.device)
 
     if "eval" in args.stages and env.is_main:
         t2 = time.perf_counter()

@@ -17,7 +17,6 @@ Everything lands in --out: vqvae.pt, prior.pt, codes.pt, metrics.json, *.png and
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import tempfile
 import time
@@ -237,31 +236,6 @@ def to_float(frames_uint8: torch.Tensor, device) -> torch.Tensor:
 
 
 # ============================================================================ stages
-def model_config(args, data_variance: float) -> vqvae.VQVAEConfig:
-    return vqvae.VQVAEConfig(
-        in_channels=3, hidden_channels=args.hidden, res_channels=args.res_hidden, num_res_layers=args.res_layers,
-        num_downsamples=2, num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
-        commitment_cost=args.beta, decay=args.decay, kmeans_init=args.kmeans_init,
-        dead_code_threshold=args.dead_code_threshold, data_variance=data_variance)
-
-
-def train_vqvae(args, env, frames: torch.Tensor, data_variance: float):
-    """frames: (N, 84, 84, 3) uint8, every frame of the training episodes."""
-    model = vqvae.VQVAE(model_config(args, data_variance)).to(env.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-
-    def loss_fn(ddp, step):
-        idx = training.batch_indices(step, len(frames), args.batch_size, args.seed, env)
-        out = ddp(to_float(frames[idx], env.device))
-        return out.loss, training.vq_metrics(out)
-
-    config = dataclasses.asdict(model.config)
-    history = training.run_loop("vqvae", model, optimizer, loss_fn, args.out / "vqvae.pt", args.steps, args, env,
-                                {"config": config})
-    training.check_replicas_equal("codebook", model.quantizer.codebook)
-    return model, history
-
-
 @torch.no_grad()
 def encode(model, frames: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
     """Codes (..., 21, 21) int64 of frames (..., 84, 84, 3) uint8."""
@@ -486,7 +460,11 @@ def main(argv=None) -> None:
 
     if "vqvae" in args.stages:
         t1 = time.perf_counter()
-        model, histories["vqvae"] = train_vqvae(args, env, train_frames.flatten(0, 1), data_variance)
+        frames = train_frames.flatten(0, 1)   # every frame of the training episodes
+        batch = lambda step: to_float(frames[training.batch_indices(step, len(frames), args.batch_size, args.seed, env)],
+                                      env.device)  # noqa: E731
+        config = training.image_vqvae_config(args, data_variance)
+        model, histories["vqvae"] = training.train_vqvae(args, env, config, batch)
         if histories["vqvae"] is None:
             return training.teardown()
         timings["vqvae_seconds"] = time.perf_counter() - t1
@@ -504,14 +482,8 @@ def main(argv=None) -> None:
             return training.teardown()
         timings["prior_seconds"] = time.perf_counter() - t1
     elif "eval" in args.stages:
-        prior_path = args.out / "prior.pt"
-        if not prior_path.exists():
-            raise SystemExit(f"{prior_path} not found: run the prior stage first")
-        state = training.load_checkpoint(prior_path)
-        training.check_prior_matches(state, vqvae_step)
-        prior = vqvae.ActionConditionalPrior(**state["prior_config"]).to(env.device)
-        prior.load_state_dict(state["model"])
-        histories["prior"] = state["history"]
+        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae.ActionConditionalPrior,
+                                                        vqvae_step, env.device)
 
     if "eval" in args.stages and env.is_main:
         t1 = time.perf_counter()

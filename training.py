@@ -177,6 +177,18 @@ def check_prior_matches(prior_state: dict, vqvae_step: int) -> None:
                          f"but vqvae.pt is at step {vqvae_step}: delete prior.pt to fit a new prior")
 
 
+def load_prior(path: Path, prior_class, vqvae_step: int, device):
+    """(prior in eval mode, its history) from a prior checkpoint; refused if it was fitted to the
+    codes of another VQ-VAE step."""
+    if not path.exists():
+        raise SystemExit(f"{path} not found: run the prior stage first")
+    state = load_checkpoint(path)
+    check_prior_matches(state, vqvae_step)
+    prior = prior_class(**state["prior_config"]).to(device)
+    prior.load_state_dict(state["model"])
+    return prior.eval(), state["history"]
+
+
 def write_json(path: str | Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -305,6 +317,32 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
     if env.is_main:
         print(f"[{name}] {total_steps} steps done in {progress.elapsed():.0f} s", flush=True)
     return history
+
+
+def image_vqvae_config(args, data_variance: float, **extra) -> vqvae.VQVAEConfig:
+    """The VQVAEConfig of an image or frame script's options (--hidden, --res-hidden, --res-layers
+    and the codebook's): RGB in, two stride-2 convolutions (4x fewer latents per side)."""
+    return vqvae.VQVAEConfig(
+        in_channels=3, hidden_channels=args.hidden, res_channels=args.res_hidden, num_res_layers=args.res_layers,
+        num_downsamples=2, num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
+        commitment_cost=args.beta, decay=args.decay, kmeans_init=args.kmeans_init,
+        dead_code_threshold=args.dead_code_threshold, data_variance=data_variance, **extra)
+
+
+def train_vqvae(args, env: Env, config: vqvae.VQVAEConfig, batch):
+    """The VQ-VAE stage of the image and frame scripts: Adam at args.lr for args.steps steps on
+    batch(step) -> x (B, C, H, W), into --out/vqvae.pt. Returns (model, history or None if stopped)."""
+    model = vqvae.VQVAE(config).to(env.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+    def loss_fn(ddp, step):
+        out = ddp(batch(step))
+        return out.loss, vq_metrics(out)
+
+    history = run_loop("vqvae", model, optimizer, loss_fn, args.out / "vqvae.pt", args.steps, args, env,
+                       {"config": dataclasses.asdict(config)})
+    check_replicas_equal("codebook", model.quantizer.codebook)
+    return model, history
 
 
 # ----------------------------------------------------------------------------- figures
