@@ -11,7 +11,7 @@ the true actions, with shuffled actions (another sequence's), and copying the la
 Everything lands in --out: vqvae.pt, prior.pt, codes.pt, metrics.json, *.png and *.gif.
 
     pip install vizdoom==1.3.2          # optional dependency: the engine, Freedoom and the scenarios
-    python train_video.py               # quick preset: about 30 min on 2 CPU cores
+    python train_video.py               # quick preset: about 42 min on one CPU core
     python train_video.py --preset paper    # larger model, more data and steps: a GPU job
 """
 from __future__ import annotations
@@ -36,8 +36,9 @@ GIVEN, GENERATED = 6, 10                        # the paper's protocol: 6 real f
 
 # Each preset sets the defaults of the options below; any option on the command line wins.
 PRESETS = {
-    # About 30 min on 2 CPU cores: 9.6k frames, a small frame VQ-VAE, and a prior whose
-    # autoregressive part is small so that sampling 21x21 codes per frame takes seconds.
+    # About 42 min on one CPU core (collection 1, VQ-VAE 7, prior 21, eval 13 min): 9.6k training
+    # frames, a small frame VQ-VAE, and a prior whose autoregressive part (441 passes per frame)
+    # is small: sampling 2 x 48 videos of 10 frames takes 13 min, not hours.
     "quick": dict(episodes=48, episode_length=200, test_episodes=16, hidden=64, res_hidden=32, res_layers=2,
                   embedding_dim=64, num_embeddings=512, decay=0.99, beta=0.25, kmeans_init=True,
                   dead_code_threshold=0.1, lr=1e-3, batch_size=16, steps=2000, context_frames=4,
@@ -55,7 +56,7 @@ PRESETS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="quick",
-                   help="quick (default): about 30 min on 2 CPU cores; paper: a GPU job")
+                   help="quick (default): about 42 min on one CPU core; paper: a GPU job")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="where collected episodes are cached")
     training.add_run_arguments(p, "collect,vqvae,prior,eval", log_every=50, checkpoint_every=500)
     g = p.add_argument_group("environment (defaults from --preset)")
