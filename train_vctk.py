@@ -630,6 +630,9 @@ def main(argv=None) -> None:
         classifiers.load_state_dict(state["model"])
         histories["classifiers"] = state["history"]
 
+    # Evaluation runs in the main process alone: end the process group first, so that nothing in it
+    # (the k-means fit of the random-encoder probe broadcasts in a group) waits for the other ranks.
+    training.teardown()
     if "eval" in args.stages and env.is_main:
         t2 = time.perf_counter()
         metrics = evaluate(args, env, model, classifiers, data)
