@@ -483,7 +483,6 @@ def evaluate(args, env, model, classifiers, data: Speech):
     out, rate, test, device = args.out, data.sample_rate, data.test, env.device
     metrics, S = {}, len(data.speakers)
     length = clip_length(args, data)
-    # Classifiers on all real test clips: how well they work before they judge generated audio.
     # Classifiers on all real test clips, clean and with white noise 10 dB below them: how well they
     # work, and how well through noise, before they judge generated audio.
     real = fixed_length(test.audio, length)
