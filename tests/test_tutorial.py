@@ -20,7 +20,7 @@ def blocks(doc: str, lang: str) -> list[str]:
 def commands(doc: str) -> list[list[str]]:
     out = []
     for block in blocks(doc, "bash"):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # join continued lines
             for part in line.split("&&"):
                 words = shlex.split(part.split("#")[0])
                 while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
@@ -46,7 +46,8 @@ def test_scripts_and_options_in_commands_exist(doc):
                 assert (ROOT / script).exists(), f"{doc}: {' '.join(words)}: {script} does not exist"
                 checked += 1
         if scripts and scripts[0].startswith("train_"):
-            for option in (w.split("=")[0] for w in words if w.startswith("--") and not w.startswith("--nproc")):
+            script_args = words[words.index(scripts[0]) + 1:]  # options before it belong to python/torchrun
+            for option in (w.split("=")[0] for w in script_args if w.startswith("--")):
                 assert option in help_text(scripts[0]), f"{doc}: {' '.join(words)}: no option {option}"
     assert checked > 0
 
