@@ -373,18 +373,17 @@ def train_classifiers(args, env, data: Speech):
             clf.mean.copy_(sample.mean((0, 2))[:, None])
             clf.std.copy_(sample.std((0, 2))[:, None])
     optimizer = torch.optim.Adam(classifiers.parameters(), lr=1e-3)
-    train, batch = data.train, min(32, len(data.train.audio))
+    train, batch = data.train, min(32, len(data.train.audio) // env.world_size)  # per process
 
     def loss_fn(model, step):
         idx = training.batch_indices(step, len(train.audio), batch, args.seed + 1, env).numpy()
         gen = crop_generator(args.seed + 1, step, env.rank)
         x = random_crops([train.audio[i] for i in idx], length, gen)
-        # White noise at a random level up to 0.1 x the clip's RMS, so that the classifiers judge
-        # generated audio (which has a noise floor) by its content rather than by its noise. Louder
-        # noise (0-30 dB below the clip) made them worse on clean clips and no better at hearing
-        # the digit in generated audio (of one model's conversions: 31% kept instead of 44%).
-        rms = x.pow(2).mean(1, keepdim=True).sqrt()
-        x = x + torch.randn(x.shape, generator=gen) * rms * 0.1 * torch.rand(len(x), 1, generator=gen)
+        # White noise at a random level up to 0.1 x the clip's RMS (20 dB or more below it), so that
+        # the classifiers judge generated audio (which has a noise floor) by its content rather than
+        # by its noise. Louder noise (0-30 dB below the clip) made them worse on clean clips and no
+        # better at hearing the digit in generated audio (of one model's conversions: 31% kept, not 44%).
+        x = add_white_noise(x, 20 - 20 * torch.rand(len(x), 1, generator=gen).log10(), gen)
         features = log_mel(x.to(env.device), data.sample_rate)
         labels = {"speaker": train.speaker[idx], "digit": None if train.digit is None else train.digit[idx]}
         losses = {f"{k}_loss": F.cross_entropy(logits, torch.from_numpy(labels[k]).to(env.device))

@@ -6,6 +6,7 @@ The real data is ../shared/data/fsdd (or $VQVAE_FSDD).
 import json
 import math
 import os
+import subprocess
 import sys
 import wave
 from pathlib import Path
@@ -236,3 +237,17 @@ def test_cosine_schedule_sets_the_learning_rate_from_the_step(tmp_path, fsdd):
     # the last step taken is step 2 of 3: lr = 1e-3 * (1 + cos(2 pi / 3)) / 2 = 2.5e-4
     lr = training.load_checkpoint(out / "vqvae.pt")["optimizer"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(2.5e-4, rel=1e-12)
+
+
+def test_torchrun_two_processes_train_every_stage_and_evaluate_on_rank_0(tmp_path, fsdd):
+    # Evaluation runs on rank 0 alone after the others have left: nothing in it may wait for them
+    # (the random-encoder probe's k-means once broadcast in the process group and crashed here).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train_vctk.py"), "--data", str(fsdd), "--out", str(tmp_path / "ddp"), *TINY,
+           "--steps", "2", "--clf-steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "codebook identical on all 2 processes" in result.stdout
+    report = json.loads((tmp_path / "ddp/metrics.json").read_text())
+    assert report["world_size"] == 2 and 0 <= report["metrics"]["phone_accuracy_random_encoder_kmeans"] <= 1
