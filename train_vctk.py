@@ -3,11 +3,14 @@
 Stages, each resumable: (1) vqvae: train the audio VQ-VAE (64x downsampling encoder, K = 512,
 WaveNet decoder conditioned on the codes and the speaker) on random fixed-length crops;
 (2) classifiers: a speaker and a digit classifier on log-mel features of real training clips;
-(3) eval: teacher-forced test loss, reconstructions and speaker conversions generated with the
+(3) prior: a second WaveNet over the codes of the first --clip-seconds of each training clip,
+conditioned on the speaker (the paper's prior for unconditional speech);
+(4) eval: teacher-forced test loss, reconstructions and speaker conversions generated with the
 WaveNet (WAV files and spectrograms), the classifiers applied to them, and the phone probe of the
 paper (each code mapped to its most frequent aligned phone; frame accuracy on test clips) against
-the same probe on a randomly initialised encoder and the majority phone. Everything lands in
---out: vqvae.pt, classifiers.pt, metrics.json, *.png and audio/*.wav.
+the same probe on a randomly initialised encoder and the majority phone; with a prior, its test
+bits per code and samples from it (codes sampled, then decoded), judged by the classifiers.
+Everything lands in --out: vqvae.pt, classifiers.pt, prior.pt, metrics.json, *.png, audio/*.wav.
 
     python train_vctk.py --data ../shared/data/fsdd     # quick preset on FSDD (8 kHz digits)
     python train_vctk.py --data ../shared/data/fsdd --preset long   # 4x the steps: 85 min on one core
@@ -48,7 +51,8 @@ PRESETS = {
     "quick": dict(hidden=64, res_hidden=32, res_layers=1, embedding_dim=64, num_embeddings=512, decay=0.99,
                   beta=0.25, kmeans_init=True, dead_code_threshold=0.1, wavenet_channels=32, skip_channels=64,
                   wavenet_layers=10, dilation_cycle=10, crop=2048, batch_size=8, steps=3000, lr=1e-3,
-                  lr_schedule="constant", clf_steps=1000),
+                  lr_schedule="constant", clf_steps=1000, prior_channels=64, prior_layers=12, prior_cycle=6,
+                  prior_steps=1000, prior_batch_size=32),
     # Sec. 4.3 gives the encoder (6 stride-2 convolutions of window 4) and K = 512; the WaveNet's
     # size and the optimisation are not given: 30 layers in 3 cycles of dilations 1..512 and
     # 1 s crops are a common WaveNet setting. A GPU job. If the codebook collapses (see quick),
@@ -56,12 +60,13 @@ PRESETS = {
     "paper": dict(hidden=256, res_hidden=256, res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99,
                   beta=0.25, kmeans_init=False, dead_code_threshold=None, wavenet_channels=128, skip_channels=256,
                   wavenet_layers=30, dilation_cycle=10, crop=16384, batch_size=16, steps=200_000, lr=2e-4,
-                  lr_schedule="constant", clf_steps=2000),
+                  lr_schedule="constant", clf_steps=2000, prior_channels=256, prior_layers=20, prior_cycle=10,
+                  prior_steps=100_000, prior_batch_size=32),
 }
 # quick trained 4x longer, with better classifiers (95% on real test digits instead of 85%).
 # Measured: 85 min on one core (the other busy): phone probe 40.5% (3.4x the random encoder),
 # target speaker 62.5%, digit kept 39.6%.
-PRESETS["long"] = {**PRESETS["quick"], "steps": 12_000, "clf_steps": 3000}
+PRESETS["long"] = {**PRESETS["quick"], "steps": 12_000, "clf_steps": 3000, "prior_steps": 2000}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an FSDD checkout (recordings/*.wav, alignments.tsv) or a VCTK folder "
                         f"(wav48/ of 0.80 or wav48_silence_trimmed/ of 0.92; from {VCTK_URL})")
     p.add_argument("--sample-rate", type=int, default=16000, help="VCTK is resampled from 48 kHz to this")
-    training.add_run_arguments(p, "vqvae,classifiers,eval", log_every=50, checkpoint_every=500)
+    training.add_run_arguments(p, "vqvae,classifiers,prior,eval", log_every=50, checkpoint_every=500)
     p.add_argument("--max-train-clips", type=int, default=None, help="a seeded random subset, for tests")
     p.add_argument("--max-test-clips", type=int, default=None, help="a seeded random subset, for tests")
     p.add_argument("--max-clips-per-speaker", type=int, default=None, help="read at most this many (VCTK)")
@@ -96,6 +101,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help="cosine: the learning rate falls from --lr to 0 over --steps")
     g.add_argument("--clf-steps", type=int, help="steps of the log-mel classifiers (batch 32)")
+    g = p.add_argument_group("prior over codes: a WaveNet conditioned on the speaker (defaults from --preset)")
+    g.add_argument("--prior-channels", type=int, help="residual channels (skip channels are twice this)")
+    g.add_argument("--prior-layers", type=int)
+    g.add_argument("--prior-cycle", type=int, help="dilations 1, 2, ..., 2^(cycle-1), repeated")
+    g.add_argument("--prior-steps", type=int)
+    g.add_argument("--prior-batch-size", type=int, help="code sequences of --clip-seconds per step and process")
+    g.add_argument("--prior-lr", type=float, default=1e-3)
     args = training.parse_with_presets(p, PRESETS, argv, "speech")
     if args.crop % HOP:
         p.error(f"--crop must be a multiple of {HOP}")
@@ -395,6 +407,38 @@ def train_classifiers(args, env, data: Speech):
     return classifiers, history
 
 
+def clip_codes(model, clips: list[np.ndarray], length: int, device) -> torch.Tensor:
+    """(N, length / 64) codes of the first `length` samples of each clip (silence after its end)."""
+    return torch.from_numpy(np.stack(encode_clips(model, list(fixed_length(clips, length).numpy()), device)))
+
+
+def prior_config(args, model, num_speakers: int) -> dict:
+    return dict(cond_channels=0, num_speakers=num_speakers, channels=args.prior_channels,
+                skip_channels=2 * args.prior_channels, num_layers=args.prior_layers, cycle=args.prior_cycle,
+                num_classes=model.config.num_embeddings)
+
+
+def train_prior(args, env, model, vqvae_step: int, data: Speech):
+    """The prior p(z | speaker): a WaveNet over the codes of each training clip's first --clip-seconds."""
+    if (args.out / "prior.pt").exists():
+        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_step)
+    codes = clip_codes(model, data.train.audio, clip_length(args, data), env.device)
+    speaker = torch.from_numpy(data.train.speaker)
+    config = prior_config(args, model, len(data.speakers))
+    prior = vqvae.WaveNet(**config).to(env.device)
+    optimizer = torch.optim.Adam(prior.parameters(), lr=args.prior_lr)
+
+    def loss_fn(ddp, step):
+        idx = training.batch_indices(step, len(codes), args.prior_batch_size, args.seed + 2, env)
+        z = codes[idx].to(env.device)
+        loss = F.cross_entropy(ddp(z, None, speaker[idx].to(env.device)), z)   # nats per code
+        return loss, {"prior_loss": training.all_reduce_mean(loss).item()}
+
+    history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
+                                {"prior_config": config, "vqvae_step": vqvae_step})
+    return prior, history
+
+
 def add_white_noise(x: torch.Tensor, snr_db: torch.Tensor | float, generator: torch.Generator) -> torch.Tensor:
     """Waveforms (B, T) plus white noise snr_db (a float or (B, 1)) decibels below each one's mean power."""
     power = x.pow(2).mean(1, keepdim=True)
@@ -406,10 +450,15 @@ def clip_length(args, data: Speech) -> int:
 
 
 @torch.no_grad()
+def class_probs(classifiers, x: torch.Tensor, rate: int, length: int) -> dict[str, torch.Tensor]:
+    """Waveforms (B, T) -> (B, classes) probabilities per classifier, on the first `length` samples."""
+    x = F.pad(x, (0, max(0, length - x.shape[1])))[:, :length]
+    return {k: logits.softmax(1).cpu() for k, logits in classifiers.eval()(log_mel(x, rate)).items()}
+
+
 def classify(classifiers, x: torch.Tensor, rate: int, length: int) -> dict[str, np.ndarray]:
     """Waveforms (B, T) -> predicted class per classifier, on the first `length` samples."""
-    x = F.pad(x, (0, max(0, length - x.shape[1])))[:, :length]
-    return {k: logits.argmax(1).cpu().numpy() for k, logits in classifiers.eval()(log_mel(x, rate)).items()}
+    return {k: p.argmax(1).numpy() for k, p in class_probs(classifiers, x, rate, length).items()}
 
 
 @torch.no_grad()
@@ -487,8 +536,9 @@ def evaluate(args, env, model, classifiers, data: Speech):
     real = fixed_length(test.audio, length)
     labels = {"speaker": test.speaker, "digit": test.digit}
     for suffix, x in (("", real), ("_10db", add_white_noise(real, 10.0, torch.Generator().manual_seed(args.seed)))):
-        for k, pred in classify(classifiers, x.to(device), rate, length).items():
-            metrics[f"real_test_{k}_accuracy{suffix}"] = float((pred == labels[k]).mean())
+        for k, probs in class_probs(classifiers, x.to(device), rate, length).items():
+            metrics[f"real_test_{k}_accuracy{suffix}"] = float((probs.argmax(1).numpy() == labels[k]).mean())
+            metrics[f"real_test_{k}_confidence{suffix}"] = probs.max(1).values.mean().item()
     # Eval clips: the same number from every speaker, seeded; teacher-forced loss on all of them.
     rng = np.random.default_rng(args.seed)
     per_speaker = max(1, args.eval_clips // S)
@@ -513,7 +563,9 @@ def evaluate(args, env, model, classifiers, data: Speech):
     waves = vqvae.mu_law_decode(generated).cpu() * inside.repeat(2, 1)
     recon, converted = waves[:len(picks)], waves[len(picks):]
     original = vqvae.mu_law_decode(levels).cpu() * inside
-    pr, pc = classify(classifiers, recon.to(device), rate, length), classify(classifiers, converted.to(device), rate, length)
+    recon_probs = class_probs(classifiers, recon.to(device), rate, length)
+    pr = {k: p.argmax(1).numpy() for k, p in recon_probs.items()}
+    pc = classify(classifiers, converted.to(device), rate, length)
     src, tgt = source.cpu().numpy(), target.cpu().numpy()
     metrics["reconstruction_speaker_accuracy"] = float((pr["speaker"] == src).mean())
     metrics["conversion_target_speaker_rate"] = float((pc["speaker"] == tgt).mean())
@@ -521,6 +573,7 @@ def evaluate(args, env, model, classifiers, data: Speech):
     if "digit" in pr:
         metrics["reconstruction_digit_accuracy"] = float((pr["digit"] == test.digit[picks]).mean())
         metrics["conversion_digit_kept_rate"] = float((pc["digit"] == test.digit[picks]).mean())
+        metrics["reconstruction_digit_confidence"] = recon_probs["digit"].max(1).values.mean().item()
     metrics["num_eval_clips"], metrics["speaker_chance"] = len(picks), 1 / S
 
     # Files: WAVs of the first clips of different speakers, spectrograms.
@@ -545,6 +598,41 @@ def evaluate(args, env, model, classifiers, data: Speech):
         for k, v in random_encoder_probes(args, data, model.config, device).items():
             metrics[f"phone_accuracy_{k}"] = v
         plot_code_phone(out / "code_phone.png", probe)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_prior(args, env, model, prior, classifiers, data: Speech) -> dict:
+    """The prior's test bits per code (against the codes' unigram frequencies), and samples from it:
+    codes sampled for each speaker, decoded by the VQ-VAE's WaveNet, judged by the classifiers."""
+    device, rate, length, S = env.device, data.sample_rate, clip_length(args, data), len(data.speakers)
+    K, metrics = model.config.num_embeddings, {}
+    test = clip_codes(model, data.test.audio, length, device)
+    speaker = torch.from_numpy(data.test.speaker)
+    nats = sum(F.cross_entropy(prior(test[i:i + 64].to(device), None, speaker[i:i + 64].to(device)),
+                               test[i:i + 64].to(device), reduction="sum").item() for i in range(0, len(test), 64))
+    metrics["prior_test_bits_per_code"] = nats / test.numel() / math.log(2)
+    unigram = torch.bincount(clip_codes(model, data.train.audio, length, device).flatten(), minlength=K) + 1.0
+    metrics["unigram_test_bits_per_code"] = -(unigram / unigram.sum()).log2()[test].mean().item()
+
+    per_speaker = max(1, args.eval_clips // S)
+    print(f"[eval] sampling {per_speaker * S} code sequences from the prior and decoding them", flush=True)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    who = torch.arange(S, device=device).repeat_interleave(per_speaker)
+    codes = prior.generate(None, who, generator=gen, temperature=args.temperature, length=length // HOP)
+    waves = vqvae.mu_law_decode(model.generate(codes, who, generator=gen, temperature=args.temperature)).cpu()
+    probs = class_probs(classifiers, waves.to(device), rate, length)
+    metrics["prior_sample_speaker_rate"] = float((probs["speaker"].argmax(1) == who.cpu()).float().mean())
+    if "digit" in probs:  # how sure the digit classifier is (mean top probability): low on babble
+        metrics["prior_sample_digit_confidence"] = probs["digit"].max(1).values.mean().item()
+    metrics["num_prior_samples"] = len(codes)
+
+    firsts = list(range(0, len(codes), per_speaker))
+    for s, j in enumerate(firsts[:args.wav_clips]):
+        write_wav(args.out / "audio" / f"prior_sample_{data.speakers[s]}.wav", waves[j].numpy(), rate)
+    rows = [(data.speakers[s], [(f"sample {k + 1}", waves[j + k]) for k in range(min(3, per_speaker))])
+            for s, j in enumerate(firsts[:4])]
+    plot_spectrograms(args.out / "prior_samples.png", rows, rate, "samples of the prior: codes sampled, then decoded")
     return metrics
 
 
@@ -611,6 +699,7 @@ def main(argv=None) -> None:
         timings["vqvae_seconds"] = time.perf_counter() - t0
     model, state = training.load_model(args.out / "vqvae.pt", vqvae.AudioVQVAE, vqvae.AudioVQVAEConfig, env.device)
     histories["vqvae"] = state["history"]
+    vqvae_step = state["step"]
     if state["speakers"] != data.speakers:
         raise SystemExit(f"{args.out}/vqvae.pt was trained on other speakers: {state['speakers']}")
 
@@ -628,12 +717,25 @@ def main(argv=None) -> None:
         classifiers.load_state_dict(state["model"])
         histories["classifiers"] = state["history"]
 
+    prior = None
+    if "prior" in args.stages:
+        t1 = time.perf_counter()
+        prior, histories["prior"] = train_prior(args, env, model, vqvae_step, data)
+        if histories["prior"] is None:
+            return training.teardown()
+        timings["prior_seconds"] = time.perf_counter() - t1
+    elif "eval" in args.stages and (args.out / "prior.pt").exists():
+        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae.WaveNet, vqvae_step, env.device)
+
     # Evaluation runs in the main process alone: end the process group first, so that nothing in it
     # (the k-means fit of the random-encoder probe broadcasts in a group) waits for the other ranks.
     training.teardown()
     if "eval" in args.stages and env.is_main:
         t2 = time.perf_counter()
         metrics = evaluate(args, env, model, classifiers, data)
+        if prior is not None:
+            metrics.update(evaluate_prior(args, env, model, prior.eval(), classifiers, data))
+            training.plot_history(args.out / "prior_curves.png", histories["prior"], ["prior_loss"], "speech prior training")
         training.plot_history(args.out / "vqvae_curves.png", histories["vqvae"],
                               ["loss", "recon_loss", "commitment_loss", "perplexity"], "audio VQ-VAE training")
         timings["eval_seconds"] = time.perf_counter() - t2

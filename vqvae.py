@@ -11,11 +11,12 @@ the loss (Eq. 3) trains decoder, encoder and codebook:
     L = log p(x|z_q(x)) + ||sg[z_e(x)] - e||^2 + beta * ||z_e(x) - sg[e]||^2
 
 Reading order, smallest part first: nearest_code (Eq. 1), VectorQuantizer (Eq. 2, 3 and the EMA
-codebook of Appendix A.1), Encoder/Decoder, VQVAE, the speech model (mu-law, WaveNet decoder,
-AudioVQVAE; Sec. 4.3), GatedPixelCNN (the prior over codes), ActionConditionalPrior (video;
-Sec. 4.4), bits_per_dim. Everything runs in pure PyTorch; when the optional compiled extension
-`vqvae_ext` (built from csrc/ by setup.py) is importable, the nearest-neighbour search and the
-EMA statistics use it instead and give the same results. This file imports nothing else of the project.
+codebook of Appendix A.1), Encoder/Decoder, VQVAE, the speech model (mu-law, the WaveNet decoder,
+also the prior over speech codes, AudioVQVAE; Sec. 4.3), GatedPixelCNN (the prior over image
+codes), ActionConditionalPrior (video; Sec. 4.4), bits_per_dim. Everything runs in pure
+PyTorch; when the optional compiled extension `vqvae_ext` (built from csrc/ by setup.py) is
+importable, the nearest-neighbour search and the EMA statistics use it instead and give the same
+results. This file imports nothing else of the project.
 
 Layout conventions: tensors are channel-first, (B, C, *spatial) with 1, 2 or 3 spatial dims
 (audio, images, video); the codebook is (K, D) as in nn.Embedding; K = num_embeddings,
@@ -471,40 +472,56 @@ def _gate(x: torch.Tensor) -> torch.Tensor:
 
 
 class WaveNet(nn.Module):
-    """p(x_t | x_<t, z_q, s): 256-way logits per sample (WaveNet, Sec. 2).
+    """p(x_t | x_<t, z_q, s): num_classes logits per step (WaveNet, Sec. 2).
 
     Layer i (WaveNet Eq. 2 with local and global conditioning):
         z = tanh(W_f * x + V_f c + U_f s) . sigmoid(W_g * x + V_g c + U_g s)
         x <- x + 1x1(z) (residual), skip <- skip + 1x1(z)
     where W * x is a causal convolution of window 2 and dilation 2^(i mod cycle), c is z_q repeated
     `hop` times along time (each code covers hop samples) and s a learnt speaker embedding.
-    Example: levels (4, 4096), z_q (4, 64, 64), speaker (4,) -> logits (4, 256, 4096).
+    The decoder: 256 mu-law levels, conditioned on z_q. Example: levels (4, 4096), z_q (4, 64, 64),
+    speaker (4,) -> logits (4, 256, 4096).
+    The prior over speech codes ("another WaveNet on top of these latents", the authors' samples
+    page for Sec. 4.3): num_classes = K and cond_channels = 0, no local conditioning (z_q = None).
+    Example: codes (4, 125), speaker (4,) -> logits (4, 512, 125).
+    The input before the first step is class num_classes // 2 (level 128: silence).
     """
 
     def __init__(self, cond_channels: int, num_speakers: int, hop: int = 64, channels: int = 64,
-                 skip_channels: int = 64, num_layers: int = 10, cycle: int = 10):
+                 skip_channels: int = 64, num_layers: int = 10, cycle: int = 10, num_classes: int = 256):
         super().__init__()
-        self.hop, self.channels, self.skip_channels = hop, channels, skip_channels
+        self.hop = hop if cond_channels else 1
+        self.channels, self.skip_channels, self.num_classes = channels, skip_channels, num_classes
         self.dilations = [2 ** (i % cycle) for i in range(num_layers)]
-        self.embed = nn.Embedding(256, channels)                                 # x_{t-1}
+        self.embed = nn.Embedding(num_classes, channels)                         # x_{t-1}
         self.dilated = nn.ModuleList(nn.Conv1d(channels, 2 * channels, 2, dilation=d) for d in self.dilations)
-        self.cond = nn.Conv1d(cond_channels, num_layers * 2 * channels, 1)      # V_f, V_g of all layers
+        self.cond = nn.Conv1d(cond_channels, num_layers * 2 * channels, 1) if cond_channels else None  # V_f, V_g
         self.speaker = nn.Embedding(num_speakers, num_layers * 2 * channels)     # U_f s, U_g s
         self.res_skip = nn.ModuleList(nn.Conv1d(channels, channels + skip_channels, 1) for _ in self.dilations)
         self.head = nn.Sequential(nn.ReLU(), nn.Conv1d(skip_channels, skip_channels, 1), nn.ReLU(),
-                                  nn.Conv1d(skip_channels, 256, 1))
+                                  nn.Conv1d(skip_channels, num_classes, 1))
 
-    def _conditioning(self, z_q: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
-        c = self.cond(z_q) + self.speaker(speaker)[:, :, None]                 # (B, L*2C, T'), code rate
-        return c.unflatten(1, (len(self.dilations), 2 * self.channels))       # (B, L, 2C, T')
+    def _conditioning(self, z_q: torch.Tensor | None, speaker: torch.Tensor, frames: int) -> torch.Tensor:
+        """(B, L, 2C, frames): V c + U s of every layer at the rate of the codes (hop steps each)."""
+        _check(speaker.dim() == 1 and not speaker.is_floating_point(), "speaker", "an integer (B,) tensor", speaker)
+        c = self.speaker(speaker)[:, :, None]                                  # (B, L*2C, 1)
+        if (z_q is None) != (self.cond is None):
+            raise ValueError("z_q: pass it exactly when the WaveNet has local conditioning (cond_channels > 0)")
+        if z_q is None:
+            c = c.expand(-1, -1, frames)
+        else:
+            _check(z_q.dim() == 3 and z_q.shape[1] == self.cond.in_channels, "z_q",
+                   f"a (B, {self.cond.in_channels}, T') tensor", z_q)
+            c = c + self.cond(z_q)
+        return c.unflatten(1, (len(self.dilations), 2 * self.channels))       # (B, L, 2C, frames)
 
-    def forward(self, levels: torch.Tensor, z_q: torch.Tensor, speaker: torch.Tensor) -> torch.Tensor:
-        """levels (B, T) int64 in [0, 256), z_q (B, D, T / hop), speaker (B,) -> logits (B, 256, T)."""
-        _check(levels.dim() == 2 and not levels.is_floating_point() and z_q.dim() == 3
-               and levels.shape[1] == z_q.shape[2] * self.hop, "levels", f"an integer (B, T) tensor "
-               f"with T = {self.hop} x z_q's {z_q.shape[-1]} steps", levels)
-        cond = self._conditioning(z_q, speaker)
-        h = self.embed(F.pad(levels, (1, -1), value=128)).transpose(1, 2)      # (B, C, T), x_{t-1}
+    def forward(self, x: torch.Tensor, z_q: torch.Tensor | None, speaker: torch.Tensor) -> torch.Tensor:
+        """x (B, T) int64 in [0, num_classes), z_q (B, D, T / hop) or None, speaker (B,)
+        -> logits (B, num_classes, T)."""
+        cond = self._conditioning(z_q, speaker, x.shape[-1] if z_q is None else z_q.shape[-1])
+        _check(x.dim() == 2 and not x.is_floating_point() and x.shape[1] == cond.shape[-1] * self.hop, "x",
+               f"an integer (B, T) tensor with T = {self.hop} x {cond.shape[-1]} conditioning steps", x)
+        h = self.embed(F.pad(x, (1, -1), value=self.num_classes // 2)).transpose(1, 2)  # (B, C, T), x_{t-1}
         skip = 0
         for i, d in enumerate(self.dilations):
             a = self.dilated[i](F.pad(h, (d, 0))) + cond[:, i].repeat_interleave(self.hop, -1)
@@ -513,26 +530,31 @@ class WaveNet(nn.Module):
         return self.head(skip)
 
     @torch.inference_mode()
-    def generate(self, z_q: torch.Tensor, speaker: torch.Tensor, generator: torch.Generator | None = None,
-                 greedy: bool = False, temperature: float = 1.0, return_logits: bool = False):
-        """Sample levels (B, hop * T') one at a time, the forward pass computed step by step.
+    def generate(self, z_q: torch.Tensor | None, speaker: torch.Tensor, generator: torch.Generator | None = None,
+                 greedy: bool = False, temperature: float = 1.0, return_logits: bool = False,
+                 length: int | None = None):
+        """Sample x (B, T) one step at a time, the forward pass computed step by step; T = hop * T'
+        with z_q (B, D, T'), else `length`.
 
         Fast WaveNet (T. L. Paine et al., arXiv:1611.09482): layer i keeps its last d_i inputs in a
         ring buffer, so a step costs one matrix product per layer instead of a pass over the whole
         receptive field. Teacher-forcing the samples through forward() gives the same logits.
         """
-        B, T, C = z_q.shape[0], z_q.shape[2] * self.hop, self.channels
+        if z_q is None and length is None:
+            raise ValueError("length: needed when there is no z_q to give the number of steps")
+        frames = length if z_q is None else z_q.shape[2]
+        B, T, C, device = speaker.shape[0], frames * self.hop, self.channels, speaker.device
         biases = torch.stack([conv.bias for conv in self.dilated])[None, :, :, None]
-        cond = self._conditioning(z_q, speaker) + biases                      # (B, L, 2C, T')
+        cond = self._conditioning(z_q, speaker, frames) + biases              # (B, L, 2C, T')
         # A window-2 dilated convolution is one product of [x_{t-d}, x_t] with (2C, 2C) weights.
         taps = [torch.cat([conv.weight[:, :, 0], conv.weight[:, :, 1]], 1).t() for conv in self.dilated]
         res = [(conv.weight[:C, :, 0].t(), conv.bias[:C]) for conv in self.res_skip]
         skip_w = torch.cat([conv.weight[C:, :, 0] for conv in self.res_skip], 1).t()   # (L*C, S)
         skip_b = sum(conv.bias[C:] for conv in self.res_skip)
-        buffers = [z_q.new_zeros(d, B, C) for d in self.dilations]            # x_{t-d} .. x_{t-1}
-        levels = torch.empty(B, T, dtype=torch.long, device=z_q.device)
-        logits_all = z_q.new_empty(B, 256, T) if return_logits else None
-        x = torch.full((B,), 128, dtype=torch.long, device=z_q.device)
+        buffers = [cond.new_zeros(d, B, C) for d in self.dilations]           # x_{t-d} .. x_{t-1}
+        out = torch.empty(B, T, dtype=torch.long, device=device)
+        logits_all = cond.new_empty(B, self.num_classes, T) if return_logits else None
+        x = torch.full((B,), self.num_classes // 2, dtype=torch.long, device=device)
         for t in range(T):
             h, gated, c = self.embed(x), [], cond[:, :, :, t // self.hop].unbind(1)  # (B, C), L x (B, 2C)
             for i, d in enumerate(self.dilations):
@@ -541,13 +563,13 @@ class WaveNet(nn.Module):
                 gated.append(torch.tanh(a[:, :C]) * torch.sigmoid(a[:, C:]))
                 h = torch.addmm(h + res[i][1], gated[-1], res[i][0])
             skip = torch.addmm(skip_b, torch.cat(gated, 1), skip_w)            # sum of all skips
-            logits = self.head(skip[:, :, None])[:, :, 0]                     # (B, 256)
+            logits = self.head(skip[:, :, None])[:, :, 0]                     # (B, num_classes)
             probs = (logits.float() / temperature).softmax(1)
             x = logits.argmax(1) if greedy else torch.multinomial(probs, 1, generator=generator)[:, 0]
-            levels[:, t] = x
+            out[:, t] = x
             if return_logits:
                 logits_all[:, :, t] = logits
-        return (levels, logits_all) if return_logits else levels
+        return (out, logits_all) if return_logits else out
 
 
 @dataclass

@@ -24,7 +24,8 @@ FSDD = Path(os.environ.get("VQVAE_FSDD", ROOT.parent / "shared/data/fsdd"))
 TINY = ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
         "--wavenet-channels", "8", "--skip-channels", "8", "--wavenet-layers", "3", "--crop", "256",
         "--max-train-clips", "60", "--max-test-clips", "36", "--eval-clips", "6", "--wav-clips", "2",
-        "--clip-seconds", "0.25", "--log-every", "1", "--seed", "3"]
+        "--clip-seconds", "0.25", "--log-every", "1", "--seed", "3",
+        "--prior-channels", "8", "--prior-layers", "3", "--prior-cycle", "3", "--prior-steps", "2", "--prior-batch-size", "4"]
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +42,17 @@ def fsdd():
     return FSDD
 
 
-def tiny_wavenet(**kw):
-    return vqvae.WaveNet(cond_channels=6, num_speakers=3, hop=4, channels=8, skip_channels=16, num_layers=5, cycle=3, **kw)
+def tiny_wavenet(local: bool = True):
+    """The decoder (256 levels, conditioned on z_q with 6 channels, hop 4), or else a prior over 32 codes."""
+    return vqvae.WaveNet(cond_channels=6 if local else 0, num_speakers=3, hop=4, channels=8, skip_channels=16,
+                         num_layers=5, cycle=3, num_classes=256 if local else 32)
+
+
+def conditioning(net, batch: int, steps: int):
+    """(z_q or None, generate() keywords) for `steps` output steps of tiny_wavenet."""
+    if net.cond is None:
+        return None, {"length": steps}
+    return torch.randn(batch, 6, steps // 4, dtype=net.embed.weight.dtype), {}
 
 
 # ----------------------------------------------------------------------------- model
@@ -64,35 +74,49 @@ def test_wavenet_gives_256_logits_per_sample_and_checks_lengths():
     assert logits.shape == (2, 256, 24)
     with pytest.raises(ValueError, match="T = 4 x"):
         net(torch.randint(0, 256, (2, 23)), torch.randn(2, 6, 6), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="z_q: pass it exactly"):
+        net(torch.randint(0, 256, (2, 24)), None, torch.tensor([0, 2]))
 
 
-def test_wavenet_output_at_t_gets_no_gradient_from_inputs_at_or_after_t():
-    net = tiny_wavenet()
+def test_wavenet_prior_over_codes_gives_k_logits_per_code_without_z_q():
+    prior = tiny_wavenet(local=False)
+    assert prior(torch.randint(0, 32, (2, 23)), None, torch.tensor([0, 2])).shape == (2, 32, 23)
+    with pytest.raises(ValueError, match="z_q: pass it exactly"):
+        prior(torch.randint(0, 32, (2, 24)), torch.randn(2, 6, 6), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="length"):
+        prior.generate(None, torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["decoder", "prior"])
+def test_wavenet_output_at_t_gets_no_gradient_from_inputs_at_or_after_t(local):
+    net = tiny_wavenet(local)
     captured = []
 
     def keep(module, inputs, output):  # the embedded inputs x_{t-1}, (B, T, C)
         output.retain_grad()
         captured.append(output)
     net.embed.register_forward_hook(keep)
-    levels = torch.randint(0, 256, (1, 40))
+    levels = torch.randint(0, net.num_classes, (1, 40))
+    z_q = conditioning(net, 1, 40)[0]
     for t in [0, 7, 21, 39]:
         captured.clear()
-        net(levels, torch.randn(1, 6, 10), torch.tensor([1]))[0, :, t].logsumexp(0).backward()
+        net(levels, z_q, torch.tensor([1]))[0, :, t].logsumexp(0).backward()
         # embedded position s holds x_{s-1}: x_<t is positions <= t, x_>=t is positions > t
         grad = captured[0].grad[0].abs().sum(1)
         assert grad[t + 1:].eq(0).all(), t
         assert grad[t] > 0, t  # x_{t-1} matters (receptive field 1 + 1 + 2 + 4 + 1 + 2 samples)
 
 
-def test_incremental_generation_equals_the_teacher_forced_forward_pass():
-    net = tiny_wavenet().double()
-    z_q, speaker = torch.randn(2, 6, 9, dtype=torch.double), torch.tensor([2, 0])
-    levels, logits = net.generate(z_q, speaker, generator=torch.Generator().manual_seed(5), return_logits=True)
+@pytest.mark.parametrize("local", [True, False], ids=["decoder", "prior"])
+def test_incremental_generation_equals_the_teacher_forced_forward_pass(local):
+    net = tiny_wavenet(local).double()
+    (z_q, kw), speaker = conditioning(net, 2, 36), torch.tensor([2, 0])
+    levels, logits = net.generate(z_q, speaker, generator=torch.Generator().manual_seed(5), return_logits=True, **kw)
     assert levels.shape == (2, 36) and levels.dtype == torch.int64
     torch.testing.assert_close(logits, net(levels, z_q, speaker), rtol=1e-12, atol=1e-12)  # step by step
-    again = net.generate(z_q, speaker, generator=torch.Generator().manual_seed(5))
+    again = net.generate(z_q, speaker, generator=torch.Generator().manual_seed(5), **kw)
     assert torch.equal(again, levels)  # a seeded generator repeats the samples
-    greedy, logits = net.generate(z_q, speaker, greedy=True, return_logits=True)
+    greedy, logits = net.generate(z_q, speaker, greedy=True, return_logits=True, **kw)
     full = net(greedy, z_q, speaker)
     torch.testing.assert_close(logits, full, rtol=1e-12, atol=1e-12)
     assert torch.equal(full.argmax(1), greedy)
@@ -209,12 +233,15 @@ def test_all_stages_write_checkpoints_metrics_audio_and_figures(tmp_path, fsdd):
     for key in ["real_test_speaker_accuracy", "real_test_digit_accuracy", "real_test_digit_accuracy_10db",
                 "reconstruction_speaker_accuracy",
                 "conversion_target_speaker_rate", "conversion_digit_kept_rate", "phone_accuracy",
-                "phone_majority_accuracy", "phone_accuracy_random_encoder", "phone_accuracy_random_encoder_kmeans"]:
+                "phone_majority_accuracy", "phone_accuracy_random_encoder", "phone_accuracy_random_encoder_kmeans",
+                "prior_sample_speaker_rate", "prior_sample_digit_confidence", "real_test_digit_confidence"]:
         assert 0 <= m[key] <= 1, key
-    for name in ["reconstructions", "conversion", "code_phone", "vqvae_curves"]:
+    assert 0 < m["prior_test_bits_per_code"] < 12 and 0 < m["unigram_test_bits_per_code"] < 12
+    assert m["num_prior_samples"] == 6
+    for name in ["reconstructions", "conversion", "code_phone", "vqvae_curves", "prior_samples", "prior_curves"]:
         assert (out / f"{name}.png").stat().st_size > 1000, name
     wavs = sorted((out / "audio").glob("*.wav"))
-    assert len(wavs) == 6 and sum("_as_" in w.name for w in wavs) == 2
+    assert len(wavs) == 8 and sum("_as_" in w.name for w in wavs) == 2 and sum("prior_" in w.name for w in wavs) == 2
     with wave.open(str(wavs[0])) as w:
         assert w.getframerate() == 8000 and w.getnframes() > 100
     assert len(training.load_checkpoint(out / "vqvae.pt")["history"]["step"]) == 3
@@ -251,3 +278,11 @@ def test_torchrun_two_processes_train_every_stage_and_evaluate_on_rank_0(tmp_pat
     assert "codebook identical on all 2 processes" in result.stdout
     report = json.loads((tmp_path / "ddp/metrics.json").read_text())
     assert report["world_size"] == 2 and 0 <= report["metrics"]["phone_accuracy_random_encoder_kmeans"] <= 1
+
+
+def test_prior_of_an_earlier_vqvae_is_refused(tmp_path, fsdd):
+    out = run(tmp_path / "stale", "--steps", "2", "--stages", "vqvae,prior")
+    assert training.load_checkpoint(out / "prior.pt")["vqvae_step"] == 2
+    run(out, "--steps", "3", "--stages", "vqvae", "--resume")
+    with pytest.raises(SystemExit, match="delete prior.pt"):
+        run(out, "--steps", "3", "--stages", "prior", "--resume")
