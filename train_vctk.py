@@ -85,7 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-clips", type=int, default=120, help="test clips reconstructed and converted (the same number per speaker)")
     p.add_argument("--wav-clips", type=int, default=6, help="of those, how many are written as WAV files")
     p.add_argument("--clip-seconds", type=float, default=1.0, help="classifier input length (longer clips are cut)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the WaveNet in eval")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature of the WaveNets (decoder and prior) in eval")
     g = p.add_argument_group("audio VQ-VAE (defaults from --preset)")
     g.add_argument("--hidden", type=int, help="encoder hidden units")
     g.add_argument("--res-hidden", type=int, help="hidden units inside the encoder's residual blocks")
