@@ -82,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-train-clips", type=int, default=None, help="a seeded random subset, for tests")
     p.add_argument("--max-test-clips", type=int, default=None, help="a seeded random subset, for tests")
     p.add_argument("--max-clips-per-speaker", type=int, default=None, help="read at most this many (VCTK)")
-    p.add_argument("--eval-clips", type=int, default=120, help="test clips reconstructed and converted (the same number per speaker)")
+    p.add_argument("--eval-clips", type=int, default=120,
+                   help="test clips reconstructed and converted (the same number per speaker); prior samples")
     p.add_argument("--wav-clips", type=int, default=6, help="of those, how many are written as WAV files")
     p.add_argument("--clip-seconds", type=float, default=1.0, help="classifier input length (longer clips are cut)")
     p.add_argument("--temperature", type=float, default=1.0,
@@ -737,7 +738,8 @@ def main(argv=None) -> None:
         metrics = evaluate(args, env, model, classifiers, data)
         if prior is not None:
             metrics.update(evaluate_prior(args, env, model, prior.eval(), classifiers, data))
-            training.plot_history(args.out / "prior_curves.png", histories["prior"], ["prior_loss"], "speech prior training")
+            training.plot_history(args.out / "prior_curves.png", histories["prior"], ["prior_loss"],
+                                  "speech prior training")
         training.plot_history(args.out / "vqvae_curves.png", histories["vqvae"],
                               ["loss", "recon_loss", "commitment_loss", "perplexity"], "audio VQ-VAE training")
         timings["eval_seconds"] = time.perf_counter() - t2
