@@ -15,8 +15,9 @@ codebook of Appendix A.1), Encoder/Decoder, VQVAE, the speech model (mu-law, the
 also the prior over speech codes, AudioVQVAE; Sec. 4.3), GatedPixelCNN (the prior over image
 codes), ActionConditionalPrior (video; Sec. 4.4), bits_per_dim. Everything runs in pure
 PyTorch; when the optional compiled extension `vqvae_ext` (built from csrc/ by setup.py) is
-importable, the nearest-neighbour search and the EMA statistics use it instead and give the same
-results. This file imports nothing else of the project.
+importable and runs on the tensors' device (quantizer_backend), the nearest-neighbour search and
+the EMA statistics use its operators instead and give the same results. This file imports nothing
+else of the project.
 
 Layout conventions: tensors are channel-first, (B, C, *spatial) with 1, 2 or 3 spatial dims
 (audio, images, video); the codebook is (K, D) as in nn.Embedding; K = num_embeddings,
@@ -25,6 +26,7 @@ D = embedding_dim.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -33,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # optional accelerator, see csrc/ and setup.py
+try:  # optional accelerator, see csrc/ and setup.py; importing it registers torch.ops.vqvae_ext
     import vqvae_ext
 except ImportError:
     vqvae_ext = None
@@ -48,11 +50,80 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def cuda_code_runs_on(archs: list[str], capability: tuple[int, int]) -> bool:
+    """Whether CUDA code built for `archs` runs on a GPU of compute capability (major, minor).
+
+    archs as vqvae_ext.build_info() lists them: "sm_86" is binary code, which runs on GPUs of the
+    same major version and an equal or newer minor one ("sm_90a" only on 9.0 exactly);
+    "compute_90" is PTX, which the driver compiles for any GPU of capability 9.0 or newer.
+    """
+    for arch in archs:
+        kind, _, number = arch.partition("_")
+        digits = number.rstrip("af")
+        major, minor, suffix = int(digits[:-1]), int(digits[-1]), number[len(digits):]
+        if suffix == "a":
+            runs = capability == (major, minor)
+        elif kind == "sm":
+            runs = capability[0] == major and capability[1] >= minor
+        else:
+            runs = capability >= (major, minor)
+        if runs:
+            return True
+    return False
+
+
+_backends: dict[tuple[str, int | None], str] = {}
+
+
+def quantizer_backend(device: torch.device | str) -> str:
+    """What runs the nearest-code search and the EMA statistics on `device`.
+
+    Returns "extension: CPU", "extension: CUDA sm_XY" (the GPU's architecture, which the
+    extension holds code for) or "PyTorch". The first PyTorch answer for a CUDA device where the
+    extension is installed warns once, saying why (no CUDA kernels built, or none for this GPU).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
+    if key not in _backends:
+        _backends[key] = _find_backend(device)
+    return _backends[key]
+
+
+def _find_backend(device: torch.device) -> str:
+    if vqvae_ext is None or device.type not in ("cpu", "cuda"):
+        return "PyTorch"
+    if device.type == "cpu":
+        return "extension: CPU"
+    info = vqvae_ext.build_info()
+    capability = torch.cuda.get_device_capability(device)
+    arch = f"sm_{capability[0]}{capability[1]}"
+    if info["cuda"] and cuda_code_runs_on(info["cuda_archs"], capability):
+        return f"extension: CUDA {arch}"
+    why = (f"it holds CUDA code for {', '.join(info['cuda_archs'])} only" if info["cuda"] else
+           f"it was built without CUDA kernels ({info['cuda_skipped'] or 'torch had no CUDA'})")
+    warnings.warn(f"vqvae_ext cannot run on {device} ({arch}): {why}. The quantizer uses PyTorch there; "
+                  "reinstall with `pip install --no-build-isolation -e .` on this machine to build for it.")
+    return "PyTorch"
+
+
 def _extension_supports(z: torch.Tensor) -> bool:
-    """Whether vqvae_ext is built for z: float32/64 on the CPU, any float on CUDA if compiled in."""
-    if vqvae_ext is None:
+    """Whether vqvae_ext runs for z: float32/64 on the CPU, any float on a GPU it was built for."""
+    if z.device.type == "cpu" and z.dtype not in (torch.float32, torch.float64):
         return False
-    return z.dtype in (torch.float32, torch.float64) if z.device.type == "cpu" else z.is_cuda and vqvae_ext.has_cuda()
+    return quantizer_backend(z.device) != "PyTorch"
+
+
+def _check_finite(z: torch.Tensor, codebook: torch.Tensor) -> None:
+    """ValueError for NaN/Inf in eager CPU code. On a GPU or under torch.compile the check must not
+    wait for the device: it is an asynchronous assert, which fails at the next synchronisation."""
+    if z.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not (torch.isfinite(z).all() and torch.isfinite(codebook).all()):
+            raise ValueError("nearest_code: z or codebook contains NaN or Inf")
+    else:
+        torch._assert_async(torch.isfinite(z).all() & torch.isfinite(codebook).all(),
+                            "nearest_code: z or codebook contains NaN or Inf")
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,35 +135,35 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto")
 
     Args:
         z: (N, D) floating latents. codebook: (K, D), same dtype and device.
-        backend: "auto" (the compiled extension when it is built for z's device, else PyTorch),
-            "torch" or "extension".
+        backend: "auto" (the compiled extension where it runs on z's device, see
+            quantizer_backend, else PyTorch), "torch" or "extension".
     Returns:
         (N,) int64 indices. Ties go to the lowest index, as torch.argmin. Distances are computed as
         ||e_k||^2 - 2 <z, e_k> (||z||^2 is the same for every k), in z's precision.
     Raises:
-        ValueError on wrong ranks, a D mismatch, integer dtypes or non-finite values;
-        RuntimeError if backend="extension" and the extension is not built.
+        ValueError on wrong ranks, a D mismatch or integer dtypes, and on NaN/Inf in eager CPU code
+        (on a GPU or compiled, NaN/Inf fail an asynchronous assert instead, see _check_finite);
+        RuntimeError if backend="extension" and the extension does not run on z's device.
     """
     _check(z.dim() == 2 and z.is_floating_point(), "z", "a floating (N, D) tensor", z)
     _check(codebook.dim() == 2 and codebook.shape[1] == z.shape[1] and codebook.shape[0] > 0
            and codebook.dtype == z.dtype, "codebook", f"a (K, {z.shape[1]}) {z.dtype} tensor, K > 0", codebook)
-    if not (torch.isfinite(z).all() and torch.isfinite(codebook).all()):
-        raise ValueError("nearest_code: z or codebook contains NaN or Inf")
-    use_ext = _extension_supports(z)
+    use_ext = backend != "torch" and _extension_supports(z)
     if backend == "extension" and not use_ext:
-        raise RuntimeError("nearest_code: the vqvae_ext extension is not built for this device "
-                           "(pip install --no-build-isolation -e .)")
-    if backend == "torch" or (backend == "auto" and not use_ext):
+        raise RuntimeError(f"nearest_code: the vqvae_ext extension does not run on {z.device} for {z.dtype} "
+                           f"(backend {quantizer_backend(z.device)!r}; pip install --no-build-isolation -e .)")
+    _check_finite(z, codebook)
+    if not use_ext:
         distances = torch.addmm((codebook * codebook).sum(1), z, codebook.t(), alpha=-2)  # (N, K)
         return distances.argmin(1)
-    return vqvae_ext.nearest_code(z.detach().contiguous(), codebook.detach().contiguous())
+    return torch.ops.vqvae_ext.nearest_code(z.detach(), codebook.detach())
 
 
 def _code_statistics(z: torch.Tensor, indices: torch.Tensor, num_embeddings: int):
-    """Per-code counts (K,) and sums of z (K, D), without a one-hot (N, K) matrix."""
+    """Per-code counts (K,) int64 and sums of z (K, D), without a one-hot (N, K) matrix."""
     if _extension_supports(z):
-        return vqvae_ext.ema_stats(z.contiguous(), indices.contiguous(), num_embeddings)
-    counts = torch.bincount(indices, minlength=num_embeddings).to(z.dtype)
+        return torch.ops.vqvae_ext.ema_stats(z, indices, num_embeddings)
+    counts = torch.bincount(indices, minlength=num_embeddings)
     sums = z.new_zeros(num_embeddings, z.shape[1]).index_add_(0, indices, z)
     return counts, sums
 
@@ -160,7 +231,7 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z_e.device.type, enabled=False):
             z = z_e.float().movedim(1, -1)                             # (B, *S, D)
             flat = z.reshape(-1, D)                                    # (N, D), N = B * prod(S)
-            if self.training and not self.initialized:
+            if self.kmeans_init and self.training and not self.initialized:
                 self._kmeans_init(flat.detach())
             codebook = self.codebook.float()
             indices = nearest_code(flat.detach(), codebook.detach())   # Eq. 1, (N,)

@@ -7,7 +7,7 @@ For z (N, D) and a codebook e (K, D), compares
     expanded  ||z||^2 - 2 z e^T + ||e||^2, then argmin (Sonnet's vqvae.py)
     addmm     torch.addmm(||e||^2, z, e^T, alpha=-2).argmin(1) (vqvae.py's fallback)
     cdist     torch.cdist(z, e).argmin(1)
-    ext       vqvae_ext.nearest_code(z, e) (csrc/)
+    ext       torch.ops.vqvae_ext.nearest_code(z, e) (csrc/)
     sgemm     z @ e^T alone: the matmul every method does, the reference rate; ext
               can beat it, as it never writes the (N, K) product to memory
 and prints the median time, the rate in GFLOP/s counting 2*N*K*D flops per call,
@@ -47,7 +47,7 @@ def cdist(z, e):
 
 
 def ext(z, e):
-    return vqvae_ext.nearest_code(z, e)
+    return torch.ops.vqvae_ext.nearest_code(z, e)
 
 
 def sgemm(z, e):

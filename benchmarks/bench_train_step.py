@@ -25,7 +25,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device {args.device}, {torch.get_num_threads()} threads, extension {'on' if vqvae.vqvae_ext else 'off'}")
+    print(f"device {args.device}, {torch.get_num_threads()} threads, quantizer {vqvae.quantizer_backend(args.device)}")
     print(f"{'preset':>8} {'batch':>6} {'params':>8} {'ms/step':>9} {'images/s':>9}")
     for name in args.presets.split(","):
         a = train_cifar.parse_args(["--preset", name])

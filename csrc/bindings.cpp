@@ -1,8 +1,25 @@
-// Python module vqvae_ext: input validation and device dispatch for the kernels
-// in vq_cpu.cpp and vq_cuda.cu. Every check names the argument and says what
-// was expected and what was received; TORCH_CHECK surfaces as RuntimeError.
+// The operators of vqvae_ext, registered with PyTorch's dispatcher (TORCH_LIBRARY), so that
+// torch.compile and torch.library.opcheck see them as ordinary operators:
+//
+//   torch.ops.vqvae_ext.nearest_code(z (N, D), codebook (K, D)) -> (N,) int64
+//   torch.ops.vqvae_ext.ema_stats(z (N, D), indices (N,) int64, num_embeddings K)
+//       -> (counts (K,) int64, sums (K, D))
+//
+// Each has a CPU kernel (vq_cpu.cpp), a CUDA kernel (vq_cuda.cu, when compiled in) and a Meta
+// kernel that only infers shapes and dtypes, which is what torch.compile's fake tensors run.
+// Every check names the argument, what was expected and what was received (RuntimeError in
+// Python). Checks of values (NaN/Inf, index range) raise on the CPU; on CUDA they are
+// asynchronous device-side asserts, so that no operator waits for the GPU.
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/bincount.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/zeros.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <tuple>
 
@@ -14,121 +31,210 @@ void nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook, const at
 void ema_stats_cuda(const at::Tensor& z, const at::Tensor& indices, at::Tensor& counts, at::Tensor& sums);
 #endif
 
+// Build facts, set by setup.py: the CUDA code compiled in (e.g. sm_75,...,sm_90,compute_90),
+// and why CUDA was left out of a build that could have had it.
+#define VQVAE_STRINGIFY(...) #__VA_ARGS__
+#define VQVAE_EXPAND_STRING(...) VQVAE_STRINGIFY(__VA_ARGS__)
+#ifndef VQVAE_CUDA_ARCHS
+#define VQVAE_CUDA_ARCHS
+#endif
+#ifndef VQVAE_CUDA_SKIPPED
+#define VQVAE_CUDA_SKIPPED
+#endif
+
 namespace {
 
-// z must be (N, D) floating point, D >= 1, of a dtype the device's kernel supports.
+// Shape, dtype and device checks shared by every kernel, on symbolic sizes so that the Meta
+// kernel also serves torch.compile with dynamic shapes.
 void check_z(const at::Tensor& z, const char* fn) {
-  TORCH_CHECK(z.dim() == 2, fn, ": z must be 2-D (N, D), got shape ", z.sizes());
-  TORCH_CHECK(z.size(1) > 0, fn, ": z must have D >= 1, got shape ", z.sizes());
+  TORCH_CHECK(z.dim() == 2, fn, ": z must be 2-D (N, D), got shape ", z.sym_sizes());
+  TORCH_CHECK(z.sym_size(1) > 0, fn, ": z must have D >= 1, got shape ", z.sym_sizes());
   TORCH_CHECK(at::isFloatingType(z.scalar_type()), fn, ": z must be a floating-point tensor, got dtype ",
               z.scalar_type());
   if (z.is_cpu()) {
     TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, fn,
                 ": on CPU z must be float32 or float64, got dtype ", z.scalar_type());
-  } else if (z.is_cuda()) {
-#ifndef VQVAE_WITH_CUDA
-    TORCH_CHECK(false, fn, ": z is on ", z.device(),
-                " but vqvae_ext was built without CUDA kernels (reinstall with torch+CUDA and nvcc present)");
-#endif
-  } else {
-    TORCH_CHECK(false, fn, ": z must be on CPU or CUDA, got device ", z.device());
   }
 }
 
-}  // namespace
-
-// Index of the nearest code for every row of z, ties broken to the lowest index.
-// z (N, D), codebook (K, D) of the same dtype and device -> (N,) int64.
-// N = 0 gives an empty (0,) int64 tensor. NaN/Inf in z or the codebook raise.
-at::Tensor nearest_code(const at::Tensor& z_in, const at::Tensor& codebook_in) {
+void check_nearest_code(const at::Tensor& z, const at::Tensor& codebook) {
   constexpr const char* fn = "nearest_code";
-  check_z(z_in, fn);
-  TORCH_CHECK(codebook_in.dim() == 2, fn, ": codebook must be 2-D (K, D), got shape ", codebook_in.sizes());
-  TORCH_CHECK(codebook_in.size(0) > 0, fn, ": codebook must have K >= 1 codes, got shape ", codebook_in.sizes());
-  TORCH_CHECK(codebook_in.size(1) == z_in.size(1), fn, ": codebook must be (K, D) with D = ", z_in.size(1),
-              " to match z ", z_in.sizes(), ", got codebook ", codebook_in.sizes());
-  TORCH_CHECK(codebook_in.device() == z_in.device(), fn, ": codebook must be on z's device ", z_in.device(),
-              ", got ", codebook_in.device());
-  TORCH_CHECK(codebook_in.scalar_type() == z_in.scalar_type(), fn, ": codebook must have z's dtype ",
-              z_in.scalar_type(), ", got ", codebook_in.scalar_type());
+  check_z(z, fn);
+  TORCH_CHECK(codebook.dim() == 2, fn, ": codebook must be 2-D (K, D), got shape ", codebook.sym_sizes());
+  TORCH_CHECK(codebook.sym_size(0) > 0, fn, ": codebook must have K >= 1 codes, got shape ", codebook.sym_sizes());
+  TORCH_CHECK(codebook.sym_size(1) == z.sym_size(1), fn, ": codebook must be (K, D) with D = ", z.sym_size(1),
+              " to match z ", z.sym_sizes(), ", got codebook ", codebook.sym_sizes());
+  TORCH_CHECK(codebook.device() == z.device(), fn, ": codebook must be on z's device ", z.device(), ", got ",
+              codebook.device());
+  TORCH_CHECK(codebook.scalar_type() == z.scalar_type(), fn, ": codebook must have z's dtype ", z.scalar_type(),
+              ", got ", codebook.scalar_type());
+}
 
-  // detach: the search is not differentiable, and must not record autograd
-  // history from the kernel's worker threads.
-  const at::Tensor z = z_in.detach().contiguous();
-  const at::Tensor codebook = codebook_in.detach().contiguous();
-  // ||e_k||^2 once per call, in the accumulation dtype (fp32 for fp16/bf16),
-  // the same way (e**2).sum(1) computes it on the PyTorch side.
-  const at::Tensor norm_sq = codebook.to(at::toOpMathType(codebook.scalar_type())).square().sum(1);
+void check_ema_stats(const at::Tensor& z, const at::Tensor& indices, int64_t num_embeddings) {
+  constexpr const char* fn = "ema_stats";
+  check_z(z, fn);
+  TORCH_CHECK(num_embeddings > 0, fn, ": num_embeddings must be >= 1, got ", num_embeddings);
+  TORCH_CHECK(indices.dim() == 1 && indices.sym_size(0) == z.sym_size(0), fn, ": indices must have shape (N,) = (",
+              z.sym_size(0), ",) to match z ", z.sym_sizes(), ", got ", indices.sym_sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong, fn, ": indices must be int64, got dtype ", indices.scalar_type());
+  TORCH_CHECK(indices.device() == z.device(), fn, ": indices must be on z's device ", z.device(), ", got ",
+              indices.device());
+}
+
+// Sums accumulate and are returned in float64 for float64 z, float32 otherwise.
+at::ScalarType sums_dtype(const at::Tensor& z) { return at::toOpMathType(z.scalar_type()); }
+
+// ||e_k||^2 once per call, in the accumulation dtype (fp32 for fp16/bf16), the same way
+// (e**2).sum(1) computes it on the PyTorch side.
+at::Tensor code_norms(const at::Tensor& codebook) {
+  return codebook.to(at::toOpMathType(codebook.scalar_type())).square().sum(1);
+}
+
+// ---------------------------------------------------------------- nearest_code
+
+// Index of the nearest code for every row of z (Eq. 1 of the paper), ties to the lowest index.
+at::Tensor nearest_code_meta(const at::Tensor& z, const at::Tensor& codebook) {
+  check_nearest_code(z, codebook);
+  return at::empty_symint({z.sym_size(0)}, z.options().dtype(at::kLong));
+}
+
+at::Tensor nearest_code_cpu_op(const at::Tensor& z_in, const at::Tensor& codebook_in) {
+  constexpr const char* fn = "nearest_code";
+  check_nearest_code(z_in, codebook_in);
+  // detach: the search is not differentiable and must not record autograd history from the
+  // kernel's worker threads.
+  const at::Tensor z = z_in.detach().contiguous(), codebook = codebook_in.detach().contiguous();
+  const at::Tensor norm_sq = code_norms(codebook);
   TORCH_CHECK(at::isfinite(norm_sq).all().item<bool>(), fn,
               ": codebook contains NaN/Inf (or a code's squared norm overflows)");
-
   at::Tensor out = at::empty({z.size(0)}, z.options().dtype(at::kLong));
   if (z.size(0) == 0) return out;
-  if (z.is_cpu()) {
-    nearest_code_cpu(z, codebook, norm_sq, out);
-  } else {
-#ifdef VQVAE_WITH_CUDA
-    nearest_code_cuda(z, codebook, norm_sq, out);
-#endif
-  }
-  // The kernels store -1 where a row's best distance is not finite.
+  nearest_code_cpu(z, codebook, norm_sq, out);
+  // The kernel stores -1 where a row's best distance is not finite.
   TORCH_CHECK(out.min().item<int64_t>() >= 0, fn, ": z contains NaN/Inf (or its distances to the codebook overflow)");
   return out;
 }
 
+#ifdef VQVAE_WITH_CUDA
+at::Tensor nearest_code_cuda_op(const at::Tensor& z_in, const at::Tensor& codebook_in) {
+  check_nearest_code(z_in, codebook_in);
+  const at::Tensor z = z_in.detach().contiguous(), codebook = codebook_in.detach().contiguous();
+  const at::Tensor norm_sq = code_norms(codebook);
+  at::Tensor out = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+  if (z.size(0) == 0) return out;
+  nearest_code_cuda(z, codebook, norm_sq, out);
+  // Asynchronous: a failure surfaces at the next synchronisation as a device-side assert.
+  at::_assert_async(at::isfinite(norm_sq).all().logical_and(out.min() >= 0),
+                    "nearest_code: z or codebook contains NaN/Inf (or their distances overflow)");
+  return out;
+}
+#endif
+
+// ------------------------------------------------------------------ ema_stats
+
 // Per-code statistics of the EMA codebook update (Appendix A.1 of the paper):
-// counts[k] = n_k = #{i : indices[i] = k} and sums[k] = sum of z[i] over those i,
-// computed without a one-hot matrix.
-// z (N, D), indices (N,) int64 in [0, K) -> counts (K,) float32, sums (K, D) float32.
-std::tuple<at::Tensor, at::Tensor> ema_stats(const at::Tensor& z_in, const at::Tensor& indices_in,
-                                             int64_t num_embeddings) {
-  constexpr const char* fn = "ema_stats";
-  check_z(z_in, fn);
-  TORCH_CHECK(num_embeddings > 0, fn, ": num_embeddings must be >= 1, got ", num_embeddings);
-  TORCH_CHECK(indices_in.dim() == 1 && indices_in.size(0) == z_in.size(0), fn, ": indices must have shape (N,) = (",
-              z_in.size(0), ",) to match z ", z_in.sizes(), ", got ", indices_in.sizes());
-  TORCH_CHECK(indices_in.scalar_type() == at::kLong, fn, ": indices must be int64, got dtype ",
-              indices_in.scalar_type());
-  TORCH_CHECK(indices_in.device() == z_in.device(), fn, ": indices must be on z's device ", z_in.device(), ", got ",
-              indices_in.device());
+// counts[k] = n_k = #{i : indices[i] = k} (exact integers) and sums[k] = sum of z[i] over those i.
+std::tuple<at::Tensor, at::Tensor> ema_stats_meta(const at::Tensor& z, const at::Tensor& indices,
+                                                  int64_t num_embeddings) {
+  check_ema_stats(z, indices, num_embeddings);
+  return {at::empty({num_embeddings}, z.options().dtype(at::kLong)),
+          at::empty_symint({c10::SymInt(num_embeddings), z.sym_size(1)}, z.options().dtype(sums_dtype(z)))};
+}
+
+std::tuple<at::Tensor, at::Tensor> ema_stats_cpu_op(const at::Tensor& z_in, const at::Tensor& indices_in,
+                                                    int64_t num_embeddings) {
+  check_ema_stats(z_in, indices_in, num_embeddings);
   if (indices_in.numel() > 0) {
     const auto [lo, hi] = at::aminmax(indices_in);
     const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-    TORCH_CHECK(lo_v >= 0 && hi_v < num_embeddings, fn, ": indices must be in [0, num_embeddings) = [0, ",
+    TORCH_CHECK(lo_v >= 0 && hi_v < num_embeddings, "ema_stats: indices must be in [0, num_embeddings) = [0, ",
                 num_embeddings, "), got values in [", lo_v, ", ", hi_v, "]");
   }
+  const at::Tensor z = z_in.detach().contiguous(), indices = indices_in.contiguous();
+  at::Tensor counts = at::zeros({num_embeddings}, z.options().dtype(at::kLong));
+  at::Tensor sums = at::zeros({num_embeddings, z.size(1)}, z.options());
+  ema_stats_cpu(z, indices, counts, sums);
+  return {counts, sums};
+}
 
-  const at::Tensor z = z_in.detach().contiguous();
-  const at::Tensor indices = indices_in.contiguous();
-  at::Tensor counts = at::zeros({num_embeddings}, z.options().dtype(at::kFloat));
-  // Sums accumulate in the kernel's dtype (fp32, or fp64 for float64 z), returned as float32.
-  at::Tensor sums = at::zeros({num_embeddings, z.size(1)}, z.options().dtype(at::toOpMathType(z.scalar_type())));
-  if (z.is_cpu()) {
-    ema_stats_cpu(z, indices, counts, sums);
-  } else {
 #ifdef VQVAE_WITH_CUDA
-    ema_stats_cuda(z, indices, counts, sums);
-#endif
+std::tuple<at::Tensor, at::Tensor> ema_stats_cuda_op(const at::Tensor& z_in, const at::Tensor& indices_in,
+                                                     int64_t num_embeddings) {
+  check_ema_stats(z_in, indices_in, num_embeddings);
+  const at::Tensor z = z_in.detach().contiguous(), indices = indices_in.contiguous();
+  if (indices.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(indices);
+    at::_assert_async(lo.ge(0).logical_and(hi.lt(num_embeddings)),
+                      "ema_stats: indices must be in [0, num_embeddings)");
   }
-  return {counts, sums.to(at::kFloat)};
+  if (at::globalContext().deterministicAlgorithms()) {
+    // The float atomics of the kernel add in a varying order; bincount (integer) and index_add_
+    // (sorted under this mode) are deterministic.
+    return {at::bincount(indices, {}, num_embeddings),
+            at::zeros({num_embeddings, z.size(1)}, z.options().dtype(sums_dtype(z)))
+                .index_add_(0, indices, z.to(sums_dtype(z)))};
+  }
+  at::Tensor counts = at::zeros({num_embeddings}, z.options().dtype(at::kLong));
+  at::Tensor sums = at::zeros({num_embeddings, z.size(1)}, z.options().dtype(sums_dtype(z)));
+  ema_stats_cuda(z, indices, counts, sums);
+  return {counts, sums};
+}
+#endif
+
+// Build facts for Python: whether the CUDA kernels are compiled in, for which architectures
+// ("sm_XY": binary code, "compute_XY": PTX that the driver compiles for newer GPUs), and why
+// CUDA was left out where setup.py could not build it.
+py::dict build_info() {
+  py::dict info;
+  std::string archs = VQVAE_EXPAND_STRING(VQVAE_CUDA_ARCHS);
+  py::list arch_list;
+  for (size_t start = 0; start < archs.size();) {
+    const size_t end = std::min(archs.find(',', start), archs.size());
+    if (end > start) arch_list.append(archs.substr(start, end - start));
+    start = end + 1;
+  }
+#ifdef VQVAE_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = arch_list;
+  info["cuda_skipped"] = std::string(VQVAE_EXPAND_STRING(VQVAE_CUDA_SKIPPED));
+  return info;
 }
 
-bool has_cuda() {
-#ifdef VQVAE_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
+}  // namespace
+
+TORCH_LIBRARY(vqvae_ext, m) {
+  m.def("nearest_code(Tensor z, Tensor codebook) -> Tensor");
+  m.def("ema_stats(Tensor z, Tensor indices, int num_embeddings) -> (Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_IMPL(vqvae_ext, Meta, m) {
+  m.impl("nearest_code", &nearest_code_meta);
+  m.impl("ema_stats", &ema_stats_meta);
+}
+
+TORCH_LIBRARY_IMPL(vqvae_ext, CPU, m) {
+  m.impl("nearest_code", &nearest_code_cpu_op);
+  m.impl("ema_stats", &ema_stats_cpu_op);
+}
+
+#ifdef VQVAE_WITH_CUDA
+TORCH_LIBRARY_IMPL(vqvae_ext, CUDA, m) {
+  m.impl("nearest_code", &nearest_code_cuda_op);
+  m.impl("ema_stats", &ema_stats_cuda_op);
+}
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Compiled nearest-code search and EMA statistics for the VQ-VAE quantizer (see vqvae.py).";
-  m.def("nearest_code", &nearest_code, py::arg("z"), py::arg("codebook"),
-        "nearest_code(z (N, D), codebook (K, D)) -> (N,) int64: argmin_k ||e_k||^2 - 2 <z, e_k>, ties to the lowest "
-        "k. Same dtype and device for both; CPU: float32/float64, CUDA: also float16/bfloat16 (fp32 accumulation). "
-        "N = 0 gives an empty tensor; NaN/Inf in z or codebook raise RuntimeError.");
-  m.def("ema_stats", &ema_stats, py::arg("z"), py::arg("indices"), py::arg("num_embeddings"),
-        "ema_stats(z (N, D), indices (N,) int64, num_embeddings K) -> (counts (K,) float32, sums (K, D) float32): "
-        "per-code counts and sums of the rows of z assigned to each code.");
-  m.def("has_cuda", &has_cuda, "Whether the CUDA kernels were compiled in.");
+  m.doc() =
+      "Compiled nearest-code search and EMA statistics of the VQ-VAE quantizer (see vqvae.py). Importing it "
+      "registers torch.ops.vqvae_ext.nearest_code(z (N, D), codebook (K, D)) -> (N,) int64, the argmin_k of "
+      "||e_k||^2 - 2 <z, e_k> with ties to the lowest k (CPU: float32/float64; CUDA: also float16/bfloat16, "
+      "fp32 accumulation), and torch.ops.vqvae_ext.ema_stats(z (N, D), indices (N,) int64, K) -> (counts (K,) "
+      "int64, sums (K, D), float64 for float64 z, else float32).";
+  m.def("build_info", &build_info,
+        "dict: cuda (bool, CUDA kernels compiled in), cuda_archs (list of 'sm_XY' binaries and 'compute_XY' "
+        "PTX), cuda_skipped (why setup.py left CUDA out, '' otherwise).");
 }

@@ -122,13 +122,13 @@ void ema_stats_impl(const at::Tensor& z, const at::Tensor& indices, at::Tensor& 
   const int64_t N = z.size(0), D = z.size(1), K = counts.size(0);
   const scalar_t* zp = z.data_ptr<scalar_t>();
   const int64_t* idx = indices.data_ptr<int64_t>();
-  float* cnt = counts.data_ptr<float>();
+  int64_t* cnt = counts.data_ptr<int64_t>();
   scalar_t* sum = sums.data_ptr<scalar_t>();
   at::parallel_for(0, K, /*grain_size=*/16, [&](int64_t k_begin, int64_t k_end) {
     for (int64_t i = 0; i < N; ++i) {
       const int64_t k = idx[i];
       if (k < k_begin || k >= k_end) continue;
-      cnt[k] += 1.0f;
+      cnt[k] += 1;
       for (int64_t d = 0; d < D; ++d) sum[k * D + d] += zp[i * D + d];
     }
   });
@@ -144,7 +144,7 @@ void nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook, const at:
                              [&] { nearest_code_impl<scalar_t>(z, codebook, norm_sq, out); });
 }
 
-// counts (K,) float32 and sums (K, D) of z's dtype, both zero-filled by the caller.
+// counts (K,) int64 and sums (K, D) of z's dtype, both zero-filled by the caller.
 void ema_stats_cpu(const at::Tensor& z, const at::Tensor& indices, at::Tensor& counts, at::Tensor& sums) {
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ema_stats_cpu",
                              [&] { ema_stats_impl<scalar_t>(z, indices, counts, sums); });

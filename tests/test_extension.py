@@ -1,15 +1,17 @@
-"""Tests of the compiled extension vqvae_ext (csrc/), called directly.
+"""Tests of the compiled extension vqvae_ext (csrc/): its operators called directly.
 
 nearest_code is checked against a float64 brute force of Eq. 1 of the paper,
 k = argmin_j ||z - e_j||^2, with ties broken to the lowest index, and against
 the pure-PyTorch formula addmm(||e||^2, z, e.T, alpha=-2).argmin(1).
-ema_stats is checked against bincount / index_add_.
+ema_stats is checked against bincount / index_add_. torch.library.opcheck checks
+the registration (schema, fake kernels, autograd, dynamic shapes).
 """
 import pytest
 import torch
 
 vqvae_ext = pytest.importorskip(
     "vqvae_ext", reason="vqvae_ext is not built (pip install --no-build-isolation -e .)")
+ops = torch.ops.vqvae_ext
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
@@ -54,14 +56,14 @@ def test_random_data_matches_float64_brute_force(dtype):
     g = torch.Generator().manual_seed(0)
     z, e = torch.randn(600, 32, generator=g, dtype=dtype), torch.randn(200, 32, generator=g, dtype=dtype)
     eps = EPS32 if dtype == torch.float32 else EPS64
-    assert_nearest(z, e, vqvae_ext.nearest_code(z, e), eps, min_clear=0.99)
+    assert_nearest(z, e, ops.nearest_code(z, e), eps, min_clear=0.99)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_random_data_equals_addmm_argmin_exactly(dtype):
     g = torch.Generator().manual_seed(1)
     z, e = torch.randn(4096, 64, generator=g, dtype=dtype), torch.randn(512, 64, generator=g, dtype=dtype)
-    assert torch.equal(vqvae_ext.nearest_code(z, e), addmm_reference(z, e))
+    assert torch.equal(ops.nearest_code(z, e), addmm_reference(z, e))
 
 
 @pytest.mark.parametrize("n", [1, 7, 255, 256, 257, 1000])
@@ -69,7 +71,7 @@ def test_rows_not_a_multiple_of_the_block(n):
     # K = 256 float32 codes -> blocks of 256 rows on CPU
     g = torch.Generator().manual_seed(n)
     z, e = torch.randn(n, 16, generator=g), torch.randn(256, 16, generator=g)
-    idx = vqvae_ext.nearest_code(z, e)
+    idx = ops.nearest_code(z, e)
     assert_nearest(z, e, idx)
     assert torch.equal(idx, addmm_reference(z, e))
 
@@ -79,18 +81,18 @@ def test_rows_not_a_multiple_of_the_block(n):
 def test_dims_and_codes_not_a_multiple_of_the_vector_width(d, k):
     g = torch.Generator().manual_seed(100 * d + k)
     z, e = torch.randn(97, d, generator=g), torch.randn(k, d, generator=g)
-    assert_nearest(z, e, vqvae_ext.nearest_code(z, e))
+    assert_nearest(z, e, ops.nearest_code(z, e))
 
 
 def test_single_code_always_wins():
     z = torch.randn(50, 8)
-    assert torch.equal(vqvae_ext.nearest_code(z, torch.randn(1, 8)), torch.zeros(50, dtype=torch.int64))
+    assert torch.equal(ops.nearest_code(z, torch.randn(1, 8)), torch.zeros(50, dtype=torch.int64))
 
 
 def test_exact_tie_at_zero_goes_to_lowest_index():
     z = torch.zeros(5, 1)
-    assert (vqvae_ext.nearest_code(z, torch.tensor([[1.0], [-1.0]])) == 0).all()
-    assert (vqvae_ext.nearest_code(z, torch.tensor([[-1.0], [1.0]])) == 0).all()
+    assert (ops.nearest_code(z, torch.tensor([[1.0], [-1.0]])) == 0).all()
+    assert (ops.nearest_code(z, torch.tensor([[-1.0], [1.0]])) == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -102,24 +104,24 @@ def test_equidistant_symmetric_codes_go_to_lowest_index(p, q, dtype):
     e = 3.0 + torch.rand(41, 6, generator=g, dtype=dtype)               # norms >= 3*sqrt(6)
     e[p] = torch.tensor([0.5, -0.25, 0.0, 1.0, 0.5, 0.25])
     e[q] = -e[p]
-    assert (vqvae_ext.nearest_code(torch.zeros(9, 6, dtype=dtype), e) == p).all()
+    assert (ops.nearest_code(torch.zeros(9, 6, dtype=dtype), e) == p).all()
 
 
 def test_duplicated_codes_return_lowest_index():
     g = torch.Generator().manual_seed(3)
     e = torch.randn(8, 4, generator=g).repeat(5, 1)                   # code j == code j + 8 == ...
     z = e[torch.randint(0, 40, (300,), generator=g)] + 0.01 * torch.randn(300, 4, generator=g)
-    idx = vqvae_ext.nearest_code(z, e)
+    idx = ops.nearest_code(z, e)
     assert (idx < 8).all()
     assert_nearest(z, e, idx)
-    assert (vqvae_ext.nearest_code(z, torch.ones(70, 4)) == 0).all()  # all codes equal
+    assert (ops.nearest_code(z, torch.ones(70, 4)) == 0).all()  # all codes equal
 
 
 @pytest.mark.parametrize("scale", [1e4, 1e-4])
 def test_huge_and_tiny_magnitudes(scale):
     g = torch.Generator().manual_seed(4)
     z, e = scale * torch.randn(500, 24, generator=g), scale * torch.randn(100, 24, generator=g)
-    idx = vqvae_ext.nearest_code(z, e)
+    idx = ops.nearest_code(z, e)
     assert_nearest(z, e, idx, min_clear=0.99)
     assert torch.equal(idx, addmm_reference(z, e))
 
@@ -129,14 +131,14 @@ def test_non_contiguous_inputs():
     z = torch.randn(16, 300, generator=g).t()                          # (300, 16) transposed view
     e = torch.randn(64, 32, generator=g)[:, ::2]                        # (64, 16) strided slice
     assert not z.is_contiguous() and not e.is_contiguous()
-    idx = vqvae_ext.nearest_code(z, e)
-    assert torch.equal(idx, vqvae_ext.nearest_code(z.contiguous(), e.contiguous()))
+    idx = ops.nearest_code(z, e)
+    assert torch.equal(idx, ops.nearest_code(z.contiguous(), e.contiguous()))
     assert_nearest(z, e, idx)
 
 
 def test_inputs_that_require_grad():
     z, e = torch.randn(10, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
-    assert torch.equal(vqvae_ext.nearest_code(z, e), addmm_reference(z.detach(), e.detach()))
+    assert torch.equal(ops.nearest_code(z, e), addmm_reference(z.detach(), e.detach()))
 
 
 def test_inference_mode_inputs():
@@ -144,11 +146,11 @@ def test_inference_mode_inputs():
     z, e = torch.randn(5000, 16), torch.randn(300, 16)
     with torch.inference_mode():
         z_inf, e_inf = z.clone(), e.clone()
-        assert torch.equal(vqvae_ext.nearest_code(z_inf, e_inf), addmm_reference(z, e))
+        assert torch.equal(ops.nearest_code(z_inf, e_inf), addmm_reference(z, e))
 
 
 def test_empty_z_returns_empty_int64():
-    idx = vqvae_ext.nearest_code(torch.empty(0, 8), torch.randn(4, 8))
+    idx = ops.nearest_code(torch.empty(0, 8), torch.randn(4, 8))
     assert idx.shape == (0,) and idx.dtype == torch.int64
 
 
@@ -160,27 +162,27 @@ def test_ema_stats_equal_bincount_and_index_add(dtype):
     n, d, k = 1000, 12, 64
     z = torch.randn(n, d, generator=g, dtype=dtype)
     indices = torch.randint(0, k - 5, (n,), generator=g)                # the last codes stay unused
-    counts, sums = vqvae_ext.ema_stats(z, indices, k)
-    assert counts.dtype == sums.dtype == torch.float32 and counts.shape == (k,) and sums.shape == (k, d)
-    assert torch.equal(counts, torch.bincount(indices, minlength=k).float())
-    expected = torch.zeros(k, d, dtype=dtype).index_add_(0, indices, z).float()
-    torch.testing.assert_close(sums, expected)
+    counts, sums = ops.ema_stats(z, indices, k)
+    assert counts.dtype == torch.int64 and sums.dtype == dtype and counts.shape == (k,) and sums.shape == (k, d)
+    assert torch.equal(counts, torch.bincount(indices, minlength=k))
+    # Rows are added in index order, as index_add_ on the CPU does: bit-identical sums.
+    assert torch.equal(sums, torch.zeros(k, d, dtype=dtype).index_add_(0, indices, z))
 
 
 def test_ema_stats_non_contiguous_and_empty():
     z = torch.randn(8, 40).t()                                           # (40, 8) view
     indices = torch.arange(80)[::2] % 3
-    counts, sums = vqvae_ext.ema_stats(z, indices, 3)
+    counts, sums = ops.ema_stats(z, indices, 3)
     torch.testing.assert_close(sums, torch.zeros(3, 8).index_add_(0, indices, z))
-    counts, sums = vqvae_ext.ema_stats(torch.empty(0, 8), torch.empty(0, dtype=torch.int64), 3)
-    assert torch.equal(counts, torch.zeros(3)) and torch.equal(sums, torch.zeros(3, 8))
+    counts, sums = ops.ema_stats(torch.empty(0, 8), torch.empty(0, dtype=torch.int64), 3)
+    assert torch.equal(counts, torch.zeros(3, dtype=torch.int64)) and torch.equal(sums, torch.zeros(3, 8))
 
 
 @pytest.mark.parametrize("bad", [-1, 5])
 def test_ema_stats_rejects_out_of_range_indices(bad):
     indices = torch.tensor([0, 1, bad, 2])
     with pytest.raises(RuntimeError, match=r"indices must be in \[0, num_embeddings\) = \[0, 5\)"):
-        vqvae_ext.ema_stats(torch.randn(4, 3), indices, 5)
+        ops.ema_stats(torch.randn(4, 3), indices, 5)
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -196,11 +198,10 @@ def test_ema_stats_rejects_out_of_range_indices(bad):
      r"z must be a floating-point tensor, got dtype Long"),
     (torch.randn(8, 4).half(), torch.randn(3, 4).half(), r"on CPU z must be float32 or float64, got dtype Half"),
     (torch.randn(8, 4), torch.randn(3, 4, device="meta"), r"codebook must be on z's device cpu, got meta"),
-    (torch.randn(8, 4, device="meta"), torch.randn(3, 4, device="meta"), r"z must be on CPU or CUDA, got device meta"),
 ])
 def test_nearest_code_rejects_bad_inputs_with_clear_messages(z, e, message):
     with pytest.raises(RuntimeError, match=message):
-        vqvae_ext.nearest_code(z, e)
+        ops.nearest_code(z, e)
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
@@ -210,9 +211,9 @@ def test_nan_or_inf_raise(value):
     z_bad[13, 2] = value
     e_bad[5, 1] = value
     with pytest.raises(RuntimeError, match="z contains NaN/Inf"):
-        vqvae_ext.nearest_code(z_bad, e)
+        ops.nearest_code(z_bad, e)
     with pytest.raises(RuntimeError, match="codebook contains NaN/Inf"):
-        vqvae_ext.nearest_code(z, e_bad)
+        ops.nearest_code(z, e_bad)
 
 
 @pytest.mark.parametrize("indices,k,message", [
@@ -222,16 +223,45 @@ def test_nan_or_inf_raise(value):
 ])
 def test_ema_stats_rejects_bad_inputs_with_clear_messages(indices, k, message):
     with pytest.raises(RuntimeError, match=message):
-        vqvae_ext.ema_stats(torch.randn(4, 3), indices, k)
+        ops.ema_stats(torch.randn(4, 3), indices, k)
 
 
-def test_has_cuda_is_a_bool():
-    assert isinstance(vqvae_ext.has_cuda(), bool)
+def test_meta_kernels_infer_shapes_and_dtypes():
+    z, e = torch.empty(10, 4, device="meta", dtype=torch.float64), torch.empty(3, 4, device="meta", dtype=torch.float64)
+    idx = ops.nearest_code(z, e)
+    assert idx.shape == (10,) and idx.dtype == torch.int64 and idx.device.type == "meta"
+    counts, sums = ops.ema_stats(z, idx, 7)
+    assert counts.shape == (7,) and counts.dtype == torch.int64
+    assert sums.shape == (7, 4) and sums.dtype == torch.float64
+    with pytest.raises(RuntimeError, match=r"codebook must be \(K, D\) with D = 4"):
+        ops.nearest_code(z, torch.empty(3, 5, device="meta", dtype=torch.float64))
+
+
+# ------------------------------------------------------------- registration
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [0, 1, 37])
+def test_opcheck_both_operators(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    z = torch.randn(n, 6, generator=g, dtype=dtype)
+    e = torch.randn(5, 12, generator=g, dtype=dtype)[:, ::2]          # non-contiguous codebook
+    torch.library.opcheck(ops.nearest_code.default, (z, e))
+    torch.library.opcheck(ops.nearest_code.default, (z.clone().requires_grad_(), e))
+    torch.library.opcheck(ops.ema_stats.default, (z, ops.nearest_code(z, e), 5))
+
+
+def test_build_info_describes_the_build():
+    info = vqvae_ext.build_info()
+    assert set(info) == {"cuda", "cuda_archs", "cuda_skipped"}
+    assert isinstance(info["cuda"], bool) and isinstance(info["cuda_skipped"], str)
+    assert all(a.split("_")[0] in ("sm", "compute") and a.split("_")[1][:2].isdigit() for a in info["cuda_archs"])
+    assert bool(info["cuda_archs"]) == info["cuda"]         # architectures exactly when CUDA is compiled in
+    assert not (info["cuda"] and info["cuda_skipped"])       # a reason only when CUDA was left out
 
 
 # ------------------------------------------------------------------- CUDA only
 
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and vqvae_ext.has_cuda()),
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and vqvae_ext.build_info()["cuda"]),
                           reason="needs a GPU and vqvae_ext built with CUDA")
 
 
@@ -240,7 +270,7 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and vqvae_ext.has_cuda(
 def test_cuda_matches_float64_brute_force(dtype):
     g = torch.Generator().manual_seed(7)
     z, e = torch.randn(3001, 65, generator=g).to(dtype), torch.randn(130, 65, generator=g).to(dtype)
-    idx = vqvae_ext.nearest_code(z.cuda(), e.cuda()).cpu()
+    idx = ops.nearest_code(z.cuda(), e.cuda()).cpu()
     assert_nearest(z, e, idx, EPS32, min_clear=0.98)  # fp16/bf16 inputs accumulate in fp32
 
 
@@ -248,10 +278,30 @@ def test_cuda_matches_float64_brute_force(dtype):
 def test_cuda_ties_and_ema_stats_match_cpu():
     e = torch.randn(200, 8).repeat(2, 1)                                # code 200 + j duplicates code j
     z = torch.cat([torch.zeros(3, 8), torch.randn(997, 8)])
-    indices = vqvae_ext.nearest_code(z.cuda(), e.cuda()).cpu()
+    indices = ops.nearest_code(z.cuda(), e.cuda()).cpu()
     assert (indices < 200).all()
     assert_nearest(z, e, indices)
-    counts, sums = vqvae_ext.ema_stats(z.cuda(), indices.cuda(), 400)
-    expected_counts, expected_sums = vqvae_ext.ema_stats(z, indices, 400)
-    torch.testing.assert_close(counts.cpu(), expected_counts)
+    counts, sums = ops.ema_stats(z.cuda(), indices.cuda(), 400)
+    expected_counts, expected_sums = ops.ema_stats(z, indices, 400)
+    assert torch.equal(counts.cpu(), expected_counts)
     torch.testing.assert_close(sums.cpu(), expected_sums)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_ema_stats_deterministic_mode_and_float64(dtype):
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(20000, 16, generator=g, dtype=dtype).cuda()
+    indices = torch.randint(0, 7, (20000,), generator=g).cuda()       # many rows per code: atomics race
+    expected = torch.zeros(7, 16, dtype=dtype, device="cuda").index_add_(0, indices, z)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        runs = [ops.ema_stats(z, indices, 7) for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    for counts, sums in runs:
+        assert counts.dtype == torch.int64 and sums.dtype == dtype
+        assert torch.equal(counts, torch.bincount(indices, minlength=7))
+        assert torch.equal(sums, runs[0][1])
+    torch.testing.assert_close(runs[0][1], expected)
