@@ -20,6 +20,7 @@ import pickle
 import tarfile
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -168,7 +169,10 @@ def read_image_folder(path: Path) -> dict:
         items.sort(key=lambda t: (classes.index(t[0]), t[1]))
         images = []
         for _, rel, data in items:
-            img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            try:
+                img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+                raise DataError(f"{path}: {rel} is not a readable image ({e})") from e
             if img.shape != (32, 32, 3):
                 raise DataError(f"{path}: {rel} is {img.shape[1]}x{img.shape[0]}, expected 32x32")
             images.append(img.transpose(2, 0, 1))
@@ -177,20 +181,45 @@ def read_image_folder(path: Path) -> dict:
     return out
 
 
+CACHE_FORMAT = 1  # part of every cache key: bump when the decoding changes
+
+
+def source_key(source: Path) -> str:
+    """16 hex digits of SHA-256 over what a decoded cache is made from: a file's bytes, or a
+    folder's sorted list of files with their sizes and modification times (nanoseconds)."""
+    digest = hashlib.sha256(f"format {CACHE_FORMAT}\n".encode())
+    if source.is_dir():
+        for f in sorted(source.rglob("*")):
+            if f.is_file():
+                stat = f.stat()
+                digest.update(f"{f.relative_to(source)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    else:
+        with open(source, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def load_cifar10(source: Path | None, data_dir: Path) -> dict:
     """Train and test uint8 images (N, 3, 32, 32), int64 labels and class names, from `source`
-    (see --data), decoded once and cached as .npz in data_dir."""
+    (see --data), decoded once and cached as .npz in data_dir, keyed by source_key."""
     if source is None:
         source = data_dir / "cifar-10-python.tar.gz"
         if not source.exists():
             download_official(source)
     if not source.exists():
         raise DataError(f"--data {source}: no such file or folder")
-    stat = source.stat()
-    cache = data_dir / f"{source.name.split('.')[0]}-{stat.st_size}-{int(stat.st_mtime)}.npz"
+    cache = data_dir / f"{source.name.split('.')[0]}-{source_key(source)}.npz"
     if cache.exists():
-        with np.load(cache) as f:
-            return dict(f)
+        try:
+            with np.load(cache) as f:
+                data = dict(f)
+            if {"train_x", "train_y", "test_x", "test_y", "classes"} <= data.keys():
+                return data
+            problem = "keys missing"
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            problem = str(e)
+        print(f"{cache}: unreadable cache ({problem}); decoding {source} again", flush=True)
     is_official = source.is_file() and _is_official_archive(source)
     data = read_official(source) if is_official else read_image_folder(source)
     data.setdefault("classes", np.array(CLASSES))
@@ -243,17 +272,17 @@ def encode_all(model, x_uint8: torch.Tensor, device, decode: bool = False, batch
     return torch.cat(codes), torch.cat(sq_err) if sq_err else None, torch.cat(log_px) if log_px else None
 
 
-def train_prior(args, env, model, vqvae_step, train_x, train_y):
+def train_prior(args, env, model, vqvae_id, train_x, train_y):
     codes_path = args.out / "codes.pt"
     cached = training.load_checkpoint(codes_path) if codes_path.exists() else None
-    if cached is not None and cached["vqvae_step"] == vqvae_step:
+    if cached is not None and cached.get("vqvae_id") == vqvae_id:
         codes = cached["train"]
-    else:  # absent, or the codes of an earlier VQ-VAE
+    else:  # absent, or the codes of another VQ-VAE
         codes = encode_all(model, train_x, env.device)[0]
         if env.is_main:
-            training.save_checkpoint(codes_path, {"train": codes, "vqvae_step": vqvae_step})
+            training.save_checkpoint(codes_path, {"train": codes, "vqvae_id": vqvae_id})
     if (args.out / "prior.pt").exists():
-        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_step)
+        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_id)
     c = model.config
     prior_config = dict(num_embeddings=c.num_embeddings, num_groups=c.num_groups, channels=args.prior_channels,
                         num_layers=args.prior_layers, kernel_size=5, num_classes=len(CLASSES))
@@ -267,7 +296,7 @@ def train_prior(args, env, model, vqvae_step, train_x, train_y):
         return loss, {"prior_loss": training.all_reduce_mean(loss).item()}
 
     history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
-                       {"prior_config": prior_config, "vqvae_step": vqvae_step})
+                       {"prior_config": prior_config, "vqvae_id": vqvae_id})
     return prior, history
 
 
@@ -336,7 +365,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         print(f"CIFAR-10: {len(data['train_x'])} train / {len(data['test_x'])} test images; preset {args.preset}; "
-              f"device {env.device} x {env.world_size}; extension {'on' if vqvae.vqvae_ext else 'off'}; out {args.out}", flush=True)
+              f"device {env.device} x {env.world_size}; quantizer {vqvae.quantizer_backend(env.device)}; out {args.out}", flush=True)
     t0, histories, timings = time.perf_counter(), {}, {}
 
     if "vqvae" in args.stages:
@@ -345,22 +374,23 @@ def main(argv=None) -> None:
                                       env.device)  # noqa: E731
         model, histories["vqvae"] = training.train_vqvae(args, env, model_config(args, data_variance), batch)
         if histories["vqvae"] is None:
-            return training.teardown()
+            training.stopped()
         timings["vqvae_seconds"] = time.perf_counter() - t0
     model, state = training.load_model(args.out / "vqvae.pt", vqvae.VQVAE, vqvae.VQVAEConfig, env.device)
-    histories["vqvae"], vqvae_step = state["history"], state["step"]
+    histories["vqvae"], vqvae_id = state["history"], training.model_fingerprint(state)
 
     prior = None
     if "prior" in args.stages:
         t1 = time.perf_counter()
-        prior, histories["prior"] = train_prior(args, env, model, vqvae_step, data["train_x"], data["train_y"])
+        prior, histories["prior"] = train_prior(args, env, model, vqvae_id, data["train_x"], data["train_y"])
         if histories["prior"] is None:
-            return training.teardown()
+            training.stopped()
         timings["prior_seconds"] = time.perf_counter() - t1
     elif "eval" in args.stages and (args.out / "prior.pt").exists():
-        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae.GatedPixelCNN, vqvae_step,
+        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae.GatedPixelCNN, vqvae_id,
                                                         env.device)
 
+    training.teardown()  # the main process evaluates alone
     if "eval" in args.stages and env.is_main:
         t2 = time.perf_counter()
         metrics, test_codes = evaluate(args, env, model, prior, data, data_variance)
@@ -368,7 +398,6 @@ def main(argv=None) -> None:
         timings["eval_seconds"] = time.perf_counter() - t2
         training.write_report(args, metrics, model.config, time.perf_counter() - t0, timings, env,
                               num_train_images=len(data["train_x"]), data_variance=data_variance)
-    training.teardown()
 
 
 if __name__ == "__main__":

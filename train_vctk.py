@@ -143,10 +143,15 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     """PCM WAV (8, 16 or 32 bit, any channel count) -> mono float32 in [-1, 1] and sample rate."""
     try:
         with wave.open(str(path), "rb") as w:
-            width, channels, rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
-            raw = w.readframes(w.getnframes())
-    except (wave.Error, EOFError) as e:
-        raise DataError(f"{path}: not a PCM WAV file ({e})") from e
+            width, channels, rate, frames = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.getnframes()
+            raw = w.readframes(frames)
+    except (wave.Error, EOFError, OSError) as e:
+        raise DataError(f"{path}: not a readable PCM WAV file ({e})") from e
+    if frames == 0:
+        raise DataError(f"{path}: holds no samples")
+    if len(raw) != frames * width * channels:
+        raise DataError(f"{path}: truncated: its header announces {frames} frames, the file holds "
+                        f"{len(raw) // (width * channels)}")
     if width == 1:
         x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
     elif width in (2, 4):
@@ -203,13 +208,17 @@ def load_fsdd(root: Path) -> Speech:
     items = []
     for f in files:
         parts = f.stem.split("_")
-        if len(parts) != 3 or not parts[0].isdigit() or not parts[2].isdigit():
-            raise DataError(f"{f}: expected the FSDD name {{digit}}_{{speaker}}_{{index}}.wav")
+        if len(parts) != 3 or parts[0] not in "0123456789" or len(parts[0]) != 1 or not parts[2].isdigit():
+            raise DataError(f"{f}: expected the FSDD name {{digit 0-9}}_{{speaker}}_{{index}}.wav")
         audio, rate = read_wav(f)
         if rate != 8000:
             raise DataError(f"{f}: {rate} Hz, FSDD is 8 kHz")
         items.append((int(parts[2]) < 5, parts[1], int(parts[0]), f.stem, audio))
     speakers = sorted({s for _, s, _, _, _ in items})
+    unseen = sorted({s for test, s, _, _, _ in items if test} - {s for test, s, _, _, _ in items if not test})
+    if unseen:
+        raise DataError(f"{root}/recordings: speaker {unseen[0]} has test clips (index 0-4) but no training "
+                        "clips (index 5 or more); the model cannot learn that speaker's id")
 
     def split(test: bool) -> Split:
         chosen = [it for it in items if it[0] == test]
@@ -219,9 +228,14 @@ def load_fsdd(root: Path) -> Speech:
     alignments = None
     if (root / "alignments.tsv").exists():
         alignments = {}
-        for line in (root / "alignments.tsv").read_text().splitlines()[1:]:
-            name, _, _, _, phone, start, end = line.split("\t")
-            alignments.setdefault(Path(name).stem, []).append((phone, float(start), float(end)))
+        for number, line in enumerate((root / "alignments.tsv").read_text().splitlines()[1:], start=2):
+            try:
+                name, _, _, _, phone, start, end = line.split("\t")
+                interval = (phone, float(start), float(end))
+            except ValueError as e:
+                raise DataError(f"{root}/alignments.tsv line {number}: expected 7 tab-separated columns "
+                                f"(file, speaker, digit, word, phone, start_s, end_s); got {line!r}") from e
+            alignments.setdefault(Path(name).stem, []).append(interval)
     return Speech(8000, speakers, split(False), split(True), alignments)
 
 
@@ -403,7 +417,7 @@ def train_classifiers(args, env, data: Speech):
         labels = {"speaker": train.speaker[idx], "digit": None if train.digit is None else train.digit[idx]}
         losses = {f"{k}_loss": F.cross_entropy(logits, torch.from_numpy(labels[k]).to(env.device))
                   for k, logits in model(features).items()}
-        return sum(losses.values()), {k: v.item() for k, v in losses.items()}
+        return sum(losses.values()), {k: training.all_reduce_mean(v).item() for k, v in losses.items()}
 
     history = training.run_loop("classifiers", classifiers, optimizer, loss_fn, args.out / "classifiers.pt",
                                 args.clf_steps, args, env, {})
@@ -421,10 +435,10 @@ def prior_config(args, model, num_speakers: int) -> dict:
                 num_classes=model.config.num_embeddings)
 
 
-def train_prior(args, env, model, vqvae_step: int, data: Speech):
+def train_prior(args, env, model, vqvae_id: str, data: Speech):
     """The prior p(z | speaker): a WaveNet over the codes of each training clip's first --clip-seconds."""
     if (args.out / "prior.pt").exists():
-        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_step)
+        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_id)
     codes = clip_codes(model, data.train.audio, clip_length(args, data), env.device)
     speaker = torch.from_numpy(data.train.speaker)
     config = prior_config(args, model, len(data.speakers))
@@ -438,7 +452,7 @@ def train_prior(args, env, model, vqvae_step: int, data: Speech):
         return loss, {"prior_loss": training.all_reduce_mean(loss).item()}
 
     history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
-                                {"prior_config": config, "vqvae_step": vqvae_step})
+                                {"prior_config": config, "vqvae_id": vqvae_id})
     return prior, history
 
 
@@ -692,17 +706,17 @@ def main(argv=None) -> None:
         seconds = sum(len(a) for a in data.train.audio) / data.sample_rate
         print(f"speech: {len(data.train.audio)} train clips ({seconds / 60:.1f} min) / {len(data.test.audio)} test; "
               f"{len(data.speakers)} speakers; {data.sample_rate} Hz; preset {args.preset}; device {env.device} x "
-              f"{env.world_size}; out {args.out}", flush=True)
+              f"{env.world_size}; quantizer {vqvae.quantizer_backend(env.device)}; out {args.out}", flush=True)
     t0, histories, timings = time.perf_counter(), {}, {}
 
     if "vqvae" in args.stages:
         model, histories["vqvae"] = train_vqvae(args, env, data)
         if histories["vqvae"] is None:
-            return training.teardown()
+            training.stopped()
         timings["vqvae_seconds"] = time.perf_counter() - t0
     model, state = training.load_model(args.out / "vqvae.pt", vqvae.AudioVQVAE, vqvae.AudioVQVAEConfig, env.device)
     histories["vqvae"] = state["history"]
-    vqvae_step = state["step"]
+    vqvae_id = training.model_fingerprint(state)
     if state["speakers"] != data.speakers:
         raise SystemExit(f"{args.out}/vqvae.pt was trained on other speakers: {state['speakers']}")
 
@@ -710,7 +724,7 @@ def main(argv=None) -> None:
         t1 = time.perf_counter()
         classifiers, histories["classifiers"] = train_classifiers(args, env, data)
         if histories["classifiers"] is None:
-            return training.teardown()
+            training.stopped()
         timings["classifier_seconds"] = time.perf_counter() - t1
     elif "eval" in args.stages:
         if not (args.out / "classifiers.pt").exists():
@@ -723,16 +737,16 @@ def main(argv=None) -> None:
     prior = None
     if "prior" in args.stages:
         t1 = time.perf_counter()
-        prior, histories["prior"] = train_prior(args, env, model, vqvae_step, data)
+        prior, histories["prior"] = train_prior(args, env, model, vqvae_id, data)
         if histories["prior"] is None:
-            return training.teardown()
+            training.stopped()
         timings["prior_seconds"] = time.perf_counter() - t1
     elif "eval" in args.stages and (args.out / "prior.pt").exists():
-        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae.WaveNet, vqvae_step, env.device)
+        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae.WaveNet, vqvae_id, env.device)
 
     # Evaluation runs in the main process alone: end the process group first, so that nothing in it
     # (the k-means fit of the random-encoder probe broadcasts in a group) waits for the other ranks.
-    training.teardown()
+    training.teardown()  # the main process evaluates alone
     if "eval" in args.stages and env.is_main:
         t2 = time.perf_counter()
         metrics = evaluate(args, env, model, classifiers, data)
@@ -745,7 +759,6 @@ def main(argv=None) -> None:
         timings["eval_seconds"] = time.perf_counter() - t2
         training.write_report(args, metrics, model.config, time.perf_counter() - t0, timings, env, speakers=data.speakers,
                               sample_rate=data.sample_rate, num_train_clips=len(data.train.audio))
-    training.teardown()
 
 
 if __name__ == "__main__":

@@ -267,18 +267,18 @@ def context_of(codes: torch.Tensor, e: torch.Tensor, t: torch.Tensor, context_fr
     return codes[e[:, None], t[:, None] + torch.arange(1 - context_frames, 1)]
 
 
-def episode_codes(args, env, model, vqvae_step, data) -> dict[str, torch.Tensor]:
-    """Codes of every training and held-out frame, cached in codes.pt for this VQ-VAE step and
+def episode_codes(args, env, model, vqvae_id, data) -> dict[str, torch.Tensor]:
+    """Codes of every training and held-out frame, cached in codes.pt for this VQ-VAE (model_fingerprint) and
     these episodes (their seeds and lengths)."""
     path = args.out / "codes.pt"
     cached = training.load_checkpoint(path) if path.exists() else None
     episodes = {"train_seeds": data["train_seeds"], "test_seeds": data["test_seeds"],
                 "frames_per_episode": data["train_frames"].shape[1]}
-    if cached is not None and cached["vqvae_step"] == vqvae_step and all(
+    if cached is not None and cached.get("vqvae_id") == vqvae_id and all(
             torch.equal(torch.as_tensor(cached.get(k, -1)), torch.as_tensor(v)) for k, v in episodes.items()):
         return cached
     codes = {"train": encode(model, data["train_frames"], env.device).to(torch.int16),
-             "test": encode(model, data["test_frames"], env.device).to(torch.int16), "vqvae_step": vqvae_step,
+             "test": encode(model, data["test_frames"], env.device).to(torch.int16), "vqvae_id": vqvae_id,
              **episodes}
     if env.is_main:
         training.save_checkpoint(path, codes)
@@ -291,10 +291,10 @@ def prior_config(args, model) -> dict:
                 context_layers=args.context_layers)
 
 
-def train_prior(args, env, model, vqvae_step, codes, actions):
+def train_prior(args, env, model, vqvae_id, codes, actions):
     """codes: (E, T+1, 21, 21) of the training episodes; actions (E, T)."""
     if (args.out / "prior.pt").exists():
-        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_step)
+        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_id)
     config = prior_config(args, model)
     prior = vqvae.ActionConditionalPrior(**config).to(env.device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.prior_lr)
@@ -309,7 +309,7 @@ def train_prior(args, env, model, vqvae_step, codes, actions):
         return loss, {"prior_loss": training.all_reduce_mean(loss).item()}
 
     history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
-                                {"prior_config": config, "vqvae_step": vqvae_step})
+                                {"prior_config": config, "vqvae_id": vqvae_id})
     return prior, history
 
 
@@ -457,7 +457,8 @@ def main(argv=None) -> None:
     if env.is_main:
         print(f"my_way_home: {train_frames.shape[0]} x {train_frames.shape[1]} training frames, "
               f"{len(data['test_frames'])} held-out episodes, {len(data['eval_frames'])} eval starts; "
-              f"preset {args.preset}; device {env.device} x {env.world_size}; out {args.out}", flush=True)
+              f"preset {args.preset}; device {env.device} x {env.world_size}; "
+              f"quantizer {vqvae.quantizer_backend(env.device)}; out {args.out}", flush=True)
 
     if "vqvae" in args.stages:
         t1 = time.perf_counter()
@@ -467,25 +468,26 @@ def main(argv=None) -> None:
         config = training.image_vqvae_config(args, data_variance)
         model, histories["vqvae"] = training.train_vqvae(args, env, config, batch)
         if histories["vqvae"] is None:
-            return training.teardown()
+            training.stopped()
         timings["vqvae_seconds"] = time.perf_counter() - t1
     if not {"prior", "eval"} & args.stages:
         return training.teardown()
     model, state = training.load_model(args.out / "vqvae.pt", vqvae.VQVAE, vqvae.VQVAEConfig, env.device)
-    histories["vqvae"], vqvae_step = state["history"], state["step"]
-    codes = episode_codes(args, env, model, vqvae_step, data)
+    histories["vqvae"], vqvae_id = state["history"], training.model_fingerprint(state)
+    codes = episode_codes(args, env, model, vqvae_id, data)
     train_actions, test_actions = data["train_actions"], data["test_actions"]
 
     if "prior" in args.stages:
         t1 = time.perf_counter()
-        prior, histories["prior"] = train_prior(args, env, model, vqvae_step, codes["train"], train_actions)
+        prior, histories["prior"] = train_prior(args, env, model, vqvae_id, codes["train"], train_actions)
         if histories["prior"] is None:
-            return training.teardown()
+            training.stopped()
         timings["prior_seconds"] = time.perf_counter() - t1
     elif "eval" in args.stages:
         prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae.ActionConditionalPrior,
-                                                        vqvae_step, env.device)
+                                                        vqvae_id, env.device)
 
+    training.teardown()  # the main process evaluates alone
     if "eval" in args.stages and env.is_main:
         t1 = time.perf_counter()
         prior.eval()
@@ -501,7 +503,6 @@ def main(argv=None) -> None:
         training.write_report(args, shown, model.config, time.perf_counter() - t0, timings, env,
                               curves={k: v for k, v in metrics.items() if isinstance(v, list)},
                               prior_config=prior_config(args, model))
-    training.teardown()
 
 
 if __name__ == "__main__":

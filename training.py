@@ -5,7 +5,9 @@ No model code (see vqvae.py).
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -14,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -54,8 +57,19 @@ def setup(seed: int, device: str = "auto") -> Env:
 
 
 def teardown() -> None:
+    """End the process group, every process together. A process that destroyed its gloo group and
+    exited while another still held it was seen to abort ("terminate called without an active
+    exception"); so all processes meet at a barrier first, and the scripts call this after the
+    training stages, before the main process evaluates alone."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def stopped() -> NoReturn:
+    """End a run that was interrupted (its checkpoint saved) with the shell's status for Ctrl-C."""
+    teardown()
+    raise SystemExit(130)
 
 
 def batch_indices(step: int, dataset_size: int, batch_size: int, seed: int, env: Env) -> torch.Tensor:
@@ -115,8 +129,41 @@ def add_codebook_arguments(g) -> None:
                    help="restart codes whose moving-average use per batch falls below it, or 'none' (not in the paper)")
 
 
+# Numeric options, by the values they accept (names not in a script are ignored). A training
+# stage is skipped by leaving it out of --stages, so step counts start at 1.
+AT_LEAST_ONE = {"batch_size", "prior_batch_size", "steps", "prior_steps", "clf_steps", "log_every",
+                "checkpoint_every", "hidden", "res_hidden", "embedding_dim", "num_embeddings", "num_groups",
+                "prior_channels", "prior_layers", "prior_cycle", "crop", "episodes", "test_episodes",
+                "episode_length", "frame_skip", "max_hold", "context_frames", "context_channels", "context_layers",
+                "wavenet_channels", "skip_channels", "wavenet_layers", "dilation_cycle", "sample_rate",
+                "max_train_images", "max_test_images", "max_train_clips", "max_test_clips", "max_clips_per_speaker",
+                "eval_clips"}
+AT_LEAST_ZERO = {"res_layers", "wav_clips"}
+POSITIVE = {"lr", "prior_lr", "temperature", "clip_seconds", "dead_code_threshold"}
+NON_NEGATIVE = {"beta"}
+
+
+def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse out-of-range numeric options (given or from a preset) before any work, one line each."""
+    for name, value in vars(args).items():
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in AT_LEAST_ONE and value < 1:
+            p.error(f"{flag}: expected an integer >= 1 (leave a stage out of --stages to skip it); got {value}")
+        if name in AT_LEAST_ZERO and value < 0:
+            p.error(f"{flag}: expected an integer >= 0; got {value}")
+        if name in POSITIVE and not (math.isfinite(value) and value > 0):
+            p.error(f"{flag}: expected a finite number > 0; got {value}")
+        if name in NON_NEGATIVE and not (math.isfinite(value) and value >= 0):
+            p.error(f"{flag}: expected a finite number >= 0; got {value}")
+    if getattr(args, "decay", None) is not None and not 0 <= args.decay < 1:
+        p.error(f"--decay: expected a number in [0, 1), or 'none'; got {args.decay}")
+
+
 def parse_with_presets(p, presets: dict, argv, out_prefix: str):
-    """Parse twice: the preset chosen first sets the defaults, then any option given wins."""
+    """Parse twice: the preset chosen first sets the defaults, then any option given wins. Numeric
+    options and --stages are checked, and --out is created and locked for this run (lock_out)."""
     p.set_defaults(**presets[p.parse_known_args(argv)[0].preset])
     args = p.parse_args(argv)
     args.out = args.out or Path("runs") / f"{out_prefix}_{args.preset}"
@@ -124,7 +171,43 @@ def parse_with_presets(p, presets: dict, argv, out_prefix: str):
     args.stages = set(args.stages.split(","))
     if not args.stages <= set(valid):
         p.error(f"--stages: expected a subset of {','.join(valid)}; got {','.join(sorted(args.stages))}")
+    check_numbers(p, args)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 speaks for the run
+        try:
+            lock_out(args.out)
+        except OSError as e:
+            p.error(f"--out {args.out}: not a writable folder ({e.strerror or e})")
     return args
+
+
+def lock_out(out: Path) -> None:
+    """Create --out and its lock file `.lock` (holding this process id), removed at exit. A second
+    run on the same folder is refused while the first lives; a lock left by a dead process is taken
+    over with a message."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or 0)
+                if pid == os.getpid():
+                    return  # this process holds it already (main() called again, as tests do)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                print(f"{lock}: left by a process that no longer runs; taking it over", flush=True)
+                lock.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass  # alive, under another user
+            raise SystemExit(f"--out {out}: another run (process {pid}) is using this folder; wait for it to "
+                             f"end or choose another --out (delete {lock} if that process is not a run)")
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        pid = os.getpid()
+        atexit.register(lambda: lock.unlink(missing_ok=True) if os.getpid() == pid else None)
+        return
 
 
 def vq_metrics(out) -> dict[str, float]:
@@ -148,12 +231,15 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -170,20 +256,32 @@ def load_model(path: Path, model_class, config_class, device):
     return model.eval(), state
 
 
-def check_prior_matches(prior_state: dict, vqvae_step: int) -> None:
-    """A prior is only valid for the codes of the VQ-VAE it was trained on."""
-    if prior_state["vqvae_step"] != vqvae_step:
-        raise SystemExit(f"prior.pt was fitted to the codes of the VQ-VAE at step {prior_state['vqvae_step']}, "
-                         f"but vqvae.pt is at step {vqvae_step}: delete prior.pt to fit a new prior")
+def model_fingerprint(state: dict) -> str:
+    """"step N, sha256 XXXXXXXXXXXXXXXX" of a checkpoint {"config", "model", "step", ...}: the hash
+    covers the config and every weight, so codes and priors made from one VQ-VAE are never taken
+    for those of another, even one trained to the same step."""
+    digest = hashlib.sha256(json.dumps(state["config"], sort_keys=True).encode())
+    for name, tensor in sorted(state["model"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"step {state['step']}, sha256 {digest.hexdigest()[:16]}"
 
 
-def load_prior(path: Path, prior_class, vqvae_step: int, device):
+def check_prior_matches(prior_state: dict, vqvae_id: str) -> None:
+    """A prior is only valid for the codes of the VQ-VAE it was trained on (model_fingerprint)."""
+    made_for = prior_state.get("vqvae_id", "an unrecorded VQ-VAE")
+    if made_for != vqvae_id:
+        raise SystemExit(f"prior.pt was fitted to the codes of another VQ-VAE ({made_for}), not to the one in "
+                         f"vqvae.pt ({vqvae_id}): delete prior.pt to fit a new prior")
+
+
+def load_prior(path: Path, prior_class, vqvae_id: str, device):
     """(prior in eval mode, its history) from a prior checkpoint; refused if it was fitted to the
-    codes of another VQ-VAE step."""
+    codes of another VQ-VAE."""
     if not path.exists():
         raise SystemExit(f"{path} not found: run the prior stage first")
     state = load_checkpoint(path)
-    check_prior_matches(state, vqvae_step)
+    check_prior_matches(state, vqvae_id)
     prior = prior_class(**state["prior_config"]).to(device)
     prior.load_state_dict(state["model"])
     return prior.eval(), state["history"]
@@ -191,18 +289,20 @@ def load_prior(path: Path, prior_class, vqvae_step: int, device):
 
 def write_json(path: str | Path, obj) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_report(args, metrics: dict, model_config, elapsed: float, timings: dict, env: Env, **extra) -> None:
     """--out/metrics.json: the metrics, the exact command-line config and model config, timings."""
-    config = {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}
     write_json(args.out / "metrics.json", {
-        "metrics": metrics, "config": config, "model_config": dataclasses.asdict(model_config),
+        "metrics": metrics, "config": run_options(args), "model_config": dataclasses.asdict(model_config),
         "timings": {**timings, "total_seconds": elapsed}, "torch": torch.__version__,
-        "extension": vqvae.vqvae_ext is not None, "world_size": env.world_size, **extra})
+        "quantizer_backend": vqvae.quantizer_backend(env.device), "world_size": env.world_size, **extra})
     print("test: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
     print(f"wrote {args.out}/metrics.json and figures", flush=True)
 
@@ -266,30 +366,64 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------- training loop
+# Options a resumed run may change: how far to train, what to log and save, which stages, where;
+# and those that only shape the evaluation. Any other change would silently mix two runs.
+RESUMABLE_OPTIONS = {"steps", "prior_steps", "clf_steps", "log_every", "checkpoint_every", "stages", "resume",
+                     "out", "device", "max_test_images", "max_test_clips", "eval_clips", "wav_clips",
+                     "temperature"}
+
+
+def run_options(args) -> dict:
+    """The command-line options of a run as plain values (for checkpoints and metrics.json)."""
+    return {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v)
+            for k, v in vars(args).items()}
+
+
+def check_resume_options(path: Path, saved: dict | None, options: dict) -> None:
+    """Refuse to resume a checkpoint with options other than those it was trained with (except
+    RESUMABLE_OPTIONS), naming each difference; a cosine schedule also fixes --steps."""
+    if saved is None:
+        raise SystemExit(f"--resume: {path} does not record the options it was trained with (an older "
+                         "version wrote it): train into another --out")
+    fixed = {k for k in saved.keys() | options.keys() if k not in RESUMABLE_OPTIONS}
+    if options.get("lr_schedule") == "cosine":
+        fixed.add("steps")
+    changed = sorted(k for k in fixed if saved.get(k) != options.get(k))
+    if changed:
+        listed = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {options.get(k)})" for k in changed)
+        raise SystemExit(f"--resume: {path} was trained with {listed}; resume with those values, or train "
+                         "into another --out")
+
+
 def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env, extra_state):
     """The training loop every model of the scripts shares: resume, steps, history, checkpoints,
     Ctrl-C. args needs resume, log_every and checkpoint_every.
 
-    loss_fn(ddp_model, step) -> (loss, {metric: float}). Returns the history, or None if stopped early.
+    loss_fn(ddp_model, step) -> (loss, {metric: float averaged over processes}). Returns the
+    history, or None if stopped early. A non-finite metric ends the run (SystemExit) unsaved.
     """
     history, step = {"step": []}, 0
+    options = run_options(args)
     if ckpt_path.exists():
         if not args.resume:
             raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
         state = load_checkpoint(ckpt_path)
+        check_resume_options(ckpt_path, state.get("options"), options)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         history, step = state["history"], state["step"]
         if env.is_main:
             print(f"[{name}] resumed at step {step} from {ckpt_path}", flush=True)
+    elif args.resume and env.is_main:
+        print(f"[{name}] --resume: no {ckpt_path} yet; starting from step 0", flush=True)
     ddp = DistributedDataParallel(model) if env.world_size > 1 else model
 
     def save():
         if env.is_main:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "rng": torch.get_rng_state(), "history": history,
-                                        "step": step, **extra_state})
+                                        "step": step, "options": options, **extra_state})
 
     progress = Progress(name, total_steps, step, enabled=env.is_main)
     model.train()
@@ -298,6 +432,13 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
             print(f"[{name}] training to step {total_steps} from step {step}", flush=True)
         while step < total_steps:
             loss, metrics = loss_fn(ddp, step)
+            # The metrics are averaged over processes, so every process stops together, before the
+            # step that would put NaN into the weights and with the last good checkpoint kept.
+            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            if bad:
+                saved = f"{ckpt_path} (step {load_checkpoint(ckpt_path)['step']})" if ckpt_path.exists() else "none"
+                raise SystemExit(f"[{name}] step {step + 1}: {', '.join(bad)} is not finite; stopped without saving. "
+                                 f"Last good checkpoint: {saved}. Try a lower learning rate.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -46,6 +46,19 @@ def _check(cond: bool, name: str, expected: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected {expected}; got shape {tuple(x.shape)}, dtype {x.dtype}")
 
 
+def _check_ids(ids: torch.Tensor, name: str, count: int, batch: int) -> None:
+    """ids must be an integer (batch,) tensor of values in [0, count): class labels, speaker ids."""
+    _check(ids.dim() == 1 and not ids.is_floating_point() and not ids.is_complex() and len(ids) == batch,
+           name, f"an integer ({batch},) tensor, one id per example", ids)
+    if len(ids) and (ids.min() < 0 or ids.max() >= count):
+        raise ValueError(f"{name}: values must lie in [0, {count}); got range [{int(ids.min())}, {int(ids.max())}]")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature: expected a finite number > 0; got {temperature}")
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -457,11 +470,11 @@ class VQVAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, *S) -> z_e (B, G*D, *S / 2**num_downsamples). Raises ValueError on bad x."""
-        c = self.config
-        _check(x.dim() == c.dims + 2 and x.shape[1] == c.in_channels and x.is_floating_point()
+        c, dtype = self.config, self.pre_quantize.weight.dtype
+        _check(x.dim() == c.dims + 2 and x.shape[1] == c.in_channels and x.dtype == dtype
                and x.shape[0] > 0 and all(s > 0 and s % 2 ** c.num_downsamples == 0 for s in x.shape[2:]),
-               "x", f"a floating (B, {c.in_channels}, *S) tensor with {c.dims} spatial dims, B > 0 and "
-               f"each spatial size a multiple of {2 ** c.num_downsamples}", x)
+               "x", f"a (B, {c.in_channels}, *S) tensor of the model's dtype {dtype} with {c.dims} spatial dims, "
+               f"B > 0 and each spatial size a multiple of {2 ** c.num_downsamples}", x)
         return self.pre_quantize(self.encoder(x))
 
     def quantize(self, z_e: torch.Tensor) -> VQOutput:
@@ -574,7 +587,8 @@ class WaveNet(nn.Module):
 
     def _conditioning(self, z_q: torch.Tensor | None, speaker: torch.Tensor, frames: int) -> torch.Tensor:
         """(B, L, 2C, frames): V c + U s of every layer at the rate of the codes (hop steps each)."""
-        _check(speaker.dim() == 1 and not speaker.is_floating_point(), "speaker", "an integer (B,) tensor", speaker)
+        batch = len(speaker) if z_q is None else len(z_q)
+        _check_ids(speaker, "speaker", self.speaker.num_embeddings, batch)
         c = self.speaker(speaker)[:, :, None]                                  # (B, L*2C, 1)
         if (z_q is None) != (self.cond is None):
             raise ValueError("z_q: pass it exactly when the WaveNet has local conditioning (cond_channels > 0)")
@@ -590,8 +604,9 @@ class WaveNet(nn.Module):
         """x (B, T) int64 in [0, num_classes), z_q (B, D, T / hop) or None, speaker (B,)
         -> logits (B, num_classes, T)."""
         cond = self._conditioning(z_q, speaker, x.shape[-1] if z_q is None else z_q.shape[-1])
-        _check(x.dim() == 2 and not x.is_floating_point() and x.shape[1] == cond.shape[-1] * self.hop, "x",
-               f"an integer (B, T) tensor with T = {self.hop} x {cond.shape[-1]} conditioning steps", x)
+        _check(x.dim() == 2 and not x.is_floating_point() and x.shape == (len(speaker), cond.shape[-1] * self.hop),
+               "x", f"an integer (B, T) tensor with B = {len(speaker)} speakers and T = {self.hop} x "
+               f"{cond.shape[-1]} conditioning steps", x)
         h = self.embed(F.pad(x, (1, -1), value=self.num_classes // 2)).transpose(1, 2)  # (B, C, T), x_{t-1}
         skip = 0
         for i, d in enumerate(self.dilations):
@@ -613,6 +628,7 @@ class WaveNet(nn.Module):
         """
         if z_q is None and length is None:
             raise ValueError("length: needed when there is no z_q to give the number of steps")
+        _check_temperature(temperature)
         frames = length if z_q is None else z_q.shape[2]
         B, T, C, device = speaker.shape[0], frames * self.hop, self.channels, speaker.device
         biases = torch.stack([conv.bias for conv in self.dilated])[None, :, :, None]
@@ -770,7 +786,7 @@ class GatedPixelCNN(nn.Module):
         self.layers = nn.ModuleList(GatedLayer(channels, kernel_size, i == 0, num_classes, cond_channels)
                                     for i in range(num_layers))
         self.group_embedding = nn.Embedding(num_embeddings * num_groups, channels)  # same position
-        self.group_query = nn.Parameter(torch.zeros(num_groups, channels))
+        self.group_query = nn.Parameter(torch.zeros(channels, num_groups))  # laid out as used: no transpose
         self.head = nn.Sequential(nn.ReLU(), nn.Conv3d(channels, channels, 1), nn.ReLU(),
                                   nn.Conv3d(channels, num_embeddings, 1))
 
@@ -790,6 +806,8 @@ class GatedPixelCNN(nn.Module):
         if (self.num_classes is None) != (label is None):
             raise ValueError("label: pass class labels (B,) exactly when the model has num_classes")
         grouped = self._grouped(codes)                                      # (B, G, H, W)
+        if label is not None:
+            _check_ids(label, "label", self.num_classes, len(codes))
         x = self.embedding(grouped).sum(1).permute(0, 3, 1, 2)              # (B, c, H, W)
         v, h = x, x
         for layer in self.layers:
@@ -797,7 +815,7 @@ class GatedPixelCNN(nn.Module):
         # Within a position, group g sees the groups < g (exclusive cumulative sum).
         same = self.group_embedding(grouped).permute(0, 4, 1, 2, 3)          # (B, c, G, H, W)
         earlier = same.cumsum(2) - same
-        logits = self.head(h[:, :, None] + earlier + self.group_query.t()[None, :, :, None, None])
+        logits = self.head(h[:, :, None] + earlier + self.group_query[None, :, :, None, None])
         return logits[:, :, 0] if self.num_groups == 1 else logits         # (B, K, [G,] H, W)
 
     def log_prob(self, codes: torch.Tensor, label: torch.Tensor | None = None,
@@ -815,6 +833,7 @@ class GatedPixelCNN(nn.Module):
         B is len(label) when the model is class-conditional, else batch_size. Pass a seeded
         torch.Generator for repeatable samples.
         """
+        _check_temperature(temperature)
         B = len(label) if label is not None else batch_size
         device = self.embedding.weight.device
         codes = torch.zeros(B, self.num_groups, *shape, dtype=torch.long, device=device)
@@ -868,12 +887,9 @@ class ActionConditionalPrior(nn.Module):
         """The conditioning map (B, context_channels, H, W) of the context frames and action."""
         _check(context.dim() == 4 and context.shape[1] == self.context_frames and not context.is_floating_point(),
                "context", f"an integer (B, {self.context_frames}, H, W) tensor of codes", context)
-        _check(action.shape == context.shape[:1] and not action.is_floating_point(),
-               "action", f"an integer ({context.shape[0]},) tensor", action)
+        _check_ids(action, "action", self.num_actions, len(context))
         if context.min() < 0 or context.max() >= self.num_embeddings:
             raise ValueError(f"context: values must lie in [0, {self.num_embeddings})")
-        if action.min() < 0 or action.max() >= self.num_actions:
-            raise ValueError(f"action: values must lie in [0, {self.num_actions})")
         frames = self.code_embedding(context.long()).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, F*c, H, W)
         act = self.action_embedding(action.long())[:, :, None, None].expand(-1, -1, *context.shape[2:])
         return self.context(torch.cat([frames, act], 1))
@@ -893,6 +909,7 @@ class ActionConditionalPrior(nn.Module):
         each sampled frame joins the context of the next; nothing is decoded."""
         _check(actions.dim() == 2 and actions.shape[0] == context.shape[0], "actions",
                f"a ({context.shape[0]}, T) tensor", actions)
+        _check_temperature(temperature)
         frames = []
         for t in range(actions.shape[1]):
             cond = self.condition(context, actions[:, t])

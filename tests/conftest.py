@@ -1,13 +1,30 @@
 """Shared fixtures: the repository root on sys.path, a seeded single-threaded torch for the tiny
-models of these tests, and the float64 nearest-code reference of the quantizer tests."""
+models of these tests, the float64 nearest-code reference of the quantizer tests, and the real
+CIFAR-10 decoded once per session."""
 import math
+import os
 import pathlib
 import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CIFAR = pathlib.Path(os.environ.get("VQVAE_CIFAR10", ROOT.parent / "shared/data/cifar10/cifar10-jpeg.tar.gz"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A --data-dir holding the decoded cache of the real CIFAR-10 ($VQVAE_CIFAR10 or ../shared)."""
+    if not CIFAR.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"real CIFAR-10 not found at {CIFAR}")
+        pytest.skip(f"real CIFAR-10 not found at {CIFAR} (set VQVAE_CIFAR10)")
+    import train_cifar
+    path = tmp_path_factory.mktemp("data")
+    train_cifar.load_cifar10(CIFAR, path)  # decode once, cache as .npz
+    return path
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,22 +22,10 @@ import torch
 import train_cifar
 import training
 
-ROOT = Path(__file__).resolve().parents[1]
-CIFAR = Path(os.environ.get("VQVAE_CIFAR10", ROOT.parent / "shared/data/cifar10/cifar10-jpeg.tar.gz"))
+from conftest import CIFAR, ROOT
 TINY = ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
         "--batch-size", "8", "--prior-channels", "8", "--prior-layers", "2", "--prior-batch-size", "8",
         "--max-train-images", "96", "--max-test-images", "40", "--log-every", "1", "--seed", "3"]
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    if not CIFAR.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"real CIFAR-10 not found at {CIFAR}")
-        pytest.skip(f"real CIFAR-10 not found at {CIFAR} (set VQVAE_CIFAR10)")
-    path = tmp_path_factory.mktemp("data")
-    train_cifar.load_cifar10(CIFAR, path)  # decode once, cache as .npz
-    return path
 
 
 def run(out, data_dir, *extra):
@@ -96,7 +85,19 @@ def test_prior_of_an_earlier_vqvae_is_refused_and_codes_are_recomputed(tmp_path,
     run(out, data_dir, "--steps", "4", "--stages", "vqvae", "--resume")  # the VQ-VAE trains on
     with pytest.raises(SystemExit, match="delete prior.pt"):
         run(out, data_dir, "--steps", "4", "--prior-steps", "2", "--stages", "prior", "--resume")
-    assert training.load_checkpoint(out / "codes.pt")["vqvae_step"] == 4
+    vqvae_id = training.model_fingerprint(training.load_checkpoint(out / "vqvae.pt"))
+    assert vqvae_id.startswith("step 4, sha256 ")
+    assert training.load_checkpoint(out / "codes.pt")["vqvae_id"] == vqvae_id
+
+
+def test_prior_and_codes_of_another_vqvae_at_the_same_step_are_not_reused(tmp_path, data_dir):
+    out = run(tmp_path / "a", data_dir, "--steps", "2", "--prior-steps", "2", "--stages", "vqvae,prior")
+    other = run(tmp_path / "b", data_dir, "--steps", "2", "--stages", "vqvae", "--seed", "4")
+    shutil.copy(other / "vqvae.pt", out / "vqvae.pt")  # same step and config, other weights
+    with pytest.raises(SystemExit, match=r"prior.pt was fitted to the codes of another VQ-VAE \(step 2, sha256 "):
+        run(out, data_dir, "--steps", "2", "--prior-steps", "2", "--stages", "prior", "--resume")
+    codes = training.load_checkpoint(out / "codes.pt")
+    assert codes["vqvae_id"] == training.model_fingerprint(training.load_checkpoint(other / "vqvae.pt"))
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir):
@@ -109,7 +110,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir):
             break
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, output
+    assert proc.returncode == 130, output  # the shell's status for Ctrl-C, after saving
     assert "stopped at step" in output
     state = training.load_checkpoint(out / "vqvae.pt")
     stopped = state["step"]

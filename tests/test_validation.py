@@ -34,7 +34,7 @@ CASES = {
     "x-not-multiple-of-4": (lambda: model()(torch.randn(1, 1, 6, 8)),
                             r"x: expected .*multiple of 4; got shape \(1, 1, 6, 8\)"),
     "x-channel-count": (lambda: model()(torch.randn(1, 3, 8, 8)),
-                        r"x: expected a floating \(B, 1, \*S\) tensor.*got shape \(1, 3, 8, 8\)"),
+                        r"x: expected a \(B, 1, \*S\) tensor of the model.s dtype.*got shape \(1, 3, 8, 8\)"),
     "x-rank": (lambda: model()(torch.randn(1, 8, 8)), r"x: expected .*2 spatial dims.*got shape \(1, 8, 8\)"),
     "x-empty-batch": (lambda: model()(torch.randn(0, 1, 8, 8)), r"x: expected .*B > 0.*got shape \(0, 1, 8, 8\)"),
     "codes-out-of-range": (lambda: prior()(torch.full((1, 3, 3), K)), r"codes: values must lie in \[0, 8\)"),

@@ -1,0 +1,297 @@
+"""Bad input and faults, one table each: every case is refused with one line naming the option,
+file or argument, what was expected and what was given, before any training step runs; or, for
+the faults, handled without losing a result."""
+import math
+import os
+import re
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_cifar
+import train_vctk
+import train_video
+import training
+import vqvae
+from conftest import CIFAR
+
+SCRIPTS = {"cifar": train_cifar, "vctk": train_vctk, "video": train_video}
+
+# ------------------------------------------------------------------ command line, at parse time
+OPTION_CASES = [
+    ("cifar", ["--steps", "0"], r"--steps: expected an integer >= 1 \(leave a stage out of --stages to skip it\); got 0"),
+    ("cifar", ["--prior-steps", "0"], r"--prior-steps: expected an integer >= 1 .*got 0"),
+    ("cifar", ["--batch-size", "-3"], r"--batch-size: expected an integer >= 1 .*got -3"),
+    ("cifar", ["--prior-batch-size", "0"], r"--prior-batch-size: expected an integer >= 1 .*got 0"),
+    ("cifar", ["--log-every", "0"], r"--log-every: expected an integer >= 1 .*got 0"),
+    ("cifar", ["--checkpoint-every", "0"], r"--checkpoint-every: expected an integer >= 1 .*got 0"),
+    ("cifar", ["--num-embeddings", "0"], r"--num-embeddings: expected an integer >= 1 .*got 0"),
+    ("cifar", ["--max-train-images", "0"], r"--max-train-images: expected an integer >= 1 .*got 0"),
+    ("cifar", ["--res-layers", "-1"], r"--res-layers: expected an integer >= 0; got -1"),
+    ("cifar", ["--lr", "0"], r"--lr: expected a finite number > 0; got 0.0"),
+    ("cifar", ["--lr", "nan"], r"--lr: expected a finite number > 0; got nan"),
+    ("cifar", ["--prior-lr=-1e-3"], r"--prior-lr: expected a finite number > 0; got -0.001"),
+    ("cifar", ["--beta", "-0.25"], r"--beta: expected a finite number >= 0; got -0.25"),
+    ("cifar", ["--decay", "1"], r"--decay: expected a number in \[0, 1\), or 'none'; got 1.0"),
+    ("cifar", ["--dead-code-threshold", "0"], r"--dead-code-threshold: expected a finite number > 0; got 0.0"),
+    ("cifar", ["--stages", "vqvae,fit"], r"--stages: expected a subset of vqvae,prior,eval; got fit,vqvae"),
+    ("vctk", ["--temperature", "0"], r"--temperature: expected a finite number > 0; got 0.0"),
+    ("vctk", ["--temperature", "-1"], r"--temperature: expected a finite number > 0; got -1.0"),
+    ("vctk", ["--crop", "0"], r"--crop: expected an integer >= 1 .*got 0"),
+    ("vctk", ["--clip-seconds", "0"], r"--clip-seconds: expected a finite number > 0; got 0.0"),
+    ("vctk", ["--clf-steps", "0"], r"--clf-steps: expected an integer >= 1 .*got 0"),
+    ("vctk", ["--eval-clips", "0"], r"--eval-clips: expected an integer >= 1 .*got 0"),
+    ("video", ["--temperature", "-0.5"], r"--temperature: expected a finite number > 0; got -0.5"),
+    ("video", ["--episodes", "0"], r"--episodes: expected an integer >= 1 .*got 0"),
+    ("video", ["--episode-length", "0"], r"--episode-length: expected an integer >= 1 .*got 0"),
+    ("video", ["--context-frames", "0"], r"--context-frames: expected an integer >= 1 .*got 0"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", OPTION_CASES, ids=[f"{s}{' '.join(a)}" for s, a, _ in OPTION_CASES])
+def test_bad_option_is_refused_at_parse_time(script, argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        SCRIPTS[script].parse_args([*argv, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]   # argparse: usage, then one error line
+    assert ": error: " in error and re.search(message, error), error
+
+
+def test_out_that_is_a_file_is_refused_at_parse_time(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        train_cifar.parse_args(["--out", str(tmp_path / "file")])
+    assert "--out " + str(tmp_path / "file") + ": not a writable folder" in capsys.readouterr().err
+
+
+def test_second_run_on_the_same_out_is_refused_while_the_first_lives(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(sleeper.pid))
+        with pytest.raises(SystemExit, match=rf"another run \(process {sleeper.pid}\) is using this folder"):
+            train_cifar.parse_args(["--out", str(out)])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    train_cifar.parse_args(["--out", str(out)])  # its process has ended: the lock is taken over
+    assert (out / ".lock").read_text() == str(os.getpid())
+
+
+# ----------------------------------------------------------------------------------- data files
+def write_wav(path: Path, samples: np.ndarray, rate: int = 8000, truncate: int = 0) -> None:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((samples * 16000).astype("<i2").tobytes())
+    if truncate:
+        path.write_bytes(path.read_bytes()[:-truncate])
+
+
+def fsdd_folder(root: Path, fault: str) -> Path:
+    """A small FSDD layout with one fault: clips of two speakers, index 0 (test) and 5 (train)."""
+    rec = root / "recordings"
+    rec.mkdir(parents=True)
+    tone = np.sin(np.arange(800) / 5.0)
+    for digit in (0, 1):
+        for speaker in ("ann", "bob"):
+            for index in (0, 5):
+                write_wav(rec / f"{digit}_{speaker}_{index}.wav", tone)
+    (root / "alignments.tsv").write_text("file\tspeaker\tdigit\tword\tphone\tstart_s\tend_s\n"
+                                         "0_ann_5.wav\tann\t0\tzero\tZ\t0.0\t0.1\n")
+    if fault == "empty":
+        write_wav(rec / "1_ann_5.wav", np.zeros(0))
+    elif fault == "truncated":
+        write_wav(rec / "1_ann_5.wav", tone, truncate=101)
+    elif fault == "not-wav":
+        (rec / "1_ann_5.wav").write_bytes(b"ID3 this is an mp3")
+    elif fault == "digit":
+        write_wav(rec / "12_ann_6.wav", tone)
+    elif fault == "rate":
+        write_wav(rec / "1_ann_5.wav", tone, rate=16000)
+    elif fault == "test-only-speaker":
+        write_wav(rec / "1_cid_0.wav", tone)
+    elif fault == "alignments":
+        with open(root / "alignments.tsv", "a") as f:
+            f.write("0_bob_5.wav\tbob\t0\tzero\tZ\tzero\n")
+    return root
+
+
+DATA_CASES = [
+    ("empty", r"1_ann_5.wav: holds no samples"),
+    ("truncated", r"1_ann_5.wav: truncated: its header announces 800 frames, the file holds 749"),
+    ("not-wav", r"1_ann_5.wav: not a readable PCM WAV file"),
+    ("digit", r"12_ann_6.wav: expected the FSDD name \{digit 0-9\}_\{speaker\}_\{index\}.wav"),
+    ("rate", r"1_ann_5.wav: 16000 Hz, FSDD is 8 kHz"),
+    ("test-only-speaker", r"speaker cid has test clips \(index 0-4\) but no training clips"),
+    ("alignments", r"alignments.tsv line 3: expected 7 tab-separated columns"),
+]
+
+
+@pytest.mark.parametrize("fault, message", DATA_CASES, ids=[f for f, _ in DATA_CASES])
+def test_bad_speech_file_is_refused_when_loaded(fault, message, tmp_path):
+    root = fsdd_folder(tmp_path / "fsdd", fault)
+    with pytest.raises(train_vctk.DataError, match=message):
+        train_vctk.load_speech(root, 8000)
+
+
+def test_speech_folder_without_faults_loads(tmp_path):
+    data = train_vctk.load_speech(fsdd_folder(tmp_path / "fsdd", "none"), 8000)
+    assert data.speakers == ["ann", "bob"] and len(data.train.audio) == len(data.test.audio) == 4
+
+
+def image_folder(root: Path, value: int = 0) -> Path:
+    from PIL import Image
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.fromarray(np.full((32, 32, 3), value + i, np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_corrupt_image_is_refused_naming_the_file(tmp_path):
+    root = image_folder(tmp_path / "images")
+    (root / "train/dog/1.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(train_cifar.DataError, match=r"train/dog/1.png is not a readable image"):
+        train_cifar.load_cifar10(root, tmp_path / "cache")
+
+
+def test_image_cache_follows_the_folder_content(tmp_path):
+    root, cache = image_folder(tmp_path / "images"), tmp_path / "cache"
+    assert train_cifar.load_cifar10(root, cache)["train_x"].max() == 1
+    image_folder(root, value=100)                     # same names, new pixels (and new mtimes)
+    os.utime(root, (1, 1))                            # even with the folder's own mtime unchanged
+    assert train_cifar.load_cifar10(root, cache)["train_x"].max() == 101
+    (root / "train/cat/0.png").unlink()
+    assert len(train_cifar.load_cifar10(root, cache)["train_x"]) == 3
+    other = image_folder(tmp_path / "elsewhere" / "images", value=50)   # same folder name, other content
+    assert train_cifar.load_cifar10(other, cache)["train_x"].max() == 51
+
+
+def test_corrupt_cache_is_rebuilt_with_a_message(tmp_path, capsys):
+    root, cache = image_folder(tmp_path / "images"), tmp_path / "cache"
+    train_cifar.load_cifar10(root, cache)
+    (npz,) = cache.glob("*.npz")
+    npz.write_bytes(b"not a zip")
+    assert train_cifar.load_cifar10(root, cache)["train_x"].shape == (4, 3, 32, 32)
+    assert "unreadable cache" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- model API
+pixelcnn = vqvae.GatedPixelCNN(8, channels=4, num_layers=1, kernel_size=3, num_classes=3)
+wavenet = vqvae.WaveNet(0, num_speakers=2, hop=1, channels=4, skip_channels=4, num_layers=2, cycle=2, num_classes=8)
+video_prior = vqvae.ActionConditionalPrior(8, num_actions=3, context_frames=2, channels=4, num_layers=1,
+                                           context_channels=4, context_layers=1)
+codes = torch.zeros(2, 3, 3, dtype=torch.long)
+API_CASES = {
+    "sample-temperature-0": (lambda: pixelcnn.sample((2, 2), torch.tensor([0]), temperature=0),
+                             r"temperature: expected a finite number > 0; got 0"),
+    "sample-temperature-negative": (lambda: pixelcnn.sample((2, 2), torch.tensor([0]), temperature=-1.0),
+                                    r"temperature: expected a finite number > 0; got -1.0"),
+    "generate-temperature-0": (lambda: wavenet.generate(None, torch.tensor([0]), length=3, temperature=0.0),
+                               r"temperature: expected a finite number > 0; got 0.0"),
+    "video-temperature-nan": (lambda: video_prior.generate(torch.zeros(1, 2, 3, 3, dtype=torch.long),
+                                                           torch.zeros(1, 2, dtype=torch.long), temperature=math.nan),
+                              r"temperature: expected a finite number > 0; got nan"),
+    "label-out-of-range": (lambda: pixelcnn(codes, torch.tensor([0, 3])),
+                           r"label: values must lie in \[0, 3\); got range \[0, 3\]"),
+    "label-negative": (lambda: pixelcnn(codes, torch.tensor([-1, 0])), r"label: values must lie in \[0, 3\)"),
+    "label-length-1-broadcast": (lambda: pixelcnn(codes, torch.tensor([1])),
+                                 r"label: expected an integer \(2,\) tensor, one id per example; got shape \(1,\)"),
+    "label-float": (lambda: pixelcnn(codes, torch.tensor([0.0, 1.0])), r"label: expected an integer \(2,\) tensor"),
+    "speaker-out-of-range": (lambda: wavenet(torch.zeros(1, 4, dtype=torch.long), None, torch.tensor([2])),
+                             r"speaker: values must lie in \[0, 2\); got range \[2, 2\]"),
+    "speaker-length": (lambda: wavenet(torch.zeros(3, 4, dtype=torch.long), None, torch.tensor([0])),
+                       r"x: expected an integer \(B, T\) tensor with B = 1 speakers"),
+    "x-float64-into-float32-model": (lambda: vqvae.VQVAE(vqvae.VQVAEConfig(
+        in_channels=1, hidden_channels=8, res_channels=4, num_res_layers=1, embedding_dim=4, num_embeddings=8))(
+        torch.randn(1, 1, 8, 8, dtype=torch.float64)),
+        r"x: expected a \(B, 1, \*S\) tensor of the model's dtype torch.float32 .*dtype torch.float64"),
+    "action-out-of-range": (lambda: video_prior(codes[:1], torch.zeros(1, 2, 3, 3, dtype=torch.long),
+                                                torch.tensor([3])), r"action: values must lie in \[0, 3\)"),
+}
+
+
+@pytest.mark.parametrize("call, message", API_CASES.values(), ids=API_CASES.keys())
+def test_bad_model_input_raises_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_quantizer_takes_float16_and_float64_latents(dtype):
+    out = vqvae.VectorQuantizer(8, 4)(torch.randn(2, 4, 3, dtype=dtype))
+    assert out.z_q.dtype == dtype and out.indices.shape == (2, 3)
+
+
+# ------------------------------------------------------------------------------------- runs
+TINY = ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
+        "--batch-size", "8", "--max-train-images", "96", "--max-test-images", "40", "--log-every", "1",
+        "--stages", "vqvae", "--steps", "2"]
+
+
+def run(out, data_dir, *extra):
+    train_cifar.main(["--data", str(CIFAR), "--data-dir", str(data_dir), "--out", str(out), *TINY, *extra])
+
+
+RESUME_CASES = [
+    (["--lr", "0.5"], r"was trained with --lr 0.001 \(now 0.5\); resume with those values, or train into another --out"),
+    (["--beta", "1.0"], r"--beta 0.25 \(now 1.0\)"),
+    (["--hidden", "24"], r"--hidden 16 \(now 24\)"),
+    (["--seed", "1", "--batch-size", "4"], r"--batch-size 8 \(now 4\), --seed 0 \(now 1\)"),
+    (["--preset", "sonnet", *TINY], r"--preset quick \(now sonnet\)"),
+]
+
+
+@pytest.mark.parametrize("extra, message", RESUME_CASES, ids=[" ".join(e[:2]) for e, _ in RESUME_CASES])
+def test_resume_with_other_options_is_refused_before_any_step(extra, message, tmp_path, data_dir):
+    out = tmp_path / "run"
+    run(out, data_dir)
+    before = training.load_checkpoint(out / "vqvae.pt")
+    with pytest.raises(SystemExit, match=message):
+        run(out, data_dir, "--resume", "--steps", "4", *extra)
+    assert training.load_checkpoint(out / "vqvae.pt")["step"] == before["step"] == 2
+
+
+def test_resume_may_change_length_logging_and_stages(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    run(out, data_dir, "--resume")
+    assert "--resume: no " in capsys.readouterr().out     # nothing to resume: says it starts fresh
+    run(out, data_dir, "--resume", "--steps", "3", "--log-every", "2", "--checkpoint-every", "5")
+    assert training.load_checkpoint(out / "vqvae.pt")["step"] == 3
+
+
+def test_checkpoint_without_recorded_options_is_not_resumed(tmp_path, data_dir):
+    out = tmp_path / "run"
+    run(out, data_dir)
+    state = training.load_checkpoint(out / "vqvae.pt")
+    del state["options"]
+    training.save_checkpoint(out / "vqvae.pt", state)
+    with pytest.raises(SystemExit, match="does not record the options it was trained with"):
+        run(out, data_dir, "--resume", "--steps", "3")
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = type("Args", (), {"resume": False, "log_every": 1, "checkpoint_every": 2, "out": tmp_path})()
+
+    def loss_fn(m, step):
+        loss = m(torch.ones(1, 2)).sum() * (math.inf if step == 3 else 1.0)
+        return loss, {"loss": loss.item()}
+
+    path = tmp_path / "model.pt"
+    with pytest.raises(SystemExit, match=rf"step 4: loss is not finite; stopped without saving. Last good "
+                                         rf"checkpoint: {path} \(step 2\)"):
+        training.run_loop("toy", model, optimizer, loss_fn, path, 10, args, training.Env(torch.device("cpu")), {})
+    state = training.load_checkpoint(path)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not list(tmp_path.glob("*.tmp"))
