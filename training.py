@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -287,6 +288,20 @@ def load_prior(path: Path, prior_class, vqvae_id: str, device):
     return prior.eval(), state["history"]
 
 
+def load_run(out: str | Path, device="cpu", model_class=vqvae.VQVAE, config_class=vqvae.VQVAEConfig,
+             prior_class=vqvae.GatedPixelCNN):
+    """(VQ-VAE, prior or None), both in eval mode, from a run's --out folder: how to reuse a trained
+    model. The prior is refused if it was fitted to the codes of another VQ-VAE. Speech and video
+    runs pass their classes (vqvae.AudioVQVAE, AudioVQVAEConfig, WaveNet; VQVAE, VQVAEConfig,
+    ActionConditionalPrior)."""
+    out = Path(out)
+    model, state = load_model(out / "vqvae.pt", model_class, config_class, device)
+    prior = None
+    if (out / "prior.pt").exists():
+        prior, _ = load_prior(out / "prior.pt", prior_class, model_fingerprint(state), device)
+    return model, prior
+
+
 def write_json(path: str | Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -356,10 +371,14 @@ class Progress:
         if not self.enabled or (now - self.last < self.interval and step < self.total):
             return
         self.last = now
-        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        rate = self.rate(step)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         print(f"[{self.name}] {step}/{self.total} {shown} | {rate:.2f} it/s | ETA {_duration(eta)}", flush=True)
+
+    def rate(self, step: int) -> float:
+        """Steps per second since this run (or resume) began."""
+        return (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -395,9 +414,21 @@ def check_resume_options(path: Path, saved: dict | None, options: dict) -> None:
                          "into another --out")
 
 
+def continue_log(path: Path, step: int) -> None:
+    """Keep the lines of a live-metrics log up to `step` (a run resumed from its checkpoint at that
+    step would repeat the later ones), or start it empty for a run from step 0."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() and step > 0 else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env, extra_state):
     """The training loop every model of the scripts shares: resume, steps, history, checkpoints,
-    Ctrl-C. args needs resume, log_every and checkpoint_every.
+    Ctrl-C. args needs resume, log_every and checkpoint_every. Each history point is also appended
+    to <checkpoint folder>/<name>.jsonl as one flushed JSON line (step, metrics, lr, steps_per_s),
+    to follow or plot a run while it trains.
 
     loss_fn(ddp_model, step) -> (loss, {metric: float averaged over processes}). Returns the
     history, or None if stopped early. A non-finite metric ends the run (SystemExit) unsaved.
@@ -427,7 +458,10 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
 
     progress = Progress(name, total_steps, step, enabled=env.is_main)
     model.train()
-    with StopRequest() as stop:
+    log_path = ckpt_path.with_name(f"{name}.jsonl")
+    if env.is_main:
+        continue_log(log_path, step)
+    with StopRequest() as stop, open(log_path, "a") if env.is_main else contextlib.nullcontext() as log:
         if env.is_main:
             print(f"[{name}] training to step {total_steps} from step {step}", flush=True)
         while step < total_steps:
@@ -447,6 +481,10 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
                 history["step"].append(step)
                 for k, v in metrics.items():
                     history.setdefault(k, []).append(v)
+                if env.is_main:
+                    log.write(json.dumps({"step": step, **metrics, "lr": optimizer.param_groups[0]["lr"],
+                                          "steps_per_s": progress.rate(step)}) + "\n")
+                    log.flush()
             progress.update(step, **metrics)
             if step % args.checkpoint_every == 0 or step == total_steps:
                 save()

@@ -74,6 +74,19 @@ def test_resumed_run_repeats_uninterrupted_losses_step_for_step(tmp_path, data_d
             assert torch.equal(a["model"][key], b["model"][key]), key
 
 
+def test_live_metrics_log_has_one_line_per_history_point_and_resume_continues_it(tmp_path, data_dir):
+    out = run(tmp_path / "r", data_dir, "--steps", "4", "--stages", "vqvae")
+    lines = [json.loads(line) for line in (out / "vqvae.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert {"loss", "recon_loss", "perplexity", "codes_used", "lr", "steps_per_s"} <= lines[0].keys()
+    assert lines[0]["lr"] == 1e-3 and lines[-1]["loss"] == training.load_checkpoint(out / "vqvae.pt")["history"]["loss"][-1]
+    with open(out / "vqvae.jsonl", "a") as f:  # a line logged after the last checkpoint, then a crash
+        f.write(json.dumps({"step": 5, "stale": True}) + "\n")
+    run(out, data_dir, "--steps", "6", "--stages", "vqvae", "--resume")
+    lines = [json.loads(line) for line in (out / "vqvae.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6] and not any("stale" in line for line in lines)
+
+
 def test_existing_checkpoint_without_resume_is_refused(tmp_path, data_dir):
     run(tmp_path / "r", data_dir, "--steps", "2", "--stages", "vqvae")
     with pytest.raises(SystemExit, match="--resume"):
