@@ -63,6 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "<root>/{train,test}/<class>/*.png|jpg, or a .tar.gz of one (default: "
                         "<data-dir>/cifar-10-python.tar.gz, downloaded and MD5-checked if missing)")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="downloads and decoded caches")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="centre-crop image-folder images to a square and resize them to NxN (N a multiple of 4); "
+                        "by default they must share one size with sides multiple of 4")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                   help="3: RGB (grayscale and RGBA images are converted); 1: grayscale")
     training.add_run_arguments(p, "vqvae,prior,eval", log_every=100, checkpoint_every=1000)
     p.add_argument("--max-train-images", type=int, default=None, help="a seeded random subset, for tests")
     p.add_argument("--max-test-images", type=int, default=None, help="a seeded random subset, for tests")
@@ -82,7 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prior-steps", type=int)
     g.add_argument("--prior-batch-size", type=int)
     g.add_argument("--prior-lr", type=float, default=3e-4)
-    return training.parse_with_presets(p, PRESETS, argv, "cifar")
+    args = training.parse_with_presets(p, PRESETS, argv, "cifar")
+    if args.image_size is not None and (args.image_size < SIDE_MULTIPLE or args.image_size % SIDE_MULTIPLE):
+        p.error(f"--image-size: expected a multiple of {SIDE_MULTIPLE}; got {args.image_size}")
+    return args
 
 
 # ============================================================================ data
@@ -134,82 +142,92 @@ def read_official(path: Path) -> dict:
             for split in parts for i, k in enumerate(("x", "y"))}
 
 
-def read_image_folder(path: Path) -> dict:
-    """<root>/{train,test}/<class>/*.png|jpg, as a folder or a .tar.gz of one. Images are read as
-    RGB and must be 32x32. Class order: CIFAR-10's when the names match, else alphabetical."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+SIDE_MULTIPLE = 4  # the image encoder halves each side twice
+
+
+def read_image_folder(path: Path, image_size: int | None = None, channels: int = 3) -> dict:
+    """Images of a folder, or of a .tar.gz of one, in one of three layouts:
+        <root>/{train,test}/<class>/*.png|jpg   labelled, one class per folder (CIFAR-10's order
+                                                when the names match, else alphabetical)
+        <root>/{train,test}/*.png|jpg           unlabelled, split given
+        <root>/**/*.png|jpg                     unlabelled, every 10th image (by name) held out
+    Images are converted to RGB (channels=3) or grayscale (channels=1). With image_size they are
+    centre-cropped to a square and resized to image_size x image_size; without it they must all
+    have one size whose sides are multiples of 4. Returns uint8 (N, C, H, W) images, int64 labels
+    (zeros without classes) and the class names (empty without classes)."""
     from PIL import Image  # a matplotlib dependency
-    files = {"train": [], "test": []}  # (class name, name, bytes)
-
-    def add(rel: str, read):
-        parts = Path(rel).parts
-        for i in range(len(parts) - 2):
-            if parts[i] in files and Path(parts[-1]).suffix.lower() in (".png", ".jpg", ".jpeg"):
-                files[parts[i]].append((parts[i + 1], rel, read()))
-                return
-
+    found = []  # (relative path, bytes)
     if path.is_dir():
         for f in sorted(path.rglob("*")):
-            if f.is_file():
-                add(str(f.relative_to(path)), f.read_bytes)
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                found.append((str(f.relative_to(path)), f.read_bytes()))
     else:
         try:
             with tarfile.open(path, "r:*") as tar:
                 for m in tar:
-                    if m.isfile():
-                        add(m.name, lambda m=m: tar.extractfile(m).read())
+                    if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
+                        found.append((m.name, tar.extractfile(m).read()))
         except (tarfile.TarError, OSError, EOFError) as e:
             raise DataError(f"{path}: cannot read the archive ({e}); is it a complete .tar.gz?") from e
-    if not files["train"] or not files["test"]:
-        raise DataError(f"{path}: expected images under train/<class>/ and test/<class>/; found "
-                        f"{len(files['train'])} train and {len(files['test'])} test images")
-    names = sorted({c for split in files.values() for c, _, _ in split})
+    if not found:
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+
+    items = {"train": [], "test": []}  # (class name or "", relative path, bytes)
+    for i, (rel, data) in enumerate(sorted(found)):
+        parts = Path(rel).parts
+        split = next((k for k in range(len(parts) - 1) if parts[k] in items), None)
+        if split is None:                                      # no train/ or test/ in the path
+            items["test" if i % 10 == 9 else "train"].append(("", rel, data))
+        else:
+            label = parts[split + 1] if split + 2 < len(parts) else ""
+            items[parts[split]].append((label, rel, data))
+    if not items["train"] or not items["test"]:
+        raise DataError(f"{path}: found {len(items['train'])} training and {len(items['test'])} test images; "
+                        "both splits need images (train/ and test/ folders, or at least 10 images)")
+    labelled = {bool(c) for split in items.values() for c, _, _ in split}
+    if labelled == {True, False}:
+        raise DataError(f"{path}: some images are in class folders and some are not; put every image of "
+                        "train/ and test/ in a class folder, or none")
+    names = sorted({c for split in items.values() for c, _, _ in split if c})
     classes = list(CLASSES) if set(names) == set(CLASSES) else names
-    out = {"classes": np.array(classes)}
-    for split, items in files.items():
-        items.sort(key=lambda t: (classes.index(t[0]), t[1]))
+    out = {"classes": np.array(classes, dtype=str)}
+    mode, size = ("L" if channels == 1 else "RGB"), None
+    for split, chosen in items.items():
+        chosen.sort(key=lambda t: (classes.index(t[0]) if t[0] else 0, t[1]))
         images = []
-        for _, rel, data in items:
+        for _, rel, data in chosen:
             try:
-                img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+                img = Image.open(io.BytesIO(data)).convert(mode)
             except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
                 raise DataError(f"{path}: {rel} is not a readable image ({e})") from e
-            if img.shape != (32, 32, 3):
-                raise DataError(f"{path}: {rel} is {img.shape[1]}x{img.shape[0]}, expected 32x32")
-            images.append(img.transpose(2, 0, 1))
+            if image_size:
+                side = min(img.size)
+                left, top = (img.width - side) // 2, (img.height - side) // 2
+                img = img.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BICUBIC)
+            size = size or img.size
+            if img.size != size:
+                raise DataError(f"{path}: {rel} is {img.width}x{img.height} but the first image is "
+                                f"{size[0]}x{size[1]}; pass --image-size N to crop and resize all to NxN")
+            if img.width % SIDE_MULTIPLE or img.height % SIDE_MULTIPLE:
+                raise DataError(f"{path}: {rel} is {img.width}x{img.height}; sides must be multiples of "
+                                f"{SIDE_MULTIPLE} (the encoder halves them twice): pass --image-size N")
+            images.append(np.asarray(img).reshape(img.height, img.width, channels).transpose(2, 0, 1))
         out[f"{split}_x"] = np.stack(images)
-        out[f"{split}_y"] = np.array([classes.index(c) for c, _, _ in items], np.int64)
+        out[f"{split}_y"] = np.array([classes.index(c) if c else 0 for c, _, _ in chosen], np.int64)
     return out
 
 
-CACHE_FORMAT = 1  # part of every cache key: bump when the decoding changes
-
-
-def source_key(source: Path) -> str:
-    """16 hex digits of SHA-256 over what a decoded cache is made from: a file's bytes, or a
-    folder's sorted list of files with their sizes and modification times (nanoseconds)."""
-    digest = hashlib.sha256(f"format {CACHE_FORMAT}\n".encode())
-    if source.is_dir():
-        for f in sorted(source.rglob("*")):
-            if f.is_file():
-                stat = f.stat()
-                digest.update(f"{f.relative_to(source)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    else:
-        with open(source, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def load_cifar10(source: Path | None, data_dir: Path) -> dict:
-    """Train and test uint8 images (N, 3, 32, 32), int64 labels and class names, from `source`
-    (see --data), decoded once and cached as .npz in data_dir, keyed by source_key."""
+def load_cifar10(source: Path | None, data_dir: Path, image_size: int | None = None, channels: int = 3) -> dict:
+    """Train and test uint8 images (N, C, H, W), int64 labels and class names, from `source` (see
+    --data and read_image_folder), decoded once and cached as .npz in data_dir, keyed by training.source_key."""
     if source is None:
         source = data_dir / "cifar-10-python.tar.gz"
         if not source.exists():
             download_official(source)
     if not source.exists():
         raise DataError(f"--data {source}: no such file or folder")
-    cache = data_dir / f"{source.name.split('.')[0]}-{source_key(source)}.npz"
+    cache = data_dir / f"{source.name.split('.')[0]}-{training.source_key(source, image_size, channels)}.npz"
     if cache.exists():
         try:
             with np.load(cache) as f:
@@ -221,7 +239,10 @@ def load_cifar10(source: Path | None, data_dir: Path) -> dict:
             problem = str(e)
         print(f"{cache}: unreadable cache ({problem}); decoding {source} again", flush=True)
     is_official = source.is_file() and _is_official_archive(source)
-    data = read_official(source) if is_official else read_image_folder(source)
+    if is_official and (image_size or channels != 3):
+        raise DataError(f"--data {source}: the official CIFAR-10 archive is 32x32 RGB; --image-size and "
+                        "--channels apply to image folders")
+    data = read_official(source) if is_official else read_image_folder(source, image_size, channels)
     data.setdefault("classes", np.array(CLASSES))
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.stem + ".tmp.npz")
@@ -246,13 +267,14 @@ def subset(x: np.ndarray, y: np.ndarray, n: int | None, seed: int):
 
 
 def to_float(x_uint8: torch.Tensor, device) -> torch.Tensor:
-    """uint8 (B, 3, 32, 32) -> float in [-0.5, 0.5], the scale of the paper's and Sonnet's code."""
+    """uint8 (B, C, H, W) -> float in [-0.5, 0.5], the scale of the paper's and Sonnet's code."""
     return x_uint8.to(device).float() / 255 - 0.5
 
 
 # ============================================================================ stages
-def model_config(args, data_variance: float) -> vqvae.VQVAEConfig:
-    return training.image_vqvae_config(args, data_variance, num_groups=args.num_groups, likelihood=args.likelihood)
+def model_config(args, data_variance: float, in_channels: int) -> vqvae.VQVAEConfig:
+    return training.image_vqvae_config(args, data_variance, in_channels=in_channels, num_groups=args.num_groups,
+                                       likelihood=args.likelihood)
 
 
 @torch.no_grad()
@@ -272,7 +294,8 @@ def encode_all(model, x_uint8: torch.Tensor, device, decode: bool = False, batch
     return torch.cat(codes), torch.cat(sq_err) if sq_err else None, torch.cat(log_px) if log_px else None
 
 
-def train_prior(args, env, model, vqvae_id, train_x, train_y):
+def train_prior(args, env, model, vqvae_id, train_x, train_y, num_classes: int):
+    """The gated PixelCNN over the training set's codes: class-conditional when num_classes > 0."""
     codes_path = args.out / "codes.pt"
     cached = training.load_checkpoint(codes_path) if codes_path.exists() else None
     if cached is not None and cached.get("vqvae_id") == vqvae_id:
@@ -285,13 +308,13 @@ def train_prior(args, env, model, vqvae_id, train_x, train_y):
         training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_id)
     c = model.config
     prior_config = dict(num_embeddings=c.num_embeddings, num_groups=c.num_groups, channels=args.prior_channels,
-                        num_layers=args.prior_layers, kernel_size=5, num_classes=len(CLASSES))
+                        num_layers=args.prior_layers, kernel_size=5, num_classes=num_classes or None)
     prior = vqvae.GatedPixelCNN(**prior_config).to(env.device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.prior_lr)
 
     def loss_fn(ddp, step):
         idx = training.batch_indices(step, len(codes), args.prior_batch_size, args.seed + 1, env)
-        logits = ddp(codes[idx].to(env.device), train_y[idx].to(env.device))
+        logits = ddp(codes[idx].to(env.device), train_y[idx].to(env.device) if num_classes else None)
         loss = F.cross_entropy(logits, codes[idx].to(env.device))  # nats per latent
         return loss, {"prior_loss": training.all_reduce_mean(loss).item()}
 
@@ -311,17 +334,18 @@ def evaluate(args, env, model, prior, data, data_variance):
     num_dims, num_latents = test_x[0].numel(), codes[0].numel()
     if prior is not None:
         prior.eval()
-        labels = test_y.long().to(env.device)
-        log_pz_y = torch.cat([prior.log_prob(codes[i:i + 500].to(env.device), labels[i:i + 500]).cpu()
-                              for i in range(0, len(codes), 500)])           # log p(z|y), nats
+        labels = test_y.long().to(env.device) if prior.num_classes else None
+        log_pz_y = torch.cat([prior.log_prob(codes[i:i + 500].to(env.device), None if labels is None else
+                                             labels[i:i + 500]).cpu()
+                              for i in range(0, len(codes), 500)])           # log p(z|y) (or p(z)), nats
         metrics["prior_test_bits_per_latent"] = (-log_pz_y.mean() / num_latents / math.log(2)).item()
     if log_px is not None:
         metrics["test_bits_per_dim_uniform_prior"] = vqvae.bits_per_dim(
             log_px, num_dims, num_latents=num_latents, num_embeddings=c.num_embeddings).mean().item()
         if prior is not None:
-            # p(z) = sum_y p(y) p(z|y) >= p(z|y_true) / 10: a bound on the unconditional log p(x)
-            # from one pass of the prior, at most log2(10) / 3072 = 0.001 bits/dim looser.
-            log_pz = log_pz_y - math.log(len(CLASSES))
+            # p(z) = sum_y p(y) p(z|y) >= p(z|y_true) / C for C equally likely classes: a bound on
+            # the unconditional log p(x) from one pass of the prior, log2(C) / dims bits/dim looser.
+            log_pz = log_pz_y - math.log(prior.num_classes or 1)
             metrics["test_bits_per_dim"] = vqvae.bits_per_dim(log_px, num_dims, log_pz).mean().item()
     return metrics, codes
 
@@ -342,20 +366,22 @@ def make_figures(args, env, model, prior, data, test_codes, histories):
     if histories.get("prior"):
         training.plot_history(out / "prior_curves.png", histories["prior"], ["prior_loss"], "prior (nats per latent)")
     if prior is not None:
-        classes = [str(c) for c in data["classes"]]
-        labels = torch.arange(len(classes), device=env.device).repeat_interleave(8)
+        classes = [str(c) for c in data["classes"]][:10] if prior.num_classes else ["", ""]  # rows of 8
+        labels = torch.arange(len(classes), device=env.device).repeat_interleave(8) if prior.num_classes else None
         shape = tuple(test_codes.shape[-2:])
         gen = torch.Generator(device=env.device).manual_seed(args.seed)
-        samples = model.reconstruction(model.decode(prior.sample(shape, labels, generator=gen))).cpu() + 0.5
+        codes = prior.sample(shape, labels, batch_size=8 * len(classes), generator=gen)
+        samples = model.reconstruction(model.decode(codes)).cpu() + 0.5
+        kind = "class-conditional" if prior.num_classes else "unconditional"
         training.save_image_rows(out / "prior_samples.png", [(c, samples[i * 8:(i + 1) * 8]) for i, c in enumerate(classes)],
-                                 "samples: codes from the class-conditional prior, decoded")
+                                 f"samples: codes from the {kind} prior, decoded")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     env = training.setup(args.seed, args.device)
     try:
-        data = load_cifar10(args.data, args.data_dir)
+        data = load_cifar10(args.data, args.data_dir, args.image_size, args.channels)
     except DataError as e:
         raise SystemExit(f"error: {e}")
     data["train_x"], data["train_y"] = subset(data["train_x"], data["train_y"], args.max_train_images, args.seed)
@@ -372,7 +398,7 @@ def main(argv=None) -> None:
         train_x = data["train_x"]
         batch = lambda step: to_float(train_x[training.batch_indices(step, len(train_x), args.batch_size, args.seed, env)],
                                       env.device)  # noqa: E731
-        model, histories["vqvae"] = training.train_vqvae(args, env, model_config(args, data_variance), batch)
+        model, histories["vqvae"] = training.train_vqvae(args, env, model_config(args, data_variance, data["train_x"].shape[1]), batch)
         if histories["vqvae"] is None:
             training.stopped()
         timings["vqvae_seconds"] = time.perf_counter() - t0
@@ -382,7 +408,8 @@ def main(argv=None) -> None:
     prior = None
     if "prior" in args.stages:
         t1 = time.perf_counter()
-        prior, histories["prior"] = train_prior(args, env, model, vqvae_id, data["train_x"], data["train_y"])
+        prior, histories["prior"] = train_prior(args, env, model, vqvae_id, data["train_x"], data["train_y"],
+                                                len(data["classes"]))
         if histories["prior"] is None:
             training.stopped()
         timings["prior_seconds"] = time.perf_counter() - t1

@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import json
 import math
+import os
 import time
 import wave
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an FSDD checkout (recordings/*.wav, alignments.tsv) or a VCTK folder "
                         f"(wav48/ of 0.80 or wav48_silence_trimmed/ of 0.92; from {VCTK_URL})")
     p.add_argument("--sample-rate", type=int, default=16000, help="VCTK is resampled from 48 kHz to this")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="decoded (resampled) corpus caches")
     training.add_run_arguments(p, "vqvae,classifiers,prior,eval", log_every=50, checkpoint_every=500)
     p.add_argument("--max-train-clips", type=int, default=None, help="a seeded random subset, for tests")
     p.add_argument("--max-test-clips", type=int, default=None, help="a seeded random subset, for tests")
@@ -145,7 +150,11 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
         with wave.open(str(path), "rb") as w:
             width, channels, rate, frames = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.getnframes()
             raw = w.readframes(frames)
-    except (wave.Error, EOFError, OSError) as e:
+    except wave.Error as e:
+        if "unknown format" in str(e):  # e.g. IEEE float or WAVE_FORMAT_EXTENSIBLE (24-bit) files
+            return read_soundfile(path, "this WAV encoding")
+        raise DataError(f"{path}: not a readable PCM WAV file ({e})") from e
+    except (EOFError, OSError) as e:
         raise DataError(f"{path}: not a readable PCM WAV file ({e})") from e
     if frames == 0:
         raise DataError(f"{path}: holds no samples")
@@ -157,17 +166,22 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     elif width in (2, 4):
         x = np.frombuffer(raw, f"<i{width}").astype(np.float32) / 2 ** (8 * width - 1)
     else:
-        raise DataError(f"{path}: {8 * width}-bit WAV is not supported (8, 16 or 32 bit PCM)")
+        return read_soundfile(path, f"{8 * width}-bit WAV")
     return x.reshape(-1, channels).mean(1), rate
 
 
-def read_flac(path: Path) -> tuple[np.ndarray, int]:
+def read_soundfile(path: Path, what: str = "FLAC (VCTK 0.92)") -> tuple[np.ndarray, int]:
+    """Any format libsndfile reads (FLAC, 24-bit or float WAV), through the optional soundfile package."""
     try:
         import soundfile
     except ImportError as e:
-        raise DataError(f"{path}: reading FLAC (VCTK 0.92) needs the optional soundfile package: "
-                        "pip install soundfile") from e
-    x, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        raise DataError(f"{path}: reading {what} needs the optional soundfile package: pip install soundfile") from e
+    try:
+        x, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as e:
+        raise DataError(f"{path}: not a readable audio file ({e})") from e
+    if len(x) == 0:
+        raise DataError(f"{path}: holds no samples")
     return x.mean(1), rate
 
 
@@ -180,24 +194,46 @@ def write_wav(path: Path, x: np.ndarray, rate: int) -> None:
         w.writeframes((np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes())
 
 
+@functools.lru_cache(maxsize=8)
+def resampling_filters(orig_rate: int, new_rate: int, zeros: int = 16) -> tuple[torch.Tensor, int, int]:
+    """The polyphase filter bank of resample: (L, 1, taps) float32, and (L, M) with new / orig = L / M.
+
+    Output sample n = r + L j lies at input time t = j M + r M / L. For each phase r that is the
+    input filtered by a Hann-windowed sinc low-pass at min(orig, new) / 2, h(d) = c sinc(c d)
+    (0.5 + 0.5 cos(pi d / W)), |d| < W = zeros / c input samples, c = min(1, new / orig), sampled at
+    the 2W inputs around t; filter r is placed at its offset floor(r M / L) in the taps, so that one
+    matrix product of the input's windows (stride M) with the bank computes every phase.
+    """
+    g = math.gcd(orig_rate, new_rate)
+    L, M = new_rate // g, orig_rate // g
+    cutoff = min(1.0, new_rate / orig_rate)               # of the input's Nyquist frequency
+    width = math.ceil(zeros / cutoff)                     # W: filter half-width in input samples
+    r = np.arange(L)
+    offset, phase = (r * M) // L, (r * M % L) / L          # floor(r M / L), its fraction
+    q = np.arange(-width + 1, width + 1)                   # taps around floor(t)
+    d = phase[:, None] - q[None]                           # (L, 2W) distances t - tap
+    h = cutoff * np.sinc(cutoff * d) * (0.5 + 0.5 * np.cos(np.pi * np.clip(d / width, -1, 1)))
+    bank = np.zeros((L, M - 1 + 2 * width))
+    for i in range(L):
+        bank[i, offset[i]:offset[i] + 2 * width] = h[i]
+    return torch.from_numpy(bank).float()[:, None], L, M
+
+
 def resample(x: np.ndarray, orig_rate: int, new_rate: int, zeros: int = 16) -> np.ndarray:
-    """Band-limited resampling: each output sample is the input convolved with a Hann-windowed
-    sinc low-pass at min(orig, new) / 2, evaluated at the output instant (`zeros` zero crossings
-    on each side)."""
+    """Band-limited resampling by a rational factor new / orig = L / M: the input's windows at stride M
+    times the polyphase filter bank of resampling_filters (one matrix product); ceil(len(x) L / M)
+    samples out."""
     if orig_rate == new_rate:
         return x.astype(np.float32)
-    cutoff = min(1.0, new_rate / orig_rate)               # of the input's Nyquist frequency
-    width = math.ceil(zeros / cutoff)                     # filter half-width in input samples
-    n_out = math.ceil(len(x) * new_rate / orig_rate)
-    padded = np.pad(x.astype(np.float64), width + 1)
-    out = np.empty(n_out, np.float32)
-    for start in range(0, n_out, 4096):                   # chunks bound the (n, 2 * width) matrix
-        t = np.arange(start, min(start + 4096, n_out)) * (orig_rate / new_rate)
-        taps = np.floor(t)[:, None] + np.arange(-width + 1, width + 1)[None]      # (n, 2 width)
-        d = t[:, None] - taps
-        h = cutoff * np.sinc(cutoff * d) * (0.5 + 0.5 * np.cos(np.pi * np.clip(d / width, -1, 1)))
-        out[start:start + len(t)] = (padded[taps.astype(np.int64) + width + 1] * h).sum(1)
-    return out
+    bank, L, M = resampling_filters(orig_rate, new_rate, zeros)
+    width = (bank.shape[-1] - M + 1) // 2
+    n_out = math.ceil(len(x) * L / M)
+    per_phase = -(-n_out // L)                             # outputs of each phase, ceil(n_out / L)
+    right = max(0, (per_phase - 1) * M + bank.shape[-1] - (len(x) + width - 1))
+    padded = F.pad(torch.from_numpy(np.ascontiguousarray(x, np.float32)), (width - 1, right))
+    windows = padded.unfold(0, bank.shape[-1], M)[:per_phase]   # (per_phase, taps), a strided view
+    y = windows @ bank[:, 0].t()                                # (per_phase, L): y[j, r] is sample r + L j
+    return y.reshape(-1)[:n_out].numpy()
 
 
 def load_fsdd(root: Path) -> Speech:
@@ -245,7 +281,7 @@ def load_vctk(root: Path, rate: int, max_per_speaker: int | None = None, test_ev
     if (root / "wav48").is_dir():
         folder, pattern, read = root / "wav48", "*.wav", read_wav
     else:
-        folder, pattern, read = root / "wav48_silence_trimmed", "*_mic1.flac", read_flac
+        folder, pattern, read = root / "wav48_silence_trimmed", "*_mic1.flac", read_soundfile
     speakers = sorted(d.name for d in folder.iterdir() if d.is_dir() and any(d.glob(pattern)))
     if not speakers:
         raise DataError(f"{folder}: no speaker folders with {pattern} files")
@@ -263,15 +299,60 @@ def load_vctk(root: Path, rate: int, max_per_speaker: int | None = None, test_ev
     return Speech(rate, speakers, train, test, None)
 
 
-def load_speech(source: Path | None, rate: int, max_per_speaker: int | None = None) -> Speech:
+def load_speech(source: Path | None, rate: int, max_per_speaker: int | None = None,
+                data_dir: Path | None = None) -> Speech:
+    """FSDD or VCTK (see load_fsdd, load_vctk); with data_dir, decoded once and cached there as
+    .npz, keyed by the folder's content and these settings (training.source_key)."""
     if source is None:
         raise DataError(f"pass --data: an FSDD checkout or a VCTK folder (download VCTK from {VCTK_URL})")
     if (source / "recordings").is_dir():
-        return load_fsdd(source)
-    if (source / "wav48").is_dir() or (source / "wav48_silence_trimmed").is_dir():
-        return load_vctk(source, rate, max_per_speaker)
-    raise DataError(f"--data {source}: expected recordings/ (FSDD), wav48/ (VCTK 0.80) or "
-                    "wav48_silence_trimmed/ (VCTK 0.92)")
+        load = lambda: load_fsdd(source)  # noqa: E731
+    elif (source / "wav48").is_dir() or (source / "wav48_silence_trimmed").is_dir():
+        load = lambda: load_vctk(source, rate, max_per_speaker)  # noqa: E731
+    else:
+        raise DataError(f"--data {source}: expected recordings/ (FSDD), wav48/ (VCTK 0.80) or "
+                        "wav48_silence_trimmed/ (VCTK 0.92)")
+    if data_dir is None:
+        return load()
+    cache = data_dir / f"speech-{source.name}-{training.source_key(source, rate, max_per_speaker)}.npz"
+    if cache.exists():
+        try:
+            return speech_from_arrays(cache)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            print(f"{cache}: unreadable cache ({e}); decoding {source} again", flush=True)
+    data = load()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **speech_arrays(data))
+    os.replace(tmp, cache)
+    return data
+
+
+def speech_arrays(data: Speech) -> dict[str, np.ndarray]:
+    """A Speech as flat arrays for np.savez: each split's clips concatenated, with their lengths."""
+    arrays = {"sample_rate": np.array(data.sample_rate), "speakers": np.array(data.speakers, dtype=str),
+              "alignments": np.array(json.dumps(data.alignments))}
+    for name, split in (("train", data.train), ("test", data.test)):
+        arrays[f"{name}_audio"] = np.concatenate(split.audio) if split.audio else np.zeros(0, np.float32)
+        arrays[f"{name}_lengths"] = np.array([len(a) for a in split.audio], np.int64)
+        arrays[f"{name}_speaker"], arrays[f"{name}_names"] = split.speaker, np.array(split.names, dtype=str)
+        if split.digit is not None:
+            arrays[f"{name}_digit"] = split.digit
+    return arrays
+
+
+def speech_from_arrays(path: Path) -> Speech:
+    with np.load(path) as f:
+        a = dict(f)
+    splits = []
+    for name in ("train", "test"):
+        audio = np.split(a[f"{name}_audio"], np.cumsum(a[f"{name}_lengths"])[:-1])
+        splits.append(Split(list(audio), a[f"{name}_speaker"], [str(n) for n in a[f"{name}_names"]],
+                            a.get(f"{name}_digit")))
+    alignments = json.loads(str(a["alignments"]))
+    if alignments is not None:
+        alignments = {k: [tuple(iv) for iv in v] for k, v in alignments.items()}
+    return Speech(int(a["sample_rate"]), [str(s) for s in a["speakers"]], splits[0], splits[1], alignments)
 
 
 def subset(split: Split, n: int | None, seed: int) -> Split:
@@ -696,7 +777,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     env = training.setup(args.seed, args.device)
     try:
-        data = load_speech(args.data, args.sample_rate, args.max_clips_per_speaker)
+        data = load_speech(args.data, args.sample_rate, args.max_clips_per_speaker, args.data_dir)
     except DataError as e:
         raise SystemExit(f"error: {e}")
     data.train = subset(data.train, args.max_train_clips, args.seed)

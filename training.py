@@ -228,6 +228,25 @@ def image_metrics(mse: float, data_variance: float, codes: torch.Tensor, num_emb
 
 
 # ----------------------------------------------------------------------------- checkpoints
+CACHE_FORMAT = 1  # part of every data-cache key: bump when a script's decoding changes
+
+
+def source_key(source: Path, *settings) -> str:
+    """16 hex digits of SHA-256 over what a decoded cache is made from: the decoding settings, and a
+    file's bytes or a folder's sorted list of files with their sizes and modification times (ns)."""
+    digest = hashlib.sha256(f"format {CACHE_FORMAT} {settings}\n".encode())
+    if source.is_dir():
+        for f in sorted(source.rglob("*")):
+            if f.is_file():
+                stat = f.stat()
+                digest.update(f"{f.relative_to(source)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    else:
+        with open(source, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
@@ -388,7 +407,7 @@ class Progress:
 # Options a resumed run may change: how far to train, what to log and save, which stages, where;
 # and those that only shape the evaluation. Any other change would silently mix two runs.
 RESUMABLE_OPTIONS = {"steps", "prior_steps", "clf_steps", "log_every", "checkpoint_every", "stages", "resume",
-                     "out", "device", "max_test_images", "max_test_clips", "eval_clips", "wav_clips",
+                     "out", "device", "data_dir", "max_test_images", "max_test_clips", "eval_clips", "wav_clips",
                      "temperature"}
 
 
@@ -498,11 +517,11 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
     return history
 
 
-def image_vqvae_config(args, data_variance: float, **extra) -> vqvae.VQVAEConfig:
+def image_vqvae_config(args, data_variance: float, in_channels: int = 3, **extra) -> vqvae.VQVAEConfig:
     """The VQVAEConfig of an image or frame script's options (--hidden, --res-hidden, --res-layers
-    and the codebook's): RGB in, two stride-2 convolutions (4x fewer latents per side)."""
+    and the codebook's): in_channels in (3: RGB), two stride-2 convolutions (4x fewer latents per side)."""
     return vqvae.VQVAEConfig(
-        in_channels=3, hidden_channels=args.hidden, res_channels=args.res_hidden, num_res_layers=args.res_layers,
+        in_channels=in_channels, hidden_channels=args.hidden, res_channels=args.res_hidden, num_res_layers=args.res_layers,
         num_downsamples=2, num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
         commitment_cost=args.beta, decay=args.decay, kmeans_init=args.kmeans_init,
         dead_code_threshold=args.dead_code_threshold, data_variance=data_variance, **extra)
@@ -542,7 +561,9 @@ def save_image_rows(path: str | Path, rows: list[tuple[str, torch.Tensor]], titl
             ax = axes[r][c]
             ax.axis("off")
             if c < len(images):
-                ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
+                image = images[c].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+                ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1,
+                          interpolation="nearest")
         axes[r][0].text(-2, images.shape[-2] / 2, label, ha="right", va="center", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")

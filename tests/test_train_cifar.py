@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -235,3 +236,60 @@ def test_presets_carry_the_paper_and_sonnet_settings():
     assert (sonnet.hidden, sonnet.res_hidden, sonnet.embedding_dim, sonnet.lr, sonnet.batch_size) == (128, 32, 64, 3e-4, 32)
     assert sonnet.decay is None and sonnet.steps == 7  # the command line wins over the preset
     assert train_cifar.parse_args([]).preset == "quick"
+
+
+# ----------------------------------------------------------------------------- your own images
+def own_images(root: Path, layout: str, size=(64, 64), classes=12, per_class=3, mode="RGB") -> Path:
+    """A generated image folder: "classes" (train/test/<class>/), "flat" (no split, no classes)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        for i in range(per_class):
+            folders = [root / split / f"class_{c:02d}" for split in ("train", "test")] if layout == "classes" else [root]
+            for folder in folders:
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).convert(mode).save(folder / f"img_{c}_{i}.png")
+    return root
+
+
+SMALL = ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
+         "--batch-size", "4", "--prior-channels", "8", "--prior-layers", "2", "--prior-batch-size", "4",
+         "--steps", "2", "--prior-steps", "2", "--log-every", "1"]
+
+
+@pytest.mark.parametrize("layout, extra, image_shape, num_classes", [
+    ("classes", [], (3, 64, 64), 12),
+    ("flat", [], (3, 64, 64), None),
+    ("classes", ["--image-size", "32", "--channels", "1"], (1, 32, 32), 12),
+], ids=["64x64-12-classes", "flat-unconditional", "resized-grayscale"])
+def test_any_image_folder_trains_every_stage(tmp_path, layout, extra, image_shape, num_classes):
+    data = own_images(tmp_path / "images", layout, size=(80, 64) if extra else (64, 64), mode="RGBA")
+    out = tmp_path / "run"
+    train_cifar.main(["--data", str(data), "--data-dir", str(tmp_path / "cache"), "--out", str(out), *SMALL, *extra])
+    model, prior = training.load_run(out)
+    assert model.config.in_channels == image_shape[0] and prior.num_classes == num_classes
+    side = image_shape[1] // 4
+    assert training.load_checkpoint(out / "codes.pt")["train"].shape[1:] == (side, side)
+    report = json.loads((out / "metrics.json").read_text())
+    assert 0 < report["metrics"]["test_mse"] and report["metrics"]["prior_test_bits_per_latent"] > 0
+    assert (out / "prior_samples.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("make, extra, message", [
+    (lambda root: own_images(root, "flat", size=(30, 30), classes=2, per_class=5), [],
+     r"is 30x30; sides must be multiples of 4 .* pass --image-size N"),
+    (lambda root: (own_images(root, "flat", classes=2, per_class=5),
+                   own_images(root / "more", "flat", size=(32, 32), classes=1, per_class=1)), [],
+     r"is 32x32 but the first image is 64x64; pass --image-size N"),
+    (lambda root: own_images(root, "flat", classes=1, per_class=5), [], r"found 5 training and 0 test images"),
+    (lambda root: own_images(root, "flat", classes=2, per_class=5), ["--image-size", "30"],
+     r"--image-size: expected a multiple of 4; got 30"),
+], ids=["odd-size", "mixed-sizes", "too-few", "bad-image-size"])
+def test_unusable_image_folder_is_refused_before_training(tmp_path, make, extra, message, capsys):
+    make(tmp_path / "images")
+    with pytest.raises(SystemExit) as exit_info:
+        train_cifar.main(["--data", str(tmp_path / "images"), "--data-dir", str(tmp_path / "cache"),
+                          "--out", str(tmp_path / "run"), *SMALL, *extra])
+    assert re.search(message, str(exit_info.value) + capsys.readouterr().err)
+    assert not (tmp_path / "run" / "vqvae.pt").exists()

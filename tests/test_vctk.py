@@ -33,12 +33,16 @@ def _single_thread(seeded_single_thread):
     yield
 
 
+CACHE = {}  # the decoded-corpus cache (--data-dir) that the runs of this module share
+
+
 @pytest.fixture(scope="module")
-def fsdd():
+def fsdd(tmp_path_factory):
     if not (FSDD / "recordings").is_dir():
         if os.environ.get("CI"):
             pytest.fail(f"FSDD not found at {FSDD}")
         pytest.skip(f"FSDD not found at {FSDD} (set VQVAE_FSDD)")
+    CACHE["dir"] = tmp_path_factory.mktemp("speech-cache")
     return FSDD
 
 
@@ -174,6 +178,66 @@ def test_vctk_080_layout_is_read_resampled_to_16khz_and_split_per_speaker(tmp_pa
     assert np.abs(x - expected)[50:-50].max() < 2e-3  # away from the edges, the tone is kept
 
 
+@pytest.mark.parametrize("orig, new", [(48000, 16000), (44100, 16000), (8000, 16000), (16000, 22050), (48000, 7000)])
+@pytest.mark.parametrize("n", [1, 5, 999])
+def test_polyphase_resampler_equals_the_windowed_sinc_evaluated_at_each_output_instant(orig, new, n):
+    # Reference: every output sample computed on its own in float64, y(t) = sum_i x_i h(t - i) at
+    # t = n_out * orig / new, with h the Hann-windowed sinc of half-width W = ceil(16 / c).
+    x = np.random.default_rng(n).standard_normal(n)
+    cutoff = min(1.0, new / orig)
+    width = math.ceil(16 / cutoff)
+    t = np.arange(math.ceil(n * new / orig)) * orig / new
+    d = t[:, None] - np.arange(n)[None]                                       # (n_out, n)
+    h = cutoff * np.sinc(cutoff * d) * (0.5 + 0.5 * np.cos(np.pi * np.clip(d / width, -1, 1)))
+    expected = (np.where(np.abs(d) < width, h, 0) * x).sum(1)
+    y = train_vctk.resample(x.astype(np.float32), orig, new)
+    assert y.dtype == np.float32 and y.shape == expected.shape
+    np.testing.assert_allclose(y, expected, atol=2e-6 * max(1, np.abs(x).sum() / 100))
+
+
+def test_decoded_corpus_is_cached_by_content_and_settings(tmp_path, capsys):
+    t = np.arange(4800) / 48000
+    for i in range(1, 11):
+        _write_wav(tmp_path / "vctk" / "wav48" / "p225" / f"p225_{i:03d}.wav", 0.5 * np.sin(2 * np.pi * 440 * t), 48000)
+    cache = tmp_path / "cache"
+    first = train_vctk.load_speech(tmp_path / "vctk", 16000, data_dir=cache)
+    again = train_vctk.load_speech(tmp_path / "vctk", 16000, data_dir=cache)
+    assert len(list(cache.glob("*.npz"))) == 1 and again.test.names == first.test.names == ["p225_010"]
+    assert all(np.array_equal(a, b) for a, b in zip(first.train.audio, again.train.audio))
+    assert train_vctk.load_speech(tmp_path / "vctk", 8000, data_dir=cache).sample_rate == 8000  # other settings
+    _write_wav(tmp_path / "vctk" / "wav48" / "p225" / "p225_001.wav", np.zeros(480), 48000)   # content changed
+    assert len(train_vctk.load_speech(tmp_path / "vctk", 16000, data_dir=cache).train.audio[0]) == 160
+    assert len(list(cache.glob("*.npz"))) == 3
+    for npz in cache.glob("*.npz"):
+        npz.write_bytes(b"broken")
+    assert len(train_vctk.load_speech(tmp_path / "vctk", 16000, data_dir=cache).train.audio) == 9
+    assert "unreadable cache" in capsys.readouterr().out
+
+
+def soundfile_or_skip():
+    if os.environ.get("CI"):
+        import soundfile  # CI installs it: a missing soundfile fails there
+        return soundfile
+    return pytest.importorskip("soundfile", reason="the optional soundfile package is not installed")
+
+
+def test_vctk_092_flac_and_24_bit_wav_are_read_through_soundfile(tmp_path):
+    soundfile = soundfile_or_skip()
+    t = np.arange(4800) / 48000
+    tone = 0.5 * np.sin(2 * np.pi * 1000 * t)
+    for i in range(1, 11):
+        path = tmp_path / "wav48_silence_trimmed" / "p226" / f"p226_{i:03d}_mic1.flac"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(str(path), tone, 48000, subtype="PCM_16")
+    data = train_vctk.load_speech(tmp_path, 16000)
+    assert data.speakers == ["p226"] and data.test.names == ["p226_010_mic1"] and len(data.train.audio) == 9
+    expected = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(1600) / 16000)
+    assert np.abs(data.train.audio[0] - expected)[50:-50].max() < 2e-3
+    soundfile.write(str(tmp_path / "deep.wav"), tone, 48000, subtype="PCM_24")
+    x, rate = train_vctk.read_wav(tmp_path / "deep.wav")
+    assert rate == 48000 and np.abs(x - tone).max() < 1e-6
+
+
 def test_resampling_removes_what_the_new_rate_cannot_hold():
     t = np.arange(48000) / 48000
     for freq, gain in [(1000.0, 1.0), (6000.0, 1.0), (10000.0, 0.0)]:  # 10 kHz would alias at 16 kHz
@@ -222,7 +286,7 @@ def test_white_noise_sits_the_asked_decibels_below_each_waveform():
 
 # ----------------------------------------------------------------------------- the script
 def run(out, *extra):
-    train_vctk.main(["--data", str(FSDD), "--out", str(out), *TINY, *extra])
+    train_vctk.main(["--data", str(FSDD), "--data-dir", str(CACHE["dir"]), "--out", str(out), *TINY, *extra])
     return out
 
 
