@@ -16,11 +16,11 @@ import argparse
 import hashlib
 import io
 import math
+import os
 import pickle
 import tarfile
 import time
 import urllib.request
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +109,7 @@ def _md5(path: Path) -> str:
 def download_official(dest: Path) -> None:
     """Fetch the official archive to dest, checking its MD5 before it takes the final name."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
+    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # one per process: torchrun may download twice
     print(f"downloading {CIFAR10_URL} -> {dest}", flush=True)
     try:
         urllib.request.urlretrieve(CIFAR10_URL, tmp)
@@ -120,7 +120,7 @@ def download_official(dest: Path) -> None:
     if _md5(tmp) != CIFAR10_MD5:
         tmp.unlink()
         raise DataError(f"the download of {CIFAR10_URL} failed its MD5 check; nothing was kept")
-    tmp.rename(dest)
+    os.replace(tmp, dest)
 
 
 def read_official(path: Path) -> dict:
@@ -228,26 +228,16 @@ def load_cifar10(source: Path | None, data_dir: Path, image_size: int | None = N
     if not source.exists():
         raise DataError(f"--data {source}: no such file or folder")
     cache = data_dir / f"{source.name.split('.')[0]}-{training.source_key(source, image_size, channels)}.npz"
-    if cache.exists():
-        try:
-            with np.load(cache) as f:
-                data = dict(f)
-            if {"train_x", "train_y", "test_x", "test_y", "classes"} <= data.keys():
-                return data
-            problem = "keys missing"
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            problem = str(e)
-        print(f"{cache}: unreadable cache ({problem}); decoding {source} again", flush=True)
+    data = training.load_npz(cache, keys=("train_x", "train_y", "test_x", "test_y", "classes"))
+    if data is not None:
+        return data
     is_official = source.is_file() and _is_official_archive(source)
     if is_official and (image_size or channels != 3):
         raise DataError(f"--data {source}: the official CIFAR-10 archive is 32x32 RGB; --image-size and "
                         "--channels apply to image folders")
     data = read_official(source) if is_official else read_image_folder(source, image_size, channels)
     data.setdefault("classes", np.array(CLASSES))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.stem + ".tmp.npz")
-    np.savez(tmp, **data)
-    tmp.replace(cache)
+    training.save_npz(cache, data)
     return data
 
 

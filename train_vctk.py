@@ -27,10 +27,8 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 import wave
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,16 +313,11 @@ def load_speech(source: Path | None, rate: int, max_per_speaker: int | None = No
     if data_dir is None:
         return load()
     cache = data_dir / f"speech-{source.name}-{training.source_key(source, rate, max_per_speaker)}.npz"
-    if cache.exists():
-        try:
-            return speech_from_arrays(cache)
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            print(f"{cache}: unreadable cache ({e}); decoding {source} again", flush=True)
+    arrays = training.load_npz(cache, keys=("sample_rate", "speakers", "alignments", "train_audio", "test_audio"))
+    if arrays is not None:
+        return speech_from_arrays(arrays)
     data = load()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **speech_arrays(data))
-    os.replace(tmp, cache)
+    training.save_npz(cache, speech_arrays(data))
     return data
 
 
@@ -341,9 +334,7 @@ def speech_arrays(data: Speech) -> dict[str, np.ndarray]:
     return arrays
 
 
-def speech_from_arrays(path: Path) -> Speech:
-    with np.load(path) as f:
-        a = dict(f)
+def speech_from_arrays(a: dict[str, np.ndarray]) -> Speech:
     splits = []
     for name in ("train", "test"):
         audio = np.split(a[f"{name}_audio"], np.cumsum(a[f"{name}_lengths"])[:-1])

@@ -207,9 +207,9 @@ def collect(args) -> dict[str, np.ndarray]:
     name = (f"vizdoom_my_way_home_{args.episodes}+{args.test_episodes}x{args.episode_length}"
             f"_skip{args.frame_skip}_hold{args.max_hold}_seed{args.seed}.npz")
     path = args.data_dir / name
-    if path.exists():
-        with np.load(path) as f:
-            return dict(f)
+    data = training.load_npz(path, keys=("train_frames", "test_frames", "eval_frames"))
+    if data is not None:
+        return data
     t0 = time.perf_counter()
     print(f"collecting {args.episodes} + {args.test_episodes} episodes of {args.episode_length} actions "
           f"in my_way_home (frame skip {args.frame_skip}) -> {path}", flush=True)
@@ -222,10 +222,7 @@ def collect(args) -> dict[str, np.ndarray]:
                 eval_frames=starts["frames"], eval_actions=starts["actions"], eval_t0=starts["t0"],
                 eval_episode=starts["episode"],
                 collect_seconds=np.array(time.perf_counter() - t0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part.npz")
-    np.savez(tmp, **data)
-    os.replace(tmp, path)
+    training.save_npz(path, data)
     print(f"collected {train_frames.shape[0] * train_frames.shape[1] + test_frames.shape[0] * test_frames.shape[1]} "
           f"frames in {float(data['collect_seconds']):.1f} s", flush=True)
     return data

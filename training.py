@@ -15,10 +15,12 @@ import os
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -245,6 +247,36 @@ def source_key(source: Path, *settings) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def load_npz(path: Path, keys=()) -> dict | None:
+    """The arrays of a data cache, or None when it is missing, or unreadable or lacking one of `keys`
+    (then with a message: the caller makes it again)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as f:
+            arrays = dict(f)
+        missing = set(keys) - arrays.keys()
+        if not missing:
+            return arrays
+        problem = f"no {', '.join(sorted(missing))}"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        problem = str(e)
+    print(f"{path}: unreadable cache ({problem}); making it again", flush=True)
+    return None
+
+
+def save_npz(path: Path, arrays: dict) -> None:
+    """np.savez to a temporary file of this process, then rename: processes that make the same
+    cache at once (torchrun) never see, or clash on, half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
