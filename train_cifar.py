@@ -306,7 +306,7 @@ def train_prior(args, env, model, vqvae_id, train_x, train_y, num_classes: int):
         idx = training.batch_indices(step, len(codes), args.prior_batch_size, args.seed + 1, env)
         logits = ddp(codes[idx].to(env.device), train_y[idx].to(env.device) if num_classes else None)
         loss = F.cross_entropy(logits, codes[idx].to(env.device))  # nats per latent
-        return loss, {"prior_loss": training.all_reduce_mean(loss).item()}
+        return loss, {"prior_loss": loss.detach()}
 
     history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
                        {"prior_config": prior_config, "vqvae_id": vqvae_id})

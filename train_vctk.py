@@ -489,7 +489,7 @@ def train_classifiers(args, env, data: Speech):
         labels = {"speaker": train.speaker[idx], "digit": None if train.digit is None else train.digit[idx]}
         losses = {f"{k}_loss": F.cross_entropy(logits, torch.from_numpy(labels[k]).to(env.device))
                   for k, logits in model(features).items()}
-        return sum(losses.values()), {k: training.all_reduce_mean(v).item() for k, v in losses.items()}
+        return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
 
     history = training.run_loop("classifiers", classifiers, optimizer, loss_fn, args.out / "classifiers.pt",
                                 args.clf_steps, args, env, {})
@@ -521,7 +521,7 @@ def train_prior(args, env, model, vqvae_id: str, data: Speech):
         idx = training.batch_indices(step, len(codes), args.prior_batch_size, args.seed + 2, env)
         z = codes[idx].to(env.device)
         loss = F.cross_entropy(ddp(z, None, speaker[idx].to(env.device)), z)   # nats per code
-        return loss, {"prior_loss": training.all_reduce_mean(loss).item()}
+        return loss, {"prior_loss": loss.detach()}
 
     history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
                                 {"prior_config": config, "vqvae_id": vqvae_id})

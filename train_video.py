@@ -303,7 +303,7 @@ def train_prior(args, env, model, vqvae_id, codes, actions):
         logits = ddp(codes[e, t + 1].to(env.device), context_of(codes, e, t, args.context_frames).to(env.device),
                      actions[e, t].to(env.device))
         loss = F.cross_entropy(logits, codes[e, t + 1].to(env.device))   # nats per latent
-        return loss, {"prior_loss": training.all_reduce_mean(loss).item()}
+        return loss, {"prior_loss": loss.detach()}
 
     history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
                                 {"prior_config": config, "vqvae_id": vqvae_id})

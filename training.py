@@ -87,6 +87,13 @@ def batch_indices(step: int, dataset_size: int, batch_size: int, seed: int, env:
     return perm[start:start + batch_size]
 
 
+def read_metrics(metrics: dict, device) -> dict[str, float]:
+    """Metrics (0-dim tensors or numbers) averaged over processes, as floats: one collective and
+    one device-to-host copy for all of them."""
+    values = torch.stack([torch.as_tensor(v).detach().to(device, torch.float64) for v in metrics.values()])
+    return dict(zip(metrics, all_reduce_mean(values).tolist()))
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         x = x.detach().clone()
@@ -213,11 +220,11 @@ def lock_out(out: Path) -> None:
         return
 
 
-def vq_metrics(out) -> dict[str, float]:
-    """The numbers to log of a VQ-VAE output (averaged over processes)."""
+def vq_metrics(out) -> dict[str, torch.Tensor]:
+    """The numbers to log of a VQ-VAE output: 0-dim tensors of this process (see run_loop)."""
     metrics = {"loss": out.loss, "recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss,
                "perplexity": out.perplexity, "codes_used": (out.counts > 0).sum().float()}
-    return {k: all_reduce_mean(v).item() for k, v in metrics.items()}
+    return {k: v.detach() for k, v in metrics.items()}
 
 
 def image_metrics(mse: float, data_variance: float, codes: torch.Tensor, num_embeddings: int) -> dict:
@@ -481,8 +488,11 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
     to <checkpoint folder>/<name>.jsonl as one flushed JSON line (step, metrics, lr, steps_per_s),
     to follow or plot a run while it trains.
 
-    loss_fn(ddp_model, step) -> (loss, {metric: float averaged over processes}). Returns the
-    history, or None if stopped early. A non-finite metric ends the run (SystemExit) unsaved.
+    loss_fn(ddp_model, step) -> (loss, {metric: 0-dim tensor of this process}). The metrics are
+    averaged over processes and read back to the host only at log steps (one synchronisation), so
+    that a GPU never waits for the host in between. A non-finite metric at a log step, or a
+    non-finite weight at a checkpoint, ends the run (SystemExit) without saving. Returns the
+    history, or None if stopped early.
     """
     history, step = {"step": []}, 0
     options = run_options(args)
@@ -502,13 +512,21 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
     ddp = DistributedDataParallel(model) if env.world_size > 1 else model
 
     def save():
+        if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+            stop_unsaved("a weight")
         if env.is_main:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "rng": torch.get_rng_state(), "history": history,
                                         "step": step, "options": options, **extra_state})
 
+    def stop_unsaved(what: str):
+        saved = f"{ckpt_path} (step {load_checkpoint(ckpt_path)['step']})" if ckpt_path.exists() else "none"
+        raise SystemExit(f"[{name}] step {step}: {what} is not finite; stopped without saving. "
+                         f"Last good checkpoint: {saved}. Try a lower learning rate.")
+
     progress = Progress(name, total_steps, step, enabled=env.is_main)
     model.train()
+    shown = {}
     log_path = ckpt_path.with_name(f"{name}.jsonl")
     if env.is_main:
         continue_log(log_path, step)
@@ -517,26 +535,23 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
             print(f"[{name}] training to step {total_steps} from step {step}", flush=True)
         while step < total_steps:
             loss, metrics = loss_fn(ddp, step)
-            # The metrics are averaged over processes, so every process stops together, before the
-            # step that would put NaN into the weights and with the last good checkpoint kept.
-            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-            if bad:
-                saved = f"{ckpt_path} (step {load_checkpoint(ckpt_path)['step']})" if ckpt_path.exists() else "none"
-                raise SystemExit(f"[{name}] step {step + 1}: {', '.join(bad)} is not finite; stopped without saving. "
-                                 f"Last good checkpoint: {saved}. Try a lower learning rate.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             if step % args.log_every == 0 or step == total_steps:
+                shown = read_metrics(metrics, env.device)  # the same numbers on every process
+                bad = [k for k, v in shown.items() if not math.isfinite(v)]
+                if bad:  # every process stops here together
+                    stop_unsaved(", ".join(bad))
                 history["step"].append(step)
-                for k, v in metrics.items():
+                for k, v in shown.items():
                     history.setdefault(k, []).append(v)
                 if env.is_main:
-                    log.write(json.dumps({"step": step, **metrics, "lr": optimizer.param_groups[0]["lr"],
+                    log.write(json.dumps({"step": step, **shown, "lr": optimizer.param_groups[0]["lr"],
                                           "steps_per_s": progress.rate(step)}) + "\n")
                     log.flush()
-            progress.update(step, **metrics)
+            progress.update(step, **shown)
             if step % args.checkpoint_every == 0 or step == total_steps:
                 save()
             if stop.should_stop():

@@ -46,12 +46,28 @@ def _check(cond: bool, name: str, expected: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected {expected}; got shape {tuple(x.shape)}, dtype {x.dtype}")
 
 
+def _host_checks(x: torch.Tensor) -> bool:
+    """Whether value checks of x may read it on the host: in eager CPU code. On a GPU or under
+    torch.compile they are asynchronous asserts instead, which never make the host wait for the
+    device and fail at the next synchronisation."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_range(x: torch.Tensor, name: str, count: int) -> None:
+    """x must hold integers in [0, count) (codes, class labels, speaker ids); ValueError otherwise."""
+    if x.numel() == 0:
+        return
+    if not _host_checks(x):
+        torch._assert_async((x.min() >= 0) & (x.max() < count), f"{name}: values must lie in [0, {count})")
+    elif x.min() < 0 or x.max() >= count:
+        raise ValueError(f"{name}: values must lie in [0, {count}); got range [{int(x.min())}, {int(x.max())}]")
+
+
 def _check_ids(ids: torch.Tensor, name: str, count: int, batch: int) -> None:
     """ids must be an integer (batch,) tensor of values in [0, count): class labels, speaker ids."""
     _check(ids.dim() == 1 and not ids.is_floating_point() and not ids.is_complex() and len(ids) == batch,
            name, f"an integer ({batch},) tensor, one id per example", ids)
-    if len(ids) and (ids.min() < 0 or ids.max() >= count):
-        raise ValueError(f"{name}: values must lie in [0, {count}); got range [{int(ids.min())}, {int(ids.max())}]")
+    _check_range(ids, name, count)
 
 
 def _check_temperature(temperature: float) -> None:
@@ -129,14 +145,12 @@ def _extension_supports(z: torch.Tensor) -> bool:
 
 
 def _check_finite(z: torch.Tensor, codebook: torch.Tensor) -> None:
-    """ValueError for NaN/Inf in eager CPU code. On a GPU or under torch.compile the check must not
-    wait for the device: it is an asynchronous assert, which fails at the next synchronisation."""
-    if z.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not (torch.isfinite(z).all() and torch.isfinite(codebook).all()):
-            raise ValueError("nearest_code: z or codebook contains NaN or Inf")
-    else:
-        torch._assert_async(torch.isfinite(z).all() & torch.isfinite(codebook).all(),
-                            "nearest_code: z or codebook contains NaN or Inf")
+    """ValueError for NaN/Inf (an asynchronous assert where _host_checks says no)."""
+    finite = torch.isfinite(z).all() & torch.isfinite(codebook).all()
+    if not _host_checks(z):
+        torch._assert_async(finite, "nearest_code: z or codebook contains NaN or Inf")
+    elif not finite:
+        raise ValueError("nearest_code: z or codebook contains NaN or Inf")
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +169,7 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto")
         ||e_k||^2 - 2 <z, e_k> (||z||^2 is the same for every k), in z's precision.
     Raises:
         ValueError on wrong ranks, a D mismatch or integer dtypes, and on NaN/Inf in eager CPU code
-        (on a GPU or compiled, NaN/Inf fail an asynchronous assert instead, see _check_finite);
+        (on a GPU or compiled, NaN/Inf fail an asynchronous assert instead, see _host_checks);
         RuntimeError if backend="extension" and the extension does not run on z's device.
     """
     _check(z.dim() == 2 and z.is_floating_point(), "z", "a floating (N, D) tensor", z)
@@ -331,9 +345,7 @@ class VectorQuantizer(nn.Module):
         """
         _check(not indices.is_floating_point() and not indices.is_complex() and indices.dim() >= 2,
                "indices", "an integer (B, *spatial) tensor", indices)
-        if indices.numel() and (indices.min() < 0 or indices.max() >= self.num_embeddings):
-            raise ValueError(f"indices: values must lie in [0, {self.num_embeddings}); got range "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+        _check_range(indices, "indices", self.num_embeddings)
         return F.embedding(indices.long(), self.codebook).movedim(-1, 1)
 
 
@@ -795,8 +807,7 @@ class GatedPixelCNN(nn.Module):
         _check(codes.dim() == 4 and codes.shape[1] == self.num_groups and not codes.is_floating_point()
                and codes.shape[0] > 0, "codes", "an integer (B, H, W) tensor" if self.num_groups == 1
                else f"an integer (B, {self.num_groups}, H, W) tensor", received)
-        if codes.min() < 0 or codes.max() >= self.num_embeddings:
-            raise ValueError(f"codes: values must lie in [0, {self.num_embeddings})")
+        _check_range(codes, "codes", self.num_embeddings)
         offsets = torch.arange(self.num_groups, device=codes.device)[None, :, None, None]
         return codes.long() + offsets * self.num_embeddings  # a separate embedding per group
 
@@ -888,8 +899,7 @@ class ActionConditionalPrior(nn.Module):
         _check(context.dim() == 4 and context.shape[1] == self.context_frames and not context.is_floating_point(),
                "context", f"an integer (B, {self.context_frames}, H, W) tensor of codes", context)
         _check_ids(action, "action", self.num_actions, len(context))
-        if context.min() < 0 or context.max() >= self.num_embeddings:
-            raise ValueError(f"context: values must lie in [0, {self.num_embeddings})")
+        _check_range(context, "context", self.num_embeddings)
         frames = self.code_embedding(context.long()).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, F*c, H, W)
         act = self.action_embedding(action.long())[:, :, None, None].expand(-1, -1, *context.shape[2:])
         return self.context(torch.cat([frames, act], 1))
