@@ -10,10 +10,11 @@ the loss (Eq. 3) trains decoder, encoder and codebook:
 
     L = log p(x|z_q(x)) + ||sg[z_e(x)] - e||^2 + beta * ||z_e(x) - sg[e]||^2
 
-Reading order, smallest part first: nearest_code (Eq. 1), VectorQuantizer (Eq. 2, 3 and the EMA
-codebook of Appendix A.1), Encoder/Decoder, VQVAE, the speech model (mu-law, the WaveNet decoder,
-also the prior over speech codes, AudioVQVAE; Sec. 4.3), GatedPixelCNN (the prior over image
-codes), ActionConditionalPrior (video; Sec. 4.4), bits_per_dim. Everything runs in pure
+Reading order, smallest part first. The image model, complete: nearest_code (Eq. 1),
+VectorQuantizer (Eq. 2, 3 and the EMA codebook of Appendix A.1), Encoder/Decoder, VQVAE,
+GatedPixelCNN (the prior over the codes), bits_per_dim. Then what builds on it: the speech model
+(Sec. 4.3: mu-law, the WaveNet decoder, also the prior over speech codes, AudioVQVAE) and video
+(Sec. 4.4: ActionConditionalPrior). Last, which code runs the quantizer: everything runs in pure
 PyTorch; when the optional compiled extension `vqvae_ext` (built from csrc/ by setup.py) is
 importable and runs on the tensors' device (quantizer_backend), the nearest-neighbour search and
 the EMA statistics use its operators instead and give the same results. This file imports nothing
@@ -79,71 +80,6 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def cuda_code_runs_on(archs: list[str], capability: tuple[int, int]) -> bool:
-    """Whether CUDA code built for `archs` runs on a GPU of compute capability (major, minor).
-
-    archs as vqvae_ext.build_info() lists them: "sm_86" is binary code, which runs on GPUs of the
-    same major version and an equal or newer minor one ("sm_90a" only on 9.0 exactly);
-    "compute_90" is PTX, which the driver compiles for any GPU of capability 9.0 or newer.
-    """
-    for arch in archs:
-        kind, _, number = arch.partition("_")
-        digits = number.rstrip("af")
-        major, minor, suffix = int(digits[:-1]), int(digits[-1]), number[len(digits):]
-        if suffix == "a":
-            runs = capability == (major, minor)
-        elif kind == "sm":
-            runs = capability[0] == major and capability[1] >= minor
-        else:
-            runs = capability >= (major, minor)
-        if runs:
-            return True
-    return False
-
-
-_backends: dict[tuple[str, int | None], str] = {}
-
-
-def quantizer_backend(device: torch.device | str) -> str:
-    """What runs the nearest-code search and the EMA statistics on `device`.
-
-    Returns "extension: CPU", "extension: CUDA sm_XY" (the GPU's architecture, which the
-    extension holds code for) or "PyTorch". The first PyTorch answer for a CUDA device where the
-    extension is installed warns once, saying why (no CUDA kernels built, or none for this GPU).
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device.type, device.index)
-    if key not in _backends:
-        _backends[key] = _find_backend(device)
-    return _backends[key]
-
-
-def _find_backend(device: torch.device) -> str:
-    if vqvae_ext is None or device.type not in ("cpu", "cuda"):
-        return "PyTorch"
-    if device.type == "cpu":
-        return "extension: CPU"
-    info = vqvae_ext.build_info()
-    capability = torch.cuda.get_device_capability(device)
-    arch = f"sm_{capability[0]}{capability[1]}"
-    if info["cuda"] and cuda_code_runs_on(info["cuda_archs"], capability):
-        return f"extension: CUDA {arch}"
-    why = (f"it holds CUDA code for {', '.join(info['cuda_archs'])} only" if info["cuda"] else
-           f"it was built without CUDA kernels ({info['cuda_skipped'] or 'torch had no CUDA'})")
-    warnings.warn(f"vqvae_ext cannot run on {device} ({arch}): {why}. The quantizer uses PyTorch there; "
-                  "reinstall with `pip install --no-build-isolation -e .` on this machine to build for it.")
-    return "PyTorch"
-
-
-def _extension_supports(z: torch.Tensor) -> bool:
-    """Whether vqvae_ext runs for z: float32/64 on the CPU, any float on a GPU it was built for."""
-    if z.device.type == "cpu" and z.dtype not in (torch.float32, torch.float64):
-        return False
-    return quantizer_backend(z.device) != "PyTorch"
-
-
 def _check_finite(z: torch.Tensor, codebook: torch.Tensor) -> None:
     """ValueError for NaN/Inf (an asynchronous assert where _host_checks says no)."""
     finite = torch.isfinite(z).all() & torch.isfinite(codebook).all()
@@ -193,6 +129,11 @@ def _code_statistics(z: torch.Tensor, indices: torch.Tensor, num_embeddings: int
     counts = torch.bincount(indices, minlength=num_embeddings)
     sums = z.new_zeros(num_embeddings, z.shape[1]).index_add_(0, indices, z)
     return counts, sums
+
+
+# Without the EMA codebook, code usage is still averaged (ema_cluster_size, for dead-code restarts)
+# with this decay, the paper's EMA decay.
+USAGE_DECAY = 0.99
 
 
 class VQOutput(NamedTuple):
@@ -293,7 +234,7 @@ class VectorQuantizer(nn.Module):
             counts, sums = counts.clone(), sums.clone()
             dist.all_reduce(counts)
             dist.all_reduce(sums)
-        gamma = 0.99 if self.decay is None else self.decay
+        gamma = USAGE_DECAY if self.decay is None else self.decay
         self.ema_cluster_size.mul_(gamma).add_(counts, alpha=1 - gamma)     # Eq. 6: N_i
         if self.decay is not None:
             self.ema_embed_sum.mul_(gamma).add_(sums, alpha=1 - gamma)      # Eq. 7: m_i
@@ -545,6 +486,189 @@ class VQVAE(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# The prior (Sec. 3.2, 4.2): a gated PixelCNN over the map of codes, trained after the VQ-VAE.
+# Gated activation y = tanh(W_f * x + V_f h) . sigmoid(W_g * x + V_g h), where h is a class (or a
+# conditioning map); a vertical stack sees the rows above, a horizontal stack the pixels to the
+# left, which together cover everything before a pixel in raster order (no blind spot).
+# --------------------------------------------------------------------------------------------
+def _gate(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
+    """One gated layer of both stacks; `first` masks the current pixel (mask A, no residual)."""
+
+    def __init__(self, channels: int, kernel_size: int, first: bool, num_classes: int | None, cond_channels: int):
+        super().__init__()
+        k, self.first = kernel_size, first
+        self.vertical = nn.Conv2d(channels, 2 * channels, (k // 2 + 1, k))   # rows i-k//2 .. i
+        self.horizontal = nn.Conv2d(channels, 2 * channels, (1, k // 2 + (0 if first else 1)))
+        self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.horizontal_out = nn.Conv2d(channels, channels, 1)
+        self.class_bias = nn.Embedding(num_classes, 2 * channels) if num_classes else None
+        self.cond_bias = nn.Conv2d(cond_channels, 2 * channels, 1) if cond_channels else None
+
+    def forward(self, v, h, label=None, cond=None):
+        """v, h (B, c, H, W) -> the next layer's (v, h)."""
+        v_pre = self.vertical_pre(v)                                          # (B, 2c, H, W)
+        # Row i of the horizontal stack may only see vertical features of rows < i: shift down.
+        h = self.horizontal_step(h, F.pad(v_pre, (0, 0, 1, 0))[:, :, :v.shape[2]], label, cond)
+        return _gate(self.add_biases(v_pre, label, cond)), h
+
+    def vertical_pre(self, v):
+        """Vertical stack before the biases: row i sees rows i - k//2 .. i."""
+        k = self.vertical.kernel_size[1]
+        return self.vertical(F.pad(v, (k // 2, k // 2, k // 2, 0)))
+
+    def add_biases(self, x, label, cond):
+        if self.class_bias is not None:
+            x = x + self.class_bias(label)[:, :, None, None]
+        if self.cond_bias is not None:
+            x = x + self.cond_bias(cond)
+        return x
+
+    def horizontal_step(self, h, above, label, cond):
+        """Horizontal stack on rows h (B, c, R, W), given vertical_pre of the row above each, above
+        (B, 2c, R, W): position j sees j - k//2 .. j (the first layer: .. j - 1) of its own row."""
+        k = self.vertical.kernel_size[1]
+        h_pre = self.horizontal(F.pad(h, (k // 2, 0)))[..., :h.shape[3]] + self.vertical_to_horizontal(above)
+        h_out = self.horizontal_out(_gate(self.add_biases(h_pre, label, cond)))
+        return h_out if self.first else h + h_out
+
+
+class GatedPixelCNN(nn.Module):
+    """Autoregressive prior p(z) = prod_i p(z_i | z_<i, class) over maps of codes (raster order).
+
+    With num_groups = G > 1 each position holds G codes (VQVAE's groups), ordered within the
+    position: the stacks see all codes of earlier positions, and a head adds the embeddings of the
+    same position's earlier groups.
+
+    Args:
+        num_embeddings: K. num_groups: G. channels, num_layers, kernel_size (odd, >= 3): size.
+        num_classes: if set, a learnt class-conditional bias in every layer.
+        cond_channels: if > 0, a conditioning map (B, cond_channels, H, W) biases every layer.
+    Input codes: (B, H, W) if G == 1 else (B, G, H, W), int64 in [0, K).
+    """
+
+    def __init__(self, num_embeddings: int = 512, num_groups: int = 1, channels: int = 128,
+                 num_layers: int = 12, kernel_size: int = 5, num_classes: int | None = None,
+                 cond_channels: int = 0):
+        super().__init__()
+        if kernel_size < 3 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 3; got {kernel_size}")
+        self.num_embeddings, self.num_groups, self.num_classes = num_embeddings, num_groups, num_classes
+        self.embedding = nn.Embedding(num_embeddings * num_groups, channels)
+        self.layers = nn.ModuleList(GatedLayer(channels, kernel_size, i == 0, num_classes, cond_channels)
+                                    for i in range(num_layers))
+        self.group_embedding = nn.Embedding(num_embeddings * num_groups, channels)  # same position
+        self.group_query = nn.Parameter(torch.zeros(channels, num_groups))  # laid out as used: no transpose
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv3d(channels, channels, 1), nn.ReLU(),
+                                  nn.Conv3d(channels, num_embeddings, 1))
+
+    def _grouped(self, codes: torch.Tensor) -> torch.Tensor:
+        received, codes = codes, codes[:, None] if self.num_groups == 1 else codes  # report the shape passed
+        _check(codes.dim() == 4 and codes.shape[1] == self.num_groups and not codes.is_floating_point()
+               and codes.shape[0] > 0, "codes", "an integer (B, H, W) tensor" if self.num_groups == 1
+               else f"an integer (B, {self.num_groups}, H, W) tensor", received)
+        _check_range(codes, "codes", self.num_embeddings)
+        offsets = torch.arange(self.num_groups, device=codes.device)[None, :, None, None]
+        return codes.long() + offsets * self.num_embeddings  # a separate embedding per group
+
+    def forward(self, codes: torch.Tensor, label: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, K, H, W) if G == 1 else (B, K, G, H, W), for p(z_i | z_<i)."""
+        if (self.num_classes is None) != (label is None):
+            raise ValueError("label: pass class labels (B,) exactly when the model has num_classes")
+        grouped = self._grouped(codes)                                      # (B, G, H, W)
+        if label is not None:
+            _check_ids(label, "label", self.num_classes, len(codes))
+        v = h = self._embed(grouped)                                        # (B, c, H, W)
+        for layer in self.layers:
+            v, h = layer(v, h, label, cond)
+        logits = self._head(h, grouped)
+        return logits[:, :, 0] if self.num_groups == 1 else logits         # (B, K, [G,] H, W)
+
+    def _embed(self, grouped: torch.Tensor) -> torch.Tensor:
+        return self.embedding(grouped).sum(1).permute(0, 3, 1, 2)          # (B, G, H, W) -> (B, c, H, W)
+
+    def _head(self, h: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K, G, H, W) from the last horizontal stack h (B, c, H, W)."""
+        # Within a position, group g sees the groups < g (exclusive cumulative sum).
+        same = self.group_embedding(grouped).permute(0, 4, 1, 2, 3)          # (B, c, G, H, W)
+        earlier = same.cumsum(2) - same
+        return self.head(h[:, :, None] + earlier + self.group_query[None, :, :, None, None])
+
+    def log_prob(self, codes: torch.Tensor, label: torch.Tensor | None = None,
+                 cond: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(z) in nats, (B,)."""
+        logits = self(codes, label, cond)
+        return -F.cross_entropy(logits, codes.long(), reduction="none").flatten(1).sum(1)
+
+    @torch.no_grad()
+    def sample(self, shape: tuple[int, int], label: torch.Tensor | None = None, batch_size: int | None = None,
+               cond: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               temperature: float = 1.0) -> torch.Tensor:
+        """Draw codes (B, H, W) (or (B, G, H, W)) position by position, in raster order.
+
+        B is len(label) when the model is class-conditional, else batch_size. Pass a seeded
+        torch.Generator for repeatable samples: they are the codes that sampling from forward()'s
+        logits at each position would draw, computed without recomputing what cannot change (in
+        the spirit of P. Ramachandran et al., "Fast Generation for Convolutional Autoregressive
+        Models", 2017): the vertical stack once per row, the horizontal stack on the current row.
+        """
+        _check_temperature(temperature)
+        B = len(label) if label is not None else batch_size
+        if label is not None:
+            _check_ids(label, "label", self.num_classes, B)
+        H, W, G = *shape, self.num_groups
+        offsets = torch.arange(G, device=self.embedding.weight.device)[None, :, None, None] * self.num_embeddings
+        grouped = torch.zeros(B, G, H, W, dtype=torch.long, device=offsets.device) + offsets
+        for i in range(H):
+            # All that row i sees of the rows above: each layer's vertical_pre of row i - 1.
+            above, v = [], self._embed(grouped[:, :, :i]) if i > 0 else None
+            for layer in self.layers:
+                if v is None:  # row 0: as forward()'s zero padding above the map
+                    above.append(layer.vertical_to_horizontal.weight.new_zeros(B, layer.vertical.out_channels, 1, W))
+                    continue
+                v_pre = layer.vertical_pre(v)
+                above.append(v_pre[:, :, -1:])
+                v = _gate(layer.add_biases(v_pre, label, None if cond is None else cond[:, :, :i]))
+            cond_row = None if cond is None else cond[:, :, i:i + 1]
+            for j in range(W):
+                for g in range(G):
+                    row = grouped[:, :, i:i + 1]                            # (B, G, 1, W)
+                    h = self._embed(row)
+                    for layer, a in zip(self.layers, above):
+                        h = layer.horizontal_step(h, a, label, cond_row)
+                    logits = self._head(h[..., j:j + 1], row[..., j:j + 1])[:, :, g, 0, 0]  # (B, K)
+                    probs = (logits.float() / temperature).softmax(1)
+                    grouped[:, g, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0] + offsets[0, g, 0, 0]
+        codes = grouped - offsets
+        return codes if G > 1 else codes[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Sec. 4.1: the log-likelihood bound log p(x) >= log p(x|z_q(x)) + log p(z_q(x)), in bits/dim.
+# --------------------------------------------------------------------------------------------
+def bits_per_dim(log_px_given_z: torch.Tensor, num_dims: int, log_pz: torch.Tensor | None = None,
+                 num_latents: int | None = None, num_embeddings: int | None = None) -> torch.Tensor:
+    """-(log p(x|z_q) + log p(z)) / (num_dims * ln 2), per example.
+
+    Args:
+        log_px_given_z: (B,) nats. num_dims: dimensions of one x (3072 for a 32x32x3 image).
+        log_pz: (B,) nats from a prior; if None, the uniform prior of training is used,
+            log p(z) = -num_latents * log K (the constant KL of Sec. 3.1).
+    Returns: (B,) bits per dimension.
+    """
+    if log_pz is None:
+        if num_latents is None or num_embeddings is None:
+            raise ValueError("bits_per_dim: pass log_pz, or num_latents and num_embeddings for the uniform prior")
+        log_pz = torch.full_like(log_px_given_z, -num_latents * math.log(num_embeddings))
+    return -(log_px_given_z + log_pz) / (num_dims * math.log(2))
+
+
+# --------------------------------------------------------------------------------------------
 # Speech (Sec. 4.3): an encoder of 6 stride-2 convolutions of window 4 (latents 64x fewer than
 # samples), K = 512, and a WaveNet decoder (A. van den Oord et al., arXiv:1609.03499) conditioned
 # on the latents and on a speaker embedding. Samples are mu-law companded to 256 levels (WaveNet
@@ -560,11 +684,6 @@ def mu_law_decode(levels: torch.Tensor, mu: int = 255) -> torch.Tensor:
     """Levels in [0, mu] -> waveform in [-1, 1], the inverse of F."""
     y = 2 * levels.float() / mu - 1
     return torch.sign(y) * torch.expm1(y.abs() * math.log1p(mu)) / mu
-
-
-def _gate(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=1)
-    return torch.tanh(a) * torch.sigmoid(b)
 
 
 class WaveNet(nn.Module):
@@ -739,164 +858,6 @@ class AudioVQVAE(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# The prior (Sec. 3.2, 4.2): a gated PixelCNN over the map of codes, trained after the VQ-VAE.
-# Gated activation y = tanh(W_f * x + V_f h) . sigmoid(W_g * x + V_g h), where h is a class (or a
-# conditioning map); a vertical stack sees the rows above, a horizontal stack the pixels to the
-# left, which together cover everything before a pixel in raster order (no blind spot).
-# --------------------------------------------------------------------------------------------
-class GatedLayer(nn.Module):
-    """One gated layer of both stacks; `first` masks the current pixel (mask A, no residual)."""
-
-    def __init__(self, channels: int, kernel_size: int, first: bool, num_classes: int | None, cond_channels: int):
-        super().__init__()
-        k, self.first = kernel_size, first
-        self.vertical = nn.Conv2d(channels, 2 * channels, (k // 2 + 1, k))   # rows i-k//2 .. i
-        self.horizontal = nn.Conv2d(channels, 2 * channels, (1, k // 2 + (0 if first else 1)))
-        self.vertical_to_horizontal = nn.Conv2d(2 * channels, 2 * channels, 1)
-        self.horizontal_out = nn.Conv2d(channels, channels, 1)
-        self.class_bias = nn.Embedding(num_classes, 2 * channels) if num_classes else None
-        self.cond_bias = nn.Conv2d(cond_channels, 2 * channels, 1) if cond_channels else None
-
-    def forward(self, v, h, label=None, cond=None):
-        """v, h (B, c, H, W) -> the next layer's (v, h)."""
-        v_pre = self.vertical_pre(v)                                          # (B, 2c, H, W)
-        # Row i of the horizontal stack may only see vertical features of rows < i: shift down.
-        h = self.horizontal_step(h, F.pad(v_pre, (0, 0, 1, 0))[:, :, :v.shape[2]], label, cond)
-        return _gate(self.add_biases(v_pre, label, cond)), h
-
-    def vertical_pre(self, v):
-        """Vertical stack before the biases: row i sees rows i - k//2 .. i."""
-        k = self.vertical.kernel_size[1]
-        return self.vertical(F.pad(v, (k // 2, k // 2, k // 2, 0)))
-
-    def add_biases(self, x, label, cond):
-        if self.class_bias is not None:
-            x = x + self.class_bias(label)[:, :, None, None]
-        if self.cond_bias is not None:
-            x = x + self.cond_bias(cond)
-        return x
-
-    def horizontal_step(self, h, above, label, cond):
-        """Horizontal stack on rows h (B, c, R, W), given vertical_pre of the row above each, above
-        (B, 2c, R, W): position j sees j - k//2 .. j (the first layer: .. j - 1) of its own row."""
-        k = self.vertical.kernel_size[1]
-        h_pre = self.horizontal(F.pad(h, (k // 2, 0)))[..., :h.shape[3]] + self.vertical_to_horizontal(above)
-        h_out = self.horizontal_out(_gate(self.add_biases(h_pre, label, cond)))
-        return h_out if self.first else h + h_out
-
-
-class GatedPixelCNN(nn.Module):
-    """Autoregressive prior p(z) = prod_i p(z_i | z_<i, class) over maps of codes (raster order).
-
-    With num_groups = G > 1 each position holds G codes (VQVAE's groups), ordered within the
-    position: the stacks see all codes of earlier positions, and a head adds the embeddings of the
-    same position's earlier groups.
-
-    Args:
-        num_embeddings: K. num_groups: G. channels, num_layers, kernel_size (odd, >= 3): size.
-        num_classes: if set, a learnt class-conditional bias in every layer.
-        cond_channels: if > 0, a conditioning map (B, cond_channels, H, W) biases every layer.
-    Input codes: (B, H, W) if G == 1 else (B, G, H, W), int64 in [0, K).
-    """
-
-    def __init__(self, num_embeddings: int = 512, num_groups: int = 1, channels: int = 128,
-                 num_layers: int = 12, kernel_size: int = 5, num_classes: int | None = None,
-                 cond_channels: int = 0):
-        super().__init__()
-        if kernel_size < 3 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and >= 3; got {kernel_size}")
-        self.num_embeddings, self.num_groups, self.num_classes = num_embeddings, num_groups, num_classes
-        self.embedding = nn.Embedding(num_embeddings * num_groups, channels)
-        self.layers = nn.ModuleList(GatedLayer(channels, kernel_size, i == 0, num_classes, cond_channels)
-                                    for i in range(num_layers))
-        self.group_embedding = nn.Embedding(num_embeddings * num_groups, channels)  # same position
-        self.group_query = nn.Parameter(torch.zeros(channels, num_groups))  # laid out as used: no transpose
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv3d(channels, channels, 1), nn.ReLU(),
-                                  nn.Conv3d(channels, num_embeddings, 1))
-
-    def _grouped(self, codes: torch.Tensor) -> torch.Tensor:
-        received, codes = codes, codes[:, None] if self.num_groups == 1 else codes  # report the shape passed
-        _check(codes.dim() == 4 and codes.shape[1] == self.num_groups and not codes.is_floating_point()
-               and codes.shape[0] > 0, "codes", "an integer (B, H, W) tensor" if self.num_groups == 1
-               else f"an integer (B, {self.num_groups}, H, W) tensor", received)
-        _check_range(codes, "codes", self.num_embeddings)
-        offsets = torch.arange(self.num_groups, device=codes.device)[None, :, None, None]
-        return codes.long() + offsets * self.num_embeddings  # a separate embedding per group
-
-    def forward(self, codes: torch.Tensor, label: torch.Tensor | None = None,
-                cond: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, K, H, W) if G == 1 else (B, K, G, H, W), for p(z_i | z_<i)."""
-        if (self.num_classes is None) != (label is None):
-            raise ValueError("label: pass class labels (B,) exactly when the model has num_classes")
-        grouped = self._grouped(codes)                                      # (B, G, H, W)
-        if label is not None:
-            _check_ids(label, "label", self.num_classes, len(codes))
-        v = h = self._embed(grouped)                                        # (B, c, H, W)
-        for layer in self.layers:
-            v, h = layer(v, h, label, cond)
-        logits = self._head(h, grouped)
-        return logits[:, :, 0] if self.num_groups == 1 else logits         # (B, K, [G,] H, W)
-
-    def _embed(self, grouped: torch.Tensor) -> torch.Tensor:
-        return self.embedding(grouped).sum(1).permute(0, 3, 1, 2)          # (B, G, H, W) -> (B, c, H, W)
-
-    def _head(self, h: torch.Tensor, grouped: torch.Tensor) -> torch.Tensor:
-        """Logits (B, K, G, H, W) from the last horizontal stack h (B, c, H, W)."""
-        # Within a position, group g sees the groups < g (exclusive cumulative sum).
-        same = self.group_embedding(grouped).permute(0, 4, 1, 2, 3)          # (B, c, G, H, W)
-        earlier = same.cumsum(2) - same
-        return self.head(h[:, :, None] + earlier + self.group_query[None, :, :, None, None])
-
-    def log_prob(self, codes: torch.Tensor, label: torch.Tensor | None = None,
-                 cond: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(z) in nats, (B,)."""
-        logits = self(codes, label, cond)
-        return -F.cross_entropy(logits, codes.long(), reduction="none").flatten(1).sum(1)
-
-    @torch.no_grad()
-    def sample(self, shape: tuple[int, int], label: torch.Tensor | None = None, batch_size: int | None = None,
-               cond: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               temperature: float = 1.0) -> torch.Tensor:
-        """Draw codes (B, H, W) (or (B, G, H, W)) position by position, in raster order.
-
-        B is len(label) when the model is class-conditional, else batch_size. Pass a seeded
-        torch.Generator for repeatable samples: they are the codes that sampling from forward()'s
-        logits at each position would draw, computed without recomputing what cannot change (in
-        the spirit of P. Ramachandran et al., "Fast Generation for Convolutional Autoregressive
-        Models", 2017): the vertical stack once per row, the horizontal stack on the current row.
-        """
-        _check_temperature(temperature)
-        B = len(label) if label is not None else batch_size
-        if label is not None:
-            _check_ids(label, "label", self.num_classes, B)
-        H, W, G = *shape, self.num_groups
-        offsets = torch.arange(G, device=self.embedding.weight.device)[None, :, None, None] * self.num_embeddings
-        grouped = torch.zeros(B, G, H, W, dtype=torch.long, device=offsets.device) + offsets
-        for i in range(H):
-            # All that row i sees of the rows above: each layer's vertical_pre of row i - 1.
-            above, v = [], self._embed(grouped[:, :, :i]) if i > 0 else None
-            for layer in self.layers:
-                if v is None:  # row 0: as forward()'s zero padding above the map
-                    above.append(layer.vertical_to_horizontal.weight.new_zeros(B, layer.vertical.out_channels, 1, W))
-                    continue
-                v_pre = layer.vertical_pre(v)
-                above.append(v_pre[:, :, -1:])
-                v = _gate(layer.add_biases(v_pre, label, None if cond is None else cond[:, :, :i]))
-            cond_row = None if cond is None else cond[:, :, i:i + 1]
-            for j in range(W):
-                for g in range(G):
-                    row = grouped[:, :, i:i + 1]                            # (B, G, 1, W)
-                    h = self._embed(row)
-                    for layer, a in zip(self.layers, above):
-                        h = layer.horizontal_step(h, a, label, cond_row)
-                    logits = self._head(h[..., j:j + 1], row[..., j:j + 1])[:, :, g, 0, 0]  # (B, K)
-                    probs = (logits.float() / temperature).softmax(1)
-                    grouped[:, g, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0] + offsets[0, g, 0, 0]
-        codes = grouped - offsets
-        return codes if G > 1 else codes[:, 0]
-
-
-# --------------------------------------------------------------------------------------------
 # Sec. 4.4: video in latent space. The prior over the codes of frame t+1 is conditioned on the
 # codes of the frames before it and on the action; whole videos are sampled as codes and decoded
 # only at the end.
@@ -966,20 +927,68 @@ class ActionConditionalPrior(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Sec. 4.1: the log-likelihood bound log p(x) >= log p(x|z_q(x)) + log p(z_q(x)), in bits/dim.
+# The optional compiled extension (csrc/): where its operators run, and where PyTorch does.
 # --------------------------------------------------------------------------------------------
-def bits_per_dim(log_px_given_z: torch.Tensor, num_dims: int, log_pz: torch.Tensor | None = None,
-                 num_latents: int | None = None, num_embeddings: int | None = None) -> torch.Tensor:
-    """-(log p(x|z_q) + log p(z)) / (num_dims * ln 2), per example.
+def cuda_code_runs_on(archs: list[str], capability: tuple[int, int]) -> bool:
+    """Whether CUDA code built for `archs` runs on a GPU of compute capability (major, minor).
 
-    Args:
-        log_px_given_z: (B,) nats. num_dims: dimensions of one x (3072 for a 32x32x3 image).
-        log_pz: (B,) nats from a prior; if None, the uniform prior of training is used,
-            log p(z) = -num_latents * log K (the constant KL of Sec. 3.1).
-    Returns: (B,) bits per dimension.
+    archs as vqvae_ext.build_info() lists them: "sm_86" is binary code, which runs on GPUs of the
+    same major version and an equal or newer minor one ("sm_90a" only on 9.0 exactly);
+    "compute_90" is PTX, which the driver compiles for any GPU of capability 9.0 or newer.
     """
-    if log_pz is None:
-        if num_latents is None or num_embeddings is None:
-            raise ValueError("bits_per_dim: pass log_pz, or num_latents and num_embeddings for the uniform prior")
-        log_pz = torch.full_like(log_px_given_z, -num_latents * math.log(num_embeddings))
-    return -(log_px_given_z + log_pz) / (num_dims * math.log(2))
+    for arch in archs:
+        kind, _, number = arch.partition("_")
+        digits = number.rstrip("af")
+        major, minor, suffix = int(digits[:-1]), int(digits[-1]), number[len(digits):]
+        if suffix == "a":
+            runs = capability == (major, minor)
+        elif kind == "sm":
+            runs = capability[0] == major and capability[1] >= minor
+        else:
+            runs = capability >= (major, minor)
+        if runs:
+            return True
+    return False
+
+
+_backends: dict[tuple[str, int | None], str] = {}
+
+
+def quantizer_backend(device: torch.device | str) -> str:
+    """What runs the nearest-code search and the EMA statistics on `device`.
+
+    Returns "extension: CPU", "extension: CUDA sm_XY" (the GPU's architecture, which the
+    extension holds code for) or "PyTorch". The first PyTorch answer for a CUDA device where the
+    extension is installed warns once, saying why (no CUDA kernels built, or none for this GPU).
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
+    if key not in _backends:
+        _backends[key] = _find_backend(device)
+    return _backends[key]
+
+
+def _find_backend(device: torch.device) -> str:
+    if vqvae_ext is None or device.type not in ("cpu", "cuda"):
+        return "PyTorch"
+    if device.type == "cpu":
+        return "extension: CPU"
+    info = vqvae_ext.build_info()
+    capability = torch.cuda.get_device_capability(device)
+    arch = f"sm_{capability[0]}{capability[1]}"
+    if info["cuda"] and cuda_code_runs_on(info["cuda_archs"], capability):
+        return f"extension: CUDA {arch}"
+    why = (f"it holds CUDA code for {', '.join(info['cuda_archs'])} only" if info["cuda"] else
+           f"it was built without CUDA kernels ({info['cuda_skipped'] or 'torch had no CUDA'})")
+    warnings.warn(f"vqvae_ext cannot run on {device} ({arch}): {why}. The quantizer uses PyTorch there; "
+                  "reinstall with `pip install --no-build-isolation -e .` on this machine to build for it.")
+    return "PyTorch"
+
+
+def _extension_supports(z: torch.Tensor) -> bool:
+    """Whether vqvae_ext runs for z: float32/64 on the CPU, any float on a GPU it was built for."""
+    if z.device.type == "cpu" and z.dtype not in (torch.float32, torch.float64):
+        return False
+    return quantizer_backend(z.device) != "PyTorch"
