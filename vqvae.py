@@ -181,7 +181,9 @@ class VectorQuantizer(nn.Module):
         else:
             self.register_buffer("codebook", torch.randn(num_embeddings, embedding_dim))
             # The averages start as if each code had been chosen once with its own value, so that
-            # m / N = e at step 0 and an unused code stays put instead of being divided by epsilon.
+            # m / N = e at step 0. A code never chosen does not stay put: both averages decay by
+            # gamma per step and, smoothed, e_i = gamma^t e0 / (gamma^t + ~epsilon) shrinks towards
+            # the origin once gamma^t nears epsilon (~1,100 steps at gamma = 0.99, epsilon = 1e-5).
             self.register_buffer("ema_embed_sum", self.codebook.clone())
         # Moving average of code usage N_i (Eq. 6); also serves dead-code detection.
         self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))

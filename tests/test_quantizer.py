@@ -245,3 +245,24 @@ def test_float16_input_with_large_values_quantizes_in_float32_without_overflow(a
     assert out.commitment_loss.dtype == out.codebook_loss.dtype == torch.float32
     assert math.isfinite(out.commitment_loss.item()) and out.codebook_loss.item() > 6e4
     assert_nearest(out.indices.flatten(), channel_last(z_e.float()), q.codebook.detach())
+
+
+def test_a_code_never_chosen_shrinks_towards_the_origin_as_laplace_smoothing_predicts():
+    """App. A.1 with Laplace smoothing: for a code never chosen, N_i = g^t and m_i = g^t e_0, so
+    e_i(t) = g^t e_0 / ((g^t + eps) n / (n + K eps)) with n the summed usage: it holds e_0 while
+    g^t >> eps, then falls towards the origin (float64 reference, step by step)."""
+    K, D, g, eps = 4, 2, 0.99, 1e-5
+    q = vqvae.VectorQuantizer(K, D, decay=g, epsilon=eps)
+    set_codebook(q, [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [20.0, 0.0]])     # code 3: far from every z
+    z_e = torch.tensor([[0.1, 0.0], [0.9, 0.1], [0.0, 0.8], [0.2, 0.1]]).t()[None]   # (1, D, 4)
+    usage, unused = torch.ones(K, dtype=torch.float64), []
+    for _ in range(1500):
+        out = q.train()(z_e)
+        assert out.counts[3] == 0
+        usage = g * usage + (1 - g) * out.counts.double()
+        n = usage.sum()
+        expected = g ** (len(unused) + 1) * 20.0 / ((usage[3] + eps) * n / (n + K * eps))
+        unused.append((q.codebook[3, 0].item(), expected.item()))
+    for got, expected in unused:
+        assert got == pytest.approx(expected, rel=1e-3)
+    assert unused[500][0] > 19 and unused[999][0] > 10 and unused[-1][0] < 1   # held, then collapsed
