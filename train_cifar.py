@@ -262,7 +262,7 @@ def to_float(x_uint8: torch.Tensor, device) -> torch.Tensor:
 
 
 # ============================================================================ stages
-def model_config(args, data_variance: float, in_channels: int) -> vqvae.VQVAEConfig:
+def model_config(args, data_variance: float, in_channels: int = 3) -> vqvae.VQVAEConfig:
     return training.image_vqvae_config(args, data_variance, in_channels=in_channels, num_groups=args.num_groups,
                                        likelihood=args.likelihood)
 
@@ -369,6 +369,7 @@ def make_figures(args, env, model, prior, data, test_codes, histories):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    training.lock_out(args.out)
     env = training.setup(args.seed, args.device)
     try:
         data = load_cifar10(args.data, args.data_dir, args.image_size, args.channels)

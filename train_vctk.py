@@ -766,6 +766,7 @@ def plot_code_phone(path: Path, probe: dict, num_codes: int = 60) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    training.lock_out(args.out)
     env = training.setup(args.seed, args.device)
     try:
         data = load_speech(args.data, args.sample_rate, args.max_clips_per_speaker, args.data_dir)

@@ -444,6 +444,7 @@ def make_figures(args, env, model, data, test_codes, metrics, videos, histories)
 # ============================================================================ main
 def main(argv=None) -> None:
     args = parse_args(argv)
+    training.lock_out(args.out)
     env = training.setup(args.seed, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     t0, histories, timings = time.perf_counter(), {}, {}

@@ -173,7 +173,7 @@ def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def parse_with_presets(p, presets: dict, argv, out_prefix: str):
     """Parse twice: the preset chosen first sets the defaults, then any option given wins. Numeric
-    options and --stages are checked, and --out is created and locked for this run (lock_out)."""
+    options and --stages are checked."""
     p.set_defaults(**presets[p.parse_known_args(argv)[0].preset])
     args = p.parse_args(argv)
     args.out = args.out or Path("runs") / f"{out_prefix}_{args.preset}"
@@ -182,20 +182,25 @@ def parse_with_presets(p, presets: dict, argv, out_prefix: str):
     if not args.stages <= set(valid):
         p.error(f"--stages: expected a subset of {','.join(valid)}; got {','.join(sorted(args.stages))}")
     check_numbers(p, args)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 speaks for the run
-        try:
-            lock_out(args.out)
-        except OSError as e:
-            p.error(f"--out {args.out}: not a writable folder ({e.strerror or e})")
     return args
 
 
 def lock_out(out: Path) -> None:
-    """Create --out and its lock file `.lock` (holding this process id), removed at exit. A second
-    run on the same folder is refused while the first lives; a lock left by a dead process is taken
-    over with a message."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / ".lock"
+    """The scripts' first step: create --out and its lock file `.lock` (holding this process id),
+    removed at exit. A folder that cannot be written is refused, and so is a second run on the same
+    folder while the first lives; a lock left by a dead process is taken over with a message. Under
+    torchrun, process 0 speaks for the run."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _lock(out / ".lock")
+    except OSError as e:
+        raise SystemExit(f"--out {out}: not a writable folder ({e.strerror or e})") from e
+
+
+def _lock(lock: Path) -> None:
+    out = lock.parent
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

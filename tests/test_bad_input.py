@@ -63,11 +63,10 @@ def test_bad_option_is_refused_at_parse_time(script, argv, message, tmp_path, ca
     assert ": error: " in error and re.search(message, error), error
 
 
-def test_out_that_is_a_file_is_refused_at_parse_time(tmp_path, capsys):
+def test_out_that_is_a_file_is_refused_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit):
-        train_cifar.parse_args(["--out", str(tmp_path / "file")])
-    assert "--out " + str(tmp_path / "file") + ": not a writable folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--out " + str(tmp_path / "file") + ": not a writable folder"):
+        train_cifar.main(["--out", str(tmp_path / "file"), "--data", str(tmp_path / "missing")])
 
 
 def test_second_run_on_the_same_out_is_refused_while_the_first_lives(tmp_path):
@@ -77,11 +76,11 @@ def test_second_run_on_the_same_out_is_refused_while_the_first_lives(tmp_path):
     try:
         (out / ".lock").write_text(str(sleeper.pid))
         with pytest.raises(SystemExit, match=rf"another run \(process {sleeper.pid}\) is using this folder"):
-            train_cifar.parse_args(["--out", str(out)])
+            train_cifar.main(["--out", str(out), "--data", str(tmp_path / "missing")])
     finally:
         sleeper.kill()
         sleeper.wait()
-    train_cifar.parse_args(["--out", str(out)])  # its process has ended: the lock is taken over
+    training.lock_out(out)  # its process has ended: the lock is taken over
     assert (out / ".lock").read_text() == str(os.getpid())
 
 
