@@ -142,7 +142,7 @@ def add_codebook_arguments(g) -> None:
 # Numeric options, by the values they accept (names not in a script are ignored). A training
 # stage is skipped by leaving it out of --stages, so step counts start at 1.
 AT_LEAST_ONE = {"batch_size", "prior_batch_size", "steps", "prior_steps", "clf_steps", "log_every",
-                "checkpoint_every", "hidden", "res_hidden", "embedding_dim", "num_embeddings", "num_groups",
+                "checkpoint_every", "hidden", "outer_channels", "res_hidden", "embedding_dim", "num_embeddings", "num_groups",
                 "prior_channels", "prior_layers", "prior_cycle", "crop", "episodes", "test_episodes",
                 "episode_length", "frame_skip", "max_hold", "context_frames", "context_channels", "context_layers",
                 "wavenet_channels", "skip_channels", "wavenet_layers", "dilation_cycle", "sample_rate",
@@ -570,10 +570,11 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
 
 
 def image_vqvae_config(args, data_variance: float, in_channels: int = 3, **extra) -> vqvae.VQVAEConfig:
-    """The VQVAEConfig of an image or frame script's options (--hidden, --res-hidden, --res-layers
-    and the codebook's): in_channels in (3: RGB), two stride-2 convolutions (4x fewer latents per side)."""
+    """The VQVAEConfig of an image or frame script's options (--hidden, --outer-channels, --res-hidden,
+    --res-layers and the codebook's): in_channels in (3: RGB), two stride-2 convolutions (4x fewer latents per side)."""
     return vqvae.VQVAEConfig(
-        in_channels=in_channels, hidden_channels=args.hidden, res_channels=args.res_hidden, num_res_layers=args.res_layers,
+        in_channels=in_channels, hidden_channels=args.hidden, outer_channels=getattr(args, "outer_channels", None),
+        res_channels=args.res_hidden, num_res_layers=args.res_layers,
         num_downsamples=2, num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
         commitment_cost=args.beta, decay=args.decay, kmeans_init=args.kmeans_init,
         dead_code_threshold=args.dead_code_threshold, data_variance=data_variance, **extra)

@@ -323,15 +323,18 @@ class Encoder(nn.Module):
     """x (B, C, *S) -> features (B, hidden, *S / 2**num_downsamples).
 
     num_downsamples stride-2 convolutions with window 4 (paper: 2 for 32x32 images -> 8x8,
-    6 for audio -> 64x fewer steps), a 3x3 convolution, then the residual stack.
+    6 for audio -> 64x fewer steps), a 3x3 convolution, then the residual stack. The strided
+    convolutions before the last have outer_channels (default hidden_channels; Sonnet's example:
+    hidden_channels // 2).
     """
 
     def __init__(self, in_channels: int, hidden_channels: int = 256, res_channels: int = 256,
-                 num_res_layers: int = 2, num_downsamples: int = 2, dims: int = 2):
+                 num_res_layers: int = 2, num_downsamples: int = 2, dims: int = 2, outer_channels: int | None = None):
         super().__init__()
-        conv, layers = _conv(dims), []
+        conv, layers, outer = _conv(dims), [], outer_channels or hidden_channels
         for i in range(num_downsamples):
-            layers += [conv(in_channels if i == 0 else hidden_channels, hidden_channels, 4, stride=2, padding=1), nn.ReLU()]
+            out = hidden_channels if i == num_downsamples - 1 else outer
+            layers += [conv(in_channels if i == 0 else outer, out, 4, stride=2, padding=1), nn.ReLU()]
         layers += [conv(hidden_channels if num_downsamples else in_channels, hidden_channels, 3, padding=1),
                    ResidualStack(hidden_channels, res_channels, num_res_layers, dims)]
         self.net = nn.Sequential(*layers)
@@ -342,17 +345,19 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """z_q (B, D, *S) -> (B, out_channels, *S * 2**num_upsamples): the encoder mirrored,
-    with transposed stride-2 convolutions of window 4."""
+    with transposed stride-2 convolutions of window 4 (those before the last: outer_channels out)."""
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 256,
-                 res_channels: int = 256, num_res_layers: int = 2, num_upsamples: int = 2, dims: int = 2):
+                 res_channels: int = 256, num_res_layers: int = 2, num_upsamples: int = 2, dims: int = 2,
+                 outer_channels: int | None = None):
         super().__init__()
-        conv, conv_t = _conv(dims), _conv(dims, transposed=True)
+        conv, conv_t, outer = _conv(dims), _conv(dims, transposed=True), outer_channels or hidden_channels
         layers = [conv(in_channels, hidden_channels, 3, padding=1),
                   ResidualStack(hidden_channels, res_channels, num_res_layers, dims)]
         for i in range(num_upsamples):
             last = i == num_upsamples - 1
-            layers += [conv_t(hidden_channels, out_channels if last else hidden_channels, 4, stride=2, padding=1)]
+            layers += [conv_t(hidden_channels if i == 0 else outer, out_channels if last else outer, 4, stride=2,
+                              padding=1)]
             layers += [] if last else [nn.ReLU()]
         if not num_upsamples:
             layers += [conv(hidden_channels, out_channels, 1)]
@@ -369,6 +374,7 @@ class Decoder(nn.Module):
 class VQVAEConfig:
     in_channels: int = 3
     hidden_channels: int = 256           # paper, Sec. 4.1: "all having 256 hidden units"
+    outer_channels: int | None = None    # the outer strided convolutions; None: hidden (Sonnet: hidden / 2)
     res_channels: int = 256              # the Sonnet example uses 32
     num_res_layers: int = 2
     num_downsamples: int = 2             # 32x32 -> 8x8
@@ -413,12 +419,14 @@ class VQVAE(nn.Module):
             raise ValueError(f"likelihood must be 'gaussian' or 'categorical'; got {config.likelihood!r}")
         self.config = c = config
         categorical = c.likelihood == "categorical"
-        self.encoder = Encoder(c.in_channels, c.hidden_channels, c.res_channels, c.num_res_layers, c.num_downsamples, c.dims)
+        self.encoder = Encoder(c.in_channels, c.hidden_channels, c.res_channels, c.num_res_layers, c.num_downsamples,
+                               c.dims, c.outer_channels)
         self.pre_quantize = _conv(c.dims)(c.hidden_channels, c.num_groups * c.embedding_dim, 1)
         self.quantizer = VectorQuantizer(c.num_embeddings, c.embedding_dim, c.commitment_cost, c.decay,
                                          c.epsilon, c.kmeans_init, c.dead_code_threshold)
         self.decoder = Decoder(c.num_groups * c.embedding_dim, c.hidden_channels if categorical else c.in_channels,
-                               c.hidden_channels, c.res_channels, c.num_res_layers, c.num_downsamples, c.dims)
+                               c.hidden_channels, c.res_channels, c.num_res_layers, c.num_downsamples, c.dims,
+                               c.outer_channels)
         # 256 logits per channel from a 1x1 convolution: 4x cheaper than a last 4x4 transposed one.
         self.logits = nn.Sequential(nn.ReLU(), _conv(c.dims)(c.hidden_channels, 256 * c.in_channels, 1)) \
             if categorical else None
