@@ -115,6 +115,9 @@ def check_replicas_equal(name: str, x: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- command line
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def add_run_arguments(p, stages: str, log_every: int, checkpoint_every: int) -> None:
     """The options every training script has: output, stages, resume, seed, device, logging."""
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<script>_<preset>)")
@@ -124,6 +127,10 @@ def add_run_arguments(p, stages: str, log_every: int, checkpoint_every: int) -> 
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--log-every", type=int, default=log_every, help="steps between history points")
     p.add_argument("--checkpoint-every", type=int, default=checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
+                   help="mixed precision of the training steps (autocast; fp16 with a gradient scaler); the "
+                        "quantizer always runs in float32. Off by default: not yet measured to help where it should "
+                        "(a GPU, a CPU with AMX)")
 
 
 def add_codebook_arguments(g) -> None:
@@ -501,6 +508,8 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
     """
     history, step = {"step": []}, 0
     options = run_options(args)
+    amp = AMP_DTYPES[getattr(args, "amp", "off")]
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     if ckpt_path.exists():
         if not args.resume:
             raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
@@ -508,6 +517,8 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
         check_resume_options(ckpt_path, state.get("options"), options)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         history, step = state["history"], state["step"]
         if env.is_main:
@@ -522,7 +533,8 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
         if env.is_main:
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                         "rng": torch.get_rng_state(), "history": history,
-                                        "step": step, "options": options, **extra_state})
+                                        "step": step, "options": options, **extra_state,
+                                        **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})})
 
     def stop_unsaved(what: str):
         saved = f"{ckpt_path} (step {load_checkpoint(ckpt_path)['step']})" if ckpt_path.exists() else "none"
@@ -537,12 +549,15 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
         continue_log(log_path, step)
     with StopRequest() as stop, open(log_path, "a") if env.is_main else contextlib.nullcontext() as log:
         if env.is_main:
-            print(f"[{name}] training to step {total_steps} from step {step}", flush=True)
+            precision = "" if amp is None else f" in mixed precision ({getattr(args, 'amp')})"
+            print(f"[{name}] training to step {total_steps} from step {step}{precision}", flush=True)
         while step < total_steps:
-            loss, metrics = loss_fn(ddp, step)
+            with torch.autocast(env.device.type, dtype=amp, enabled=amp is not None):
+                loss, metrics = loss_fn(ddp, step)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()  # with fp16, scaled against underflow; else as it is
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             if step % args.log_every == 0 or step == total_steps:
                 shown = read_metrics(metrics, env.device)  # the same numbers on every process

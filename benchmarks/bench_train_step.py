@@ -1,8 +1,9 @@
 """Throughput of one VQ-VAE training step (forward, backward, Adam) in images/s, per preset.
 
-    python benchmarks/bench_train_step.py [--device cpu|cuda] [--threads T] [--steps 20]
+    python benchmarks/bench_train_step.py [--device cpu|cuda] [--threads T] [--steps 20] [--amp off,bf16]
 
-Random 32x32 images; the model of each train_cifar.py preset at that preset's batch size.
+Random 32x32 images; the model of each train_cifar.py preset at that preset's batch size, in each
+precision of --amp (autocast, as training.run_loop does; the quantizer stays in float32).
 """
 import argparse
 import sys
@@ -13,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_cifar  # noqa: E402
+import training  # noqa: E402
 import vqvae  # noqa: E402
 
 
@@ -22,12 +24,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per preset, after 3 warm-up steps")
     p.add_argument("--presets", default="quick,sonnet,paper")
+    p.add_argument("--amp", default="off", help="comma-separated precisions: off, bf16, fp16")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device {args.device}, {torch.get_num_threads()} threads, quantizer {vqvae.quantizer_backend(args.device)}")
-    print(f"{'preset':>8} {'batch':>6} {'params':>8} {'ms/step':>9} {'images/s':>9}")
-    for name in args.presets.split(","):
+    print(f"{'preset':>8} {'amp':>5} {'batch':>6} {'params':>8} {'ms/step':>9} {'images/s':>9}")
+    for name, amp in [(n, a) for n in args.presets.split(",") for a in args.amp.split(",")]:
+        dtype = training.AMP_DTYPES[amp]
         a = train_cifar.parse_args(["--preset", name])
         model = vqvae.VQVAE(train_cifar.model_config(a, data_variance=0.06)).to(args.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=a.lr)
@@ -37,7 +41,8 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss = model(x).loss
+            with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+                loss = model(x).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -45,7 +50,7 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         ms = 1000 * sorted(times[3:])[len(times[3:]) // 2]
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{name:>8} {a.batch_size:>6} {params:>7.2f}M {ms:>9.1f} {a.batch_size / ms * 1000:>9.0f}")
+        print(f"{name:>8} {amp:>5} {a.batch_size:>6} {params:>7.2f}M {ms:>9.1f} {a.batch_size / ms * 1000:>9.0f}")
 
 
 if __name__ == "__main__":

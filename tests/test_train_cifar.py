@@ -6,6 +6,7 @@ once per session into a cache that every run here shares through --data-dir.
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -22,6 +23,7 @@ import torch
 
 import train_cifar
 import training
+import vqvae
 
 from conftest import CIFAR, ROOT
 TINY = ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
@@ -86,6 +88,23 @@ def test_live_metrics_log_has_one_line_per_history_point_and_resume_continues_it
     run(out, data_dir, "--steps", "6", "--stages", "vqvae", "--resume")
     lines = [json.loads(line) for line in (out / "vqvae.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6] and not any("stale" in line for line in lines)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_finite_losses_and_a_float32_quantizer(tmp_path, data_dir, amp, capsys):
+    out = run(tmp_path / amp, data_dir, "--steps", "3", "--prior-steps", "2", "--amp", amp, "--stages", "vqvae,prior")
+    assert f"in mixed precision ({amp})" in capsys.readouterr().out
+    for name, keys in (("vqvae.pt", ["loss", "perplexity"]), ("prior.pt", ["prior_loss"])):
+        state = training.load_checkpoint(out / name)
+        assert all(math.isfinite(v) for k in keys for v in state["history"][k]) and ("scaler" in state) == (amp == "fp16")
+    model, _ = training.load_run(out)
+    assert model.quantizer.codebook.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_e = model.encode(train_cifar.to_float(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), "cpu"))
+        vq = model.quantize(z_e)
+    assert z_e.dtype == torch.bfloat16 and vq.commitment_loss.dtype == vq.perplexity.dtype == torch.float32
+    flat = z_e.float().movedim(1, -1).reshape(-1, z_e.shape[1])
+    assert torch.equal(vq.indices.flatten(), vqvae.nearest_code(flat, model.quantizer.codebook))
 
 
 def test_existing_checkpoint_without_resume_is_refused(tmp_path, data_dir):
