@@ -728,7 +728,7 @@ def evaluate_prior(args, env, model, prior, classifiers, data: Speech) -> dict:
 # ============================================================================ figures
 def plot_spectrograms(path: Path, rows, rate: int, title: str) -> None:
     """One row per clip, one log-mel panel per (label, waveform) of that row."""
-    plt = training._pyplot()
+    plt = training.pyplot()
     cols = max(len(panels) for _, panels in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 1.8 * len(rows) + 0.4), squeeze=False)
     for r, (name, panels) in enumerate(rows):
@@ -746,7 +746,7 @@ def plot_spectrograms(path: Path, rows, rate: int, title: str) -> None:
 
 def plot_code_phone(path: Path, probe: dict, num_codes: int = 60) -> None:
     """P(phone | code) on training frames for the most used codes, grouped by their mapped phone."""
-    plt = training._pyplot()
+    plt = training.pyplot()
     counts = probe["counts"]
     top = np.argsort(-counts.sum(1))[:num_codes]
     top = top[counts.sum(1)[top] > 0]

@@ -378,7 +378,7 @@ def evaluate_video(args, env, model, prior, data) -> tuple[dict, dict]:
 
 # ============================================================================ figures
 def plot_error_curves(path: Path, metrics: dict) -> None:
-    plt = training._pyplot()
+    plt = training.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     steps = range(1, GENERATED + 1)
     for name in ("true_actions", "shuffled_actions", "copy_last_frame", "vqvae_reconstruction"):

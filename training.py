@@ -612,7 +612,8 @@ def train_vqvae(args, env: Env, config: vqvae.VQVAEConfig, batch):
 
 
 # ----------------------------------------------------------------------------- figures
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no window), imported when first drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -621,7 +622,7 @@ def _pyplot():
 
 def save_image_rows(path: str | Path, rows: list[tuple[str, torch.Tensor]], title: str = "") -> None:
     """A grid with one labelled row per (label, images (N, C, H, W) in [0, 1])."""
-    plt = _pyplot()
+    plt = pyplot()
     n = max(len(images) for _, images in rows)
     fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 0.95 + 0.4), squeeze=False)
     for r, (label, images) in enumerate(rows):
@@ -640,7 +641,7 @@ def save_image_rows(path: str | Path, rows: list[tuple[str, torch.Tensor]], titl
 
 def plot_history(path: str | Path, history: dict[str, list[float]], keys: list[str], title: str = "") -> None:
     """One panel per key of a history {"step": [...], key: [...]}, against step."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
         ax.plot(history["step"], history[key])
@@ -656,7 +657,7 @@ def plot_history(path: str | Path, history: dict[str, list[float]], keys: list[s
 
 def plot_code_usage(path: str | Path, counts: torch.Tensor, title: str = "") -> None:
     """Bar chart of code usage, most used first, with the number of codes in use."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = counts.double().cpu()
     ordered = counts.sort(descending=True).values
     fig, ax = plt.subplots(figsize=(7, 3))
