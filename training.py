@@ -286,31 +286,32 @@ def load_npz(path: Path, keys=()) -> dict | None:
     return None
 
 
-def save_npz(path: Path, arrays: dict) -> None:
-    """np.savez to a temporary file of this process, then rename: processes that make the same
-    cache at once (torchrun) never see, or clash on, half a file."""
+def write_atomically(path: str | Path, write) -> None:
+    """write(tmp) into a temporary file of this process beside `path`, then rename it to `path`: a
+    crash never leaves half a file, and processes that write the same file at once (torchrun's,
+    making one data cache) never clash on the temporary one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")  # keeps .npz: np.savez wants it
     try:
-        np.savez(tmp, **arrays)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def save_npz(path: Path, arrays: dict) -> None:
+    write_atomically(path, lambda tmp: np.savez(tmp, **arrays))
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
+    """torch.save, fsynced, through write_atomically."""
+    def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, write)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -373,13 +374,7 @@ def load_run(out: str | Path, device="cpu", model_class=vqvae.VQVAE, config_clas
 
 
 def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
 def write_report(args, metrics: dict, model_config, elapsed: float, timings: dict, env: Env, **extra) -> None:
@@ -489,9 +484,7 @@ def continue_log(path: Path, step: int) -> None:
     step would repeat the later ones), or start it empty for a run from step 0."""
     lines = path.read_text().splitlines(keepends=True) if path.exists() and step > 0 else []
     kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
 def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env, extra_state):
