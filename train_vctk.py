@@ -194,7 +194,7 @@ def write_wav(path: Path, x: np.ndarray, rate: int) -> None:
 
 @functools.lru_cache(maxsize=8)
 def resampling_filters(orig_rate: int, new_rate: int, zeros: int = 16) -> tuple[torch.Tensor, int, int]:
-    """The polyphase filter bank of resample: (L, 1, taps) float32, and (L, M) with new / orig = L / M.
+    """The polyphase filter bank of resample: (L, taps) float32, and (L, M) with new / orig = L / M.
 
     Output sample n = r + L j lies at input time t = j M + r M / L. For each phase r that is the
     input filtered by a Hann-windowed sinc low-pass at min(orig, new) / 2, h(d) = c sinc(c d)
@@ -214,7 +214,7 @@ def resampling_filters(orig_rate: int, new_rate: int, zeros: int = 16) -> tuple[
     bank = np.zeros((L, M - 1 + 2 * width))
     for i in range(L):
         bank[i, offset[i]:offset[i] + 2 * width] = h[i]
-    return torch.from_numpy(bank).float()[:, None], L, M
+    return torch.from_numpy(bank).float(), L, M
 
 
 def resample(x: np.ndarray, orig_rate: int, new_rate: int, zeros: int = 16) -> np.ndarray:
@@ -230,7 +230,7 @@ def resample(x: np.ndarray, orig_rate: int, new_rate: int, zeros: int = 16) -> n
     right = max(0, (per_phase - 1) * M + bank.shape[-1] - (len(x) + width - 1))
     padded = F.pad(torch.from_numpy(np.ascontiguousarray(x, np.float32)), (width - 1, right))
     windows = padded.unfold(0, bank.shape[-1], M)[:per_phase]   # (per_phase, taps), a strided view
-    y = windows @ bank[:, 0].t()                                # (per_phase, L): y[j, r] is sample r + L j
+    y = windows @ bank.t()                                      # (per_phase, L): y[j, r] is sample r + L j
     return y.reshape(-1)[:n_out].numpy()
 
 
@@ -242,7 +242,7 @@ def load_fsdd(root: Path) -> Speech:
     items = []
     for f in files:
         parts = f.stem.split("_")
-        if len(parts) != 3 or parts[0] not in "0123456789" or len(parts[0]) != 1 or not parts[2].isdigit():
+        if len(parts) != 3 or parts[0] not in tuple("0123456789") or not parts[2].isdigit():
             raise DataError(f"{f}: expected the FSDD name {{digit 0-9}}_{{speaker}}_{{index}}.wav")
         audio, rate = read_wav(f)
         if rate != 8000:
