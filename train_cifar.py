@@ -38,19 +38,23 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 # Costs measured on one CPU core are in --help and TUTORIAL.md.
 PRESETS = {
     # The whole pipeline in under 10 minutes on 2 CPU cores: Sonnet's sizes (but full-width outer
-    # convolutions), fewer steps.
+    # convolutions), fewer steps, and the two remedies for codebook collapse (not in the paper):
+    # over 2 seeds they took the test NMSE from 0.077 to 0.063 and the codes in use from 238-275 to 512.
     "quick": dict(hidden=128, outer_channels=None, res_hidden=32, res_layers=2, embedding_dim=64, num_embeddings=512,
-                  num_groups=1, decay=0.99, beta=0.25, likelihood="gaussian", lr=1e-3, batch_size=32,
+                  num_groups=1, decay=0.99, beta=0.25, kmeans_init=True, dead_code_threshold=0.1,
+                  likelihood="gaussian", lr=1e-3, batch_size=32,
                   steps=2000, prior_channels=64, prior_layers=6, prior_steps=1000, prior_batch_size=32),
     # DeepMind Sonnet's public vqvae_example, its model exactly (662,723 weights: 64-channel outer
     # convolutions): NMSE 0.056 and perplexity 326 after 10k steps (averages of its last batches).
     "sonnet": dict(hidden=128, outer_channels=64, res_hidden=32, res_layers=2, embedding_dim=64, num_embeddings=512,
-                   num_groups=1, decay=0.99, beta=0.25, likelihood="gaussian", lr=3e-4, batch_size=32,
-                   steps=10_000, prior_channels=64, prior_layers=8, prior_steps=3000, prior_batch_size=32),
+                   num_groups=1, decay=0.99, beta=0.25, kmeans_init=False, dead_code_threshold=None,
+                   likelihood="gaussian", lr=3e-4, batch_size=32, steps=10_000, prior_channels=64, prior_layers=8,
+                   prior_steps=3000, prior_batch_size=32),
     # Paper, Sec. 4.1: 256 hidden units, Adam 2e-4, batch 128, 250k steps, 8x8x10 latents with
     # K = 512 and a 256-way categorical decoder for bits/dim (paper: 4.67).
     "paper": dict(hidden=256, outer_channels=None, res_hidden=256, res_layers=2, embedding_dim=64, num_embeddings=512,
-                  num_groups=10, decay=None, beta=0.25, likelihood="categorical", lr=2e-4, batch_size=128,
+                  num_groups=10, decay=None, beta=0.25, kmeans_init=False, dead_code_threshold=None,
+                  likelihood="categorical", lr=2e-4, batch_size=128,
                   steps=250_000, prior_channels=256, prior_layers=15, prior_steps=100_000, prior_batch_size=128),
 }
 
@@ -381,18 +385,20 @@ def main(argv=None) -> None:
     data["train_x"], data["train_y"] = subset(data["train_x"], data["train_y"], args.max_train_images, args.seed)
     data["test_x"], data["test_y"] = subset(data["test_x"], data["test_y"], args.max_test_images, args.seed)
     data = {k: torch.from_numpy(v) if k != "classes" else v for k, v in data.items()}
-    data_variance = (data["train_x"].double() / 255).var().item()
+    data_variance = training.pixel_variance(data["train_x"])
     args.out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         print(f"CIFAR-10: {len(data['train_x'])} train / {len(data['test_x'])} test images; preset {args.preset}; "
-              f"device {env.device} x {env.world_size}; quantizer {vqvae.quantizer_backend(env.device)}; out {args.out}", flush=True)
+              f"device {env.device} x {env.world_size}; quantizer {vqvae.quantizer_backend(env.device)}; "
+              f"out {args.out}", flush=True)
     t0, histories, timings = time.perf_counter(), {}, {}
 
     if "vqvae" in args.stages:
         train_x = data["train_x"]
         batch = lambda step: to_float(train_x[training.batch_indices(step, len(train_x), args.batch_size, args.seed, env)],
                                       env.device)  # noqa: E731
-        model, histories["vqvae"] = training.train_vqvae(args, env, model_config(args, data_variance, data["train_x"].shape[1]), batch)
+        config = model_config(args, data_variance, data["train_x"].shape[1])
+        model, histories["vqvae"] = training.train_vqvae(args, env, config, batch)
         if histories["vqvae"] is None:
             training.stopped()
         timings["vqvae_seconds"] = time.perf_counter() - t0

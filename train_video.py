@@ -451,7 +451,7 @@ def main(argv=None) -> None:
     data = {k: torch.from_numpy(v) for k, v in collect(args).items()}   # cached: every process reads one file
     timings["collect_seconds"] = data.pop("collect_seconds").item()
     train_frames = data["train_frames"]
-    data_variance = (train_frames[:, ::10].double() / 255).var().item()
+    data_variance = training.pixel_variance(train_frames[:, ::10])
     if env.is_main:
         print(f"my_way_home: {train_frames.shape[0]} x {train_frames.shape[1]} training frames, "
               f"{len(data['test_frames'])} held-out episodes, {len(data['eval_frames'])} eval starts; "

@@ -149,7 +149,8 @@ def add_codebook_arguments(g) -> None:
 # Numeric options, by the values they accept (names not in a script are ignored). A training
 # stage is skipped by leaving it out of --stages, so step counts start at 1.
 AT_LEAST_ONE = {"batch_size", "prior_batch_size", "steps", "prior_steps", "clf_steps", "log_every",
-                "checkpoint_every", "hidden", "outer_channels", "res_hidden", "embedding_dim", "num_embeddings", "num_groups",
+                "checkpoint_every", "hidden", "outer_channels", "res_hidden", "embedding_dim", "num_embeddings",
+                "num_groups",
                 "prior_channels", "prior_layers", "prior_cycle", "crop", "episodes", "test_episodes",
                 "episode_length", "frame_skip", "max_hold", "context_frames", "context_channels", "context_layers",
                 "wavenet_channels", "skip_channels", "wavenet_layers", "dilation_cycle", "sample_rate",
@@ -237,6 +238,18 @@ def vq_metrics(out) -> dict[str, torch.Tensor]:
     metrics = {"loss": out.loss, "recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss,
                "perplexity": out.perplexity, "codes_used": (out.counts > 0).sum().float()}
     return {k: v.detach() for k, v in metrics.items()}
+
+
+def pixel_variance(x_uint8: torch.Tensor) -> float:
+    """The unbiased variance of uint8 pixels on the [0, 1] scale, from exact integer sums: the same
+    float however the data were loaded (a float reduction's last bits depend on memory layout and
+    threads, and the loss scale 1 / variance then sends two runs of one seed apart)."""
+    x = x_uint8.reshape(-1)
+    n, s1, s2 = len(x), 0, 0
+    for chunk in x.split(1 << 24):
+        chunk = chunk.long()
+        s1, s2 = s1 + int(chunk.sum()), s2 + int((chunk * chunk).sum())
+    return (n * s2 - s1 * s1) / (n * (n - 1) * 255 ** 2)   # Python integers: exact until this division
 
 
 def image_metrics(mse: float, data_variance: float, codes: torch.Tensor, num_embeddings: int) -> dict:

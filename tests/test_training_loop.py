@@ -1,4 +1,6 @@
-"""training.run_loop on a toy model: metrics leave the device only at log steps."""
+"""training.py's numerics: run_loop reads metrics back only at log steps; pixel_variance is exact."""
+from fractions import Fraction
+
 import torch
 
 import training
@@ -23,3 +25,12 @@ def test_metrics_are_read_back_once_per_log_step_and_averaged_exactly(tmp_path, 
     assert len(reads) == 3 and history["step"] == [5, 10, 12]  # steps 5 and 10, and the last one
     assert history["step_plus_half"] == [4.5, 9.5, 11.5]
     assert history["loss"] == [seen[4], seen[9], seen[11]]     # float32 values, exactly
+
+
+def test_pixel_variance_is_exact_and_independent_of_the_memory_layout():
+    x = torch.randint(0, 256, (40, 3, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    values = [Fraction(int(v), 255) for v in x.flatten()]
+    mean = sum(values) / len(values)
+    exact = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    assert training.pixel_variance(x) == float(exact)
+    assert training.pixel_variance(x.permute(3, 1, 0, 2)) == training.pixel_variance(x.clone()) == float(exact)
