@@ -190,8 +190,9 @@ def read_image_folder(path: Path, image_size: int | None = None, channels: int =
             label = parts[split + 1] if split + 2 < len(parts) else ""
             items[parts[split]].append((label, rel, data))
     if not items["train"] or not items["test"]:
-        raise DataError(f"{path}: found {len(items['train'])} training and {len(items['test'])} test images; "
-                        "both splits need images (train/ and test/ folders, or at least 10 images)")
+        raise DataError(f"{path}: found {len(items['train'])} training and {len(items['test'])} test images; expected "
+                        "train/<class>/ and test/<class>/ folders (or train/ and test/ without classes, or a flat "
+                        "folder of 10 or more images)")
     labelled = {bool(c) for split in items.values() for c, _, _ in split}
     if labelled == {True, False}:
         raise DataError(f"{path}: some images are in class folders and some are not; put every image of "
