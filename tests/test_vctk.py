@@ -334,7 +334,8 @@ def test_torchrun_two_processes_train_every_stage_and_evaluate_on_rank_0(tmp_pat
     # Evaluation runs on rank 0 alone after the others have left: nothing in it may wait for them
     # (the random-encoder probe's k-means once broadcast in the process group and crashed here).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train_vctk.py"), "--data", str(fsdd), "--out", str(tmp_path / "ddp"), *TINY,
+           str(ROOT / "train_vctk.py"), "--data", str(fsdd), "--data-dir", str(CACHE["dir"]), "--out", str(tmp_path / "ddp"),
+           *TINY,
            "--steps", "2", "--clf-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
