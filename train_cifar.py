@@ -34,36 +34,35 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-# Each preset sets the defaults of the options below; any option on the command line wins.
-# Costs measured on one CPU core are in --help and TUTORIAL.md.
+# Each preset sets the defaults of the options below (named after the config fields); any option on
+# the command line wins. What each costs and scores is measured in README.md and TUTORIAL.md.
 PRESETS = {
-    # The whole pipeline in under 10 minutes on 2 CPU cores: Sonnet's sizes (but full-width outer
-    # convolutions), fewer steps, and the two remedies for codebook collapse (not in the paper):
-    # over 2 seeds they took the test NMSE from 0.077 to 0.063 and the codes in use from 238-275 to 512.
-    "quick": dict(hidden=128, outer_channels=None, res_hidden=32, res_layers=2, embedding_dim=64, num_embeddings=512,
-                  num_groups=1, decay=0.99, beta=0.25, kmeans_init=True, dead_code_threshold=0.1,
-                  likelihood="gaussian", lr=1e-3, batch_size=32,
-                  steps=2000, prior_channels=64, prior_layers=6, prior_steps=1000, prior_batch_size=32),
+    # The whole pipeline on a CPU: Sonnet's sizes (but full-width outer convolutions), fewer steps,
+    # a small prior, and the two remedies for codebook collapse (not in the paper).
+    "quick": dict(hidden_channels=128, outer_channels=None, res_channels=32, num_res_layers=2, embedding_dim=64,
+                  num_embeddings=512, num_groups=1, decay=0.99, commitment_cost=0.25, kmeans_init=True,
+                  dead_code_threshold=0.1, likelihood="gaussian", lr=1e-3, batch_size=32, steps=2000,
+                  prior_channels=64, prior_num_layers=6, prior_steps=1000, prior_batch_size=32, prior_lr=3e-4),
     # DeepMind Sonnet's public vqvae_example, its model exactly (662,723 weights: 64-channel outer
-    # convolutions): NMSE 0.056 and perplexity 326 after 10k steps (averages of its last batches).
-    "sonnet": dict(hidden=128, outer_channels=64, res_hidden=32, res_layers=2, embedding_dim=64, num_embeddings=512,
-                   num_groups=1, decay=0.99, beta=0.25, kmeans_init=False, dead_code_threshold=None,
-                   likelihood="gaussian", lr=3e-4, batch_size=32, steps=10_000, prior_channels=64, prior_layers=8,
-                   prior_steps=3000, prior_batch_size=32),
+    # convolutions), trained as there: batch 32, lr 3e-4, 10k steps.
+    "sonnet": dict(hidden_channels=128, outer_channels=64, res_channels=32, num_res_layers=2, embedding_dim=64,
+                   num_embeddings=512, num_groups=1, decay=0.99, commitment_cost=0.25, kmeans_init=False,
+                   dead_code_threshold=None, likelihood="gaussian", lr=3e-4, batch_size=32, steps=10_000,
+                   prior_channels=64, prior_num_layers=8, prior_steps=3000, prior_batch_size=32, prior_lr=3e-4),
     # Paper, Sec. 4.1: 256 hidden units, Adam 2e-4, batch 128, 250k steps, 8x8x10 latents with
-    # K = 512 and a 256-way categorical decoder for bits/dim (paper: 4.67).
-    "paper": dict(hidden=256, outer_channels=None, res_hidden=256, res_layers=2, embedding_dim=64, num_embeddings=512,
-                  num_groups=10, decay=None, beta=0.25, kmeans_init=False, dead_code_threshold=None,
-                  likelihood="categorical", lr=2e-4, batch_size=128,
-                  steps=250_000, prior_channels=256, prior_layers=15, prior_steps=100_000, prior_batch_size=128),
+    # K = 512 and a 256-way categorical decoder for bits/dim.
+    "paper": dict(hidden_channels=256, outer_channels=None, res_channels=256, num_res_layers=2, embedding_dim=64,
+                  num_embeddings=512, num_groups=10, decay=None, commitment_cost=0.25, kmeans_init=False,
+                  dead_code_threshold=None, likelihood="categorical", lr=2e-4, batch_size=128, steps=250_000,
+                  prior_channels=256, prior_num_layers=15, prior_steps=100_000, prior_batch_size=128, prior_lr=3e-4),
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="quick",
-                   help="quick (default): the whole pipeline in 5 min on 2 CPU cores; sonnet: 55 min on "
-                        "one CPU core; paper: 250k steps at batch 128, weeks on a CPU: use a GPU")
+                   help="quick (default): the whole pipeline on a CPU; sonnet: the public Sonnet example's model "
+                        "and training; paper: the paper's setting, 250k steps at batch 128 (a GPU job)")
     p.add_argument("--data", type=Path, default=None,
                    help="CIFAR-10 source: the official cifar-10-python.tar.gz, an image folder "
                         "<root>/{train,test}/<class>/*.png|jpg, or a .tar.gz of one (default: "
@@ -78,22 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-train-images", type=int, default=None, help="a seeded random subset, for tests")
     p.add_argument("--max-test-images", type=int, default=None, help="a seeded random subset, for tests")
     g = p.add_argument_group("VQ-VAE (defaults from --preset)")
-    g.add_argument("--hidden", type=int, help="hidden units of encoder and decoder")
-    g.add_argument("--outer-channels", type=int, help="channels of the outer strided convolutions (default: --hidden)")
-    g.add_argument("--res-hidden", type=int, help="hidden units inside the residual blocks")
-    g.add_argument("--res-layers", type=int, help="residual blocks")
+    training.add_encoder_arguments(g)
+    g.add_argument("--outer-channels", type=int, help="channels of the outer strided convolutions (default: "
+                                                      "--hidden-channels)")
     g.add_argument("--num-groups", type=int, help="codes per latent position (paper bits/dim: 10)")
     g.add_argument("--likelihood", choices=("gaussian", "categorical"))
     training.add_codebook_arguments(g)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--batch-size", type=int, help="per process")
-    g.add_argument("--steps", type=int)
-    g = p.add_argument_group("prior (defaults from --preset)")
-    g.add_argument("--prior-channels", type=int)
-    g.add_argument("--prior-layers", type=int)
-    g.add_argument("--prior-steps", type=int)
-    g.add_argument("--prior-batch-size", type=int)
-    g.add_argument("--prior-lr", type=float, default=3e-4)
+    training.add_optimizer_arguments(g)
+    training.add_prior_arguments(p.add_argument_group("prior: a gated PixelCNN (defaults from --preset)"))
     args = training.parse_with_presets(p, PRESETS, argv, "cifar")
     if args.image_size is not None and (args.image_size < SIDE_MULTIPLE or args.image_size % SIDE_MULTIPLE):
         p.error(f"--image-size: expected a multiple of {SIDE_MULTIPLE}; got {args.image_size}")
@@ -270,11 +261,6 @@ def to_float(x_uint8: torch.Tensor, device) -> torch.Tensor:
 
 
 # ============================================================================ stages
-def model_config(args, data_variance: float, in_channels: int = 3) -> vqvae.VQVAEConfig:
-    return training.image_vqvae_config(args, data_variance, in_channels=in_channels, num_groups=args.num_groups,
-                                       likelihood=args.likelihood)
-
-
 @torch.no_grad()
 def encode_all(model, x_uint8: torch.Tensor, device, decode: bool = False, batch_size: int = 200):
     """Codes of a whole split, (N, [G,] 8, 8); with decode, also per image the squared error
@@ -292,9 +278,9 @@ def encode_all(model, x_uint8: torch.Tensor, device, decode: bool = False, batch
     return torch.cat(codes), torch.cat(sq_err) if sq_err else None, torch.cat(log_px) if log_px else None
 
 
-def train_prior(args, env, model, vqvae_id, train_x, train_y, num_classes: int):
+def train_prior(args, run: training.Run, env, model, vqvae_id, train_x, train_y, num_classes: int):
     """The gated PixelCNN over the training set's codes: class-conditional when num_classes > 0."""
-    codes_path = args.out / "codes.pt"
+    codes_path = run.out / "codes.pt"
     cached = training.load_checkpoint(codes_path) if codes_path.exists() else None
     if cached is not None and cached.get("vqvae_id") == vqvae_id:
         codes = cached["train"]
@@ -302,12 +288,12 @@ def train_prior(args, env, model, vqvae_id, train_x, train_y, num_classes: int):
         codes = encode_all(model, train_x, env.device)[0]
         if env.is_main:
             training.save_checkpoint(codes_path, {"train": codes, "vqvae_id": vqvae_id})
-    if (args.out / "prior.pt").exists():
-        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_id)
-    c = model.config
-    prior_config = dict(num_embeddings=c.num_embeddings, num_groups=c.num_groups, channels=args.prior_channels,
-                        num_layers=args.prior_layers, kernel_size=5, num_classes=num_classes or None)
-    prior = vqvae.GatedPixelCNN(**prior_config).to(env.device)
+    if (run.out / "prior.pt").exists():
+        training.check_prior_matches(training.load_checkpoint(run.out / "prior.pt"), vqvae_id)
+    config = training.config_from_args(vqvae.GatedPixelCNNConfig, args, "prior_", kernel_size=5,
+                                       num_embeddings=model.config.num_embeddings, num_groups=model.config.num_groups,
+                                       num_classes=num_classes or None)
+    prior = vqvae.GatedPixelCNN(config).to(env.device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.prior_lr)
 
     def loss_fn(ddp, step):
@@ -316,13 +302,12 @@ def train_prior(args, env, model, vqvae_id, train_x, train_y, num_classes: int):
         loss = F.cross_entropy(logits, codes[idx].to(env.device))  # nats per latent
         return loss, {"prior_loss": loss.detach()}
 
-    history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
-                       {"prior_config": prior_config, "vqvae_id": vqvae_id})
+    history = training.run_loop("prior", prior, optimizer, loss_fn, args.prior_steps, run, env, {"vqvae_id": vqvae_id})
     return prior, history
 
 
 @torch.no_grad()
-def evaluate(args, env, model, prior, data, data_variance):
+def evaluate(env, model, prior, data, data_variance):
     """Test-set metrics; bits/dim uses the paper's bound with the prior and with the uniform log K."""
     test_x, test_y = data["test_x"], data["test_y"]
     codes, sq_err, log_px = encode_all(model, test_x, env.device, decode=True)
@@ -349,9 +334,9 @@ def evaluate(args, env, model, prior, data, data_variance):
 
 
 @torch.no_grad()
-def make_figures(args, env, model, prior, data, test_codes, histories):
-    out, test_x = args.out, data["test_x"]
-    picks = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(test_x))[:12]).sort().values
+def make_figures(out: Path, seed: int, env, model, prior, data, test_codes, histories):
+    test_x = data["test_x"]
+    picks = torch.from_numpy(np.random.default_rng(seed).permutation(len(test_x))[:12]).sort().values
     x = to_float(test_x[picks], env.device)
     recon = model.reconstruction(model.decode_latents(model.quantize(model.encode(x)).z_q))
     training.save_image_rows(out / "reconstructions.png", [("original", x.cpu() + 0.5), ("reconstruction", recon.cpu() + 0.5)],
@@ -367,7 +352,7 @@ def make_figures(args, env, model, prior, data, test_codes, histories):
         classes = [str(c) for c in data["classes"]][:10] if prior.num_classes else ["", ""]  # rows of 8
         labels = torch.arange(len(classes), device=env.device).repeat_interleave(8) if prior.num_classes else None
         shape = tuple(test_codes.shape[-2:])
-        gen = torch.Generator(device=env.device).manual_seed(args.seed)
+        gen = torch.Generator(device=env.device).manual_seed(seed)
         codes = prior.sample(shape, labels, batch_size=8 * len(classes), generator=gen)
         samples = model.reconstruction(model.decode(codes)).cpu() + 0.5
         kind = "class-conditional" if prior.num_classes else "unconditional"
@@ -375,19 +360,32 @@ def make_figures(args, env, model, prior, data, test_codes, histories):
                                  f"samples: codes from the {kind} prior, decoded")
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    training.lock_out(args.out)
-    env = training.setup(args.seed, args.device)
+def load_data(args) -> dict:
+    """The chosen subsets of the train and test splits, as tensors, and the class names."""
     try:
         data = load_cifar10(args.data, args.data_dir, args.image_size, args.channels)
     except DataError as e:
         raise SystemExit(f"error: {e}")
     data["train_x"], data["train_y"] = subset(data["train_x"], data["train_y"], args.max_train_images, args.seed)
     data["test_x"], data["test_y"] = subset(data["test_x"], data["test_y"], args.max_test_images, args.seed)
-    data = {k: torch.from_numpy(v) if k != "classes" else v for k, v in data.items()}
+    return {k: torch.from_numpy(v) if k != "classes" else v for k, v in data.items()}
+
+
+def train_model(args, run: training.Run, env, train_x: torch.Tensor, data_variance: float):
+    """The VQ-VAE stage: Adam on seeded batches of the training images."""
+    def batch(step):
+        return to_float(train_x[training.batch_indices(step, len(train_x), args.batch_size, args.seed, env)], env.device)
+
+    config = training.config_from_args(vqvae.VQVAEConfig, args, in_channels=train_x.shape[1],
+                                       data_variance=data_variance)
+    return training.train_vqvae(config, batch, args.lr, args.steps, run, env)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    run, env = training.start(args)
+    data = load_data(args)
     data_variance = training.pixel_variance(data["train_x"])
-    args.out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         print(f"CIFAR-10: {len(data['train_x'])} train / {len(data['test_x'])} test images; preset {args.preset}; "
               f"device {env.device} x {env.world_size}; quantizer {vqvae.quantizer_backend(env.device)}; "
@@ -395,36 +393,31 @@ def main(argv=None) -> None:
     t0, histories, timings = time.perf_counter(), {}, {}
 
     if "vqvae" in args.stages:
-        train_x = data["train_x"]
-        batch = lambda step: to_float(train_x[training.batch_indices(step, len(train_x), args.batch_size, args.seed, env)],
-                                      env.device)  # noqa: E731
-        config = model_config(args, data_variance, data["train_x"].shape[1])
-        model, histories["vqvae"] = training.train_vqvae(args, env, config, batch)
+        model, histories["vqvae"] = train_model(args, run, env, data["train_x"], data_variance)
         if histories["vqvae"] is None:
             training.stopped()
         timings["vqvae_seconds"] = time.perf_counter() - t0
-    model, state = training.load_model(args.out / "vqvae.pt", vqvae.VQVAE, vqvae.VQVAEConfig, env.device)
+    model, state = training.load_model(args.out / "vqvae.pt", env.device)
     histories["vqvae"], vqvae_id = state["history"], training.model_fingerprint(state)
 
     prior = None
     if "prior" in args.stages:
         t1 = time.perf_counter()
-        prior, histories["prior"] = train_prior(args, env, model, vqvae_id, data["train_x"], data["train_y"],
+        prior, histories["prior"] = train_prior(args, run, env, model, vqvae_id, data["train_x"], data["train_y"],
                                                 len(data["classes"]))
         if histories["prior"] is None:
             training.stopped()
         timings["prior_seconds"] = time.perf_counter() - t1
     elif "eval" in args.stages and (args.out / "prior.pt").exists():
-        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae.GatedPixelCNN, vqvae_id,
-                                                        env.device)
+        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae_id, env.device)
 
     training.teardown()  # the main process evaluates alone
     if "eval" in args.stages and env.is_main:
         t2 = time.perf_counter()
-        metrics, test_codes = evaluate(args, env, model, prior, data, data_variance)
-        make_figures(args, env, model, prior, data, test_codes, histories)
+        metrics, test_codes = evaluate(env, model, prior, data, data_variance)
+        make_figures(args.out, args.seed, env, model, prior, data, test_codes, histories)
         timings["eval_seconds"] = time.perf_counter() - t2
-        training.write_report(args, metrics, model.config, time.perf_counter() - t0, timings, env,
+        training.write_report(run, metrics, model.config, time.perf_counter() - t0, timings, env,
                               num_train_images=len(data["train_x"]), data_variance=data_variance)
 
 

@@ -13,7 +13,7 @@ bits per code and samples from it (codes sampled, then decoded), judged by the c
 Everything lands in --out: vqvae.pt, classifiers.pt, prior.pt, metrics.json, *.png, audio/*.wav.
 
     python train_vctk.py --data ../shared/data/fsdd     # quick preset on FSDD (8 kHz digits)
-    python train_vctk.py --data ../shared/data/fsdd --preset long   # 4x the steps: 90 min on one core
+    python train_vctk.py --data ../shared/data/fsdd --preset long   # quick with 4x the VQ-VAE's steps
     python train_vctk.py --data ~/VCTK-Corpus           # VCTK 0.80 (wav48/pNNN/*.wav), at 16 kHz
     python train_vctk.py --data ~/VCTK-Corpus-0.92      # VCTK 0.92 (*_mic1.flac): pip install soundfile
 
@@ -23,7 +23,6 @@ skipped. A held-out VCTK clip is every 10th utterance of each speaker (the corpu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import math
@@ -31,6 +30,7 @@ import time
 import wave
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,39 +43,38 @@ import vqvae
 VCTK_URL = "https://datashare.ed.ac.uk/handle/10283/3443"
 HOP = 64  # samples per code: 6 stride-2 convolutions
 
-# Each preset sets the defaults of the options below; any option on the command line wins.
+# Each preset sets the defaults of the options below (named after the config fields); any option on
+# the command line wins. What each costs and scores is measured in README.md and TUTORIAL.md.
 PRESETS = {
-    # The whole pipeline on FSDD in 20-30 minutes on one CPU core (measured unloaded: 20 min, then
-    # 4.5 min for the prior): a small WaveNet (10 layers, receptive field 1024 samples), 0.256 s
-    # crops; a prior of 12 layers whose receptive field (127 codes) spans the 1 s it models.
+    # The whole pipeline on FSDD on a CPU: a small WaveNet (10 layers, receptive field 1024 samples),
+    # 0.256 s crops; a prior of 12 layers whose receptive field (127 codes) spans the 1 s it models.
     # The EMA codebook collapses to a handful of codes at the start (the encoder's first outputs are
     # all nearest to one random code): k-means on the first batch and restarting codes unused for
-    # ~200 steps (not in the paper) keep 100+ codes in use.
-    "quick": dict(hidden=64, res_hidden=32, res_layers=1, embedding_dim=64, num_embeddings=512, decay=0.99,
-                  beta=0.25, kmeans_init=True, dead_code_threshold=0.1, wavenet_channels=32, skip_channels=64,
-                  wavenet_layers=10, dilation_cycle=10, crop=2048, batch_size=8, steps=3000, lr=1e-3,
-                  lr_schedule="constant", clf_steps=1000, prior_channels=64, prior_layers=12, prior_cycle=6,
-                  prior_steps=1000, prior_batch_size=32),
+    # ~200 steps (not in the paper) keep many codes in use.
+    "quick": dict(hidden_channels=64, res_channels=32, num_res_layers=1, embedding_dim=64, num_embeddings=512,
+                  decay=0.99, commitment_cost=0.25, kmeans_init=True, dead_code_threshold=0.1, wavenet_channels=32,
+                  skip_channels=64, wavenet_layers=10, dilation_cycle=10, crop=2048, batch_size=8, steps=3000,
+                  lr=1e-3, lr_schedule="constant", clf_steps=1000, prior_channels=64, prior_num_layers=12,
+                  prior_cycle=6, prior_steps=1000, prior_batch_size=32, prior_lr=1e-3),
     # Sec. 4.3 gives the encoder (6 stride-2 convolutions of window 4) and K = 512; the WaveNet's
     # size and the optimisation are not given: 30 layers in 3 cycles of dilations 1..512 and
     # 1 s crops are a common WaveNet setting. A GPU job. If the codebook collapses (see quick),
     # add --kmeans-init --dead-code-threshold 0.1.
-    "paper": dict(hidden=256, res_hidden=256, res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99,
-                  beta=0.25, kmeans_init=False, dead_code_threshold=None, wavenet_channels=128, skip_channels=256,
-                  wavenet_layers=30, dilation_cycle=10, crop=16384, batch_size=16, steps=200_000, lr=2e-4,
-                  lr_schedule="constant", clf_steps=2000, prior_channels=256, prior_layers=20, prior_cycle=10,
-                  prior_steps=100_000, prior_batch_size=32),
+    "paper": dict(hidden_channels=256, res_channels=256, num_res_layers=2, embedding_dim=64, num_embeddings=512,
+                  decay=0.99, commitment_cost=0.25, kmeans_init=False, dead_code_threshold=None,
+                  wavenet_channels=128, skip_channels=256, wavenet_layers=30, dilation_cycle=10, crop=16384,
+                  batch_size=16, steps=200_000, lr=2e-4, lr_schedule="constant", clf_steps=2000, prior_channels=256,
+                  prior_num_layers=20, prior_cycle=10, prior_steps=100_000, prior_batch_size=32, prior_lr=1e-3),
 }
-# quick trained 4x longer, with better classifiers (94% on real test digits instead of 87%).
-# Measured on one core (the other busy at times): 78 min, then 9 min for the prior; phone probe
-# 40.5% (3.4x the random encoder), target speaker 57.5%, digit kept 40.8% (of 120 clips).
+# quick trained longer: 4x the VQ-VAE's steps, 3x the classifiers' and 2x the prior's.
 PRESETS["long"] = {**PRESETS["quick"], "steps": 12_000, "clf_steps": 3000, "prior_steps": 2000}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="quick",
-                   help="quick (default): FSDD in 20-30 min on one CPU core; long: 90 min; paper: a GPU job")
+                   help="quick (default): the whole pipeline on FSDD on a CPU; long: quick trained longer (4x the "
+                        "VQ-VAE's steps); paper: the paper's encoder and K = 512 with a 30-layer WaveNet (a GPU job)")
     p.add_argument("--data", type=Path, default=None,
                    help="an FSDD checkout (recordings/*.wav, alignments.tsv) or a VCTK folder "
                         f"(wav48/ of 0.80 or wav48_silence_trimmed/ of 0.92; from {VCTK_URL})")
@@ -92,28 +91,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature of the WaveNets (decoder and prior) in eval")
     g = p.add_argument_group("audio VQ-VAE (defaults from --preset)")
-    g.add_argument("--hidden", type=int, help="encoder hidden units")
-    g.add_argument("--res-hidden", type=int, help="hidden units inside the encoder's residual blocks")
-    g.add_argument("--res-layers", type=int, help="encoder residual blocks")
+    training.add_encoder_arguments(g, "encoder")
     training.add_codebook_arguments(g)
     g.add_argument("--wavenet-channels", type=int, help="residual channels of the WaveNet")
-    g.add_argument("--skip-channels", type=int)
-    g.add_argument("--wavenet-layers", type=int)
+    g.add_argument("--skip-channels", type=int, help="skip channels of the WaveNet")
+    g.add_argument("--wavenet-layers", type=int, help="layers of the WaveNet")
     g.add_argument("--dilation-cycle", type=int, help="dilations 1, 2, ..., 2^(cycle-1), repeated")
     g.add_argument("--crop", type=int, help="training crop in samples, a multiple of 64")
-    g.add_argument("--batch-size", type=int, help="per process")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--lr", type=float)
+    training.add_optimizer_arguments(g)
     g.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help="cosine: the learning rate falls from --lr to 0 over --steps")
     g.add_argument("--clf-steps", type=int, help="steps of the log-mel classifiers (batch 32)")
-    g = p.add_argument_group("prior over codes: a WaveNet conditioned on the speaker (defaults from --preset)")
-    g.add_argument("--prior-channels", type=int, help="residual channels (skip channels are twice this)")
-    g.add_argument("--prior-layers", type=int)
+    g = p.add_argument_group("prior over codes: a WaveNet conditioned on the speaker (defaults from --preset)",
+                             "Its skip channels are twice --prior-channels; a batch is --prior-batch-size code\n"
+                             "sequences of --clip-seconds per process.")
+    training.add_prior_arguments(g)
     g.add_argument("--prior-cycle", type=int, help="dilations 1, 2, ..., 2^(cycle-1), repeated")
-    g.add_argument("--prior-steps", type=int)
-    g.add_argument("--prior-batch-size", type=int, help="code sequences of --clip-seconds per step and process")
-    g.add_argument("--prior-lr", type=float, default=1e-3)
     args = training.parse_with_presets(p, PRESETS, argv, "speech")
     if args.crop % HOP:
         p.error(f"--crop must be a multiple of {HOP}")
@@ -303,13 +296,13 @@ def load_speech(source: Path | None, rate: int, max_per_speaker: int | None = No
     .npz, keyed by the folder's content and these settings (training.source_key)."""
     if source is None:
         raise DataError(f"pass --data: an FSDD checkout or a VCTK folder (download VCTK from {VCTK_URL})")
-    if (source / "recordings").is_dir():
-        load = lambda: load_fsdd(source)  # noqa: E731
-    elif (source / "wav48").is_dir() or (source / "wav48_silence_trimmed").is_dir():
-        load = lambda: load_vctk(source, rate, max_per_speaker)  # noqa: E731
-    else:
+    is_fsdd = (source / "recordings").is_dir()
+    if not (is_fsdd or (source / "wav48").is_dir() or (source / "wav48_silence_trimmed").is_dir()):
         raise DataError(f"--data {source}: expected recordings/ (FSDD), wav48/ (VCTK 0.80) or "
                         "wav48_silence_trimmed/ (VCTK 0.92)")
+
+    def load() -> Speech:
+        return load_fsdd(source) if is_fsdd else load_vctk(source, rate, max_per_speaker)
     if data_dir is None:
         return load()
     cache = data_dir / f"speech-{source.name}-{training.source_key(source, rate, max_per_speaker)}.npz"
@@ -379,8 +372,12 @@ def fixed_length(clips: list[np.ndarray], length: int) -> torch.Tensor:
 # ============================================================================ log-mel features
 def mel_filterbank(n_fft: int, rate: int, n_mels: int) -> torch.Tensor:
     """(n_mels, n_fft // 2 + 1) triangles evenly spaced on the mel scale m = 2595 log10(1 + f / 700)."""
-    mel = lambda f: 2595 * np.log10(1 + f / 700)
-    hz = lambda m: 700 * (10 ** (m / 2595) - 1)
+    def mel(f):
+        return 2595 * np.log10(1 + f / 700)
+
+    def hz(m):
+        return 700 * (10 ** (m / 2595) - 1)
+
     edges = hz(np.linspace(0, mel(rate / 2), n_mels + 2))                  # (n_mels + 2,) Hz
     bins = np.linspace(0, rate / 2, n_fft // 2 + 1)
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]
@@ -422,22 +419,16 @@ class Classifiers(nn.Module):
 
 
 # ============================================================================ stages
-def model_config(args, num_speakers: int) -> vqvae.AudioVQVAEConfig:
-    return vqvae.AudioVQVAEConfig(
-        num_speakers=num_speakers, hidden_channels=args.hidden, res_channels=args.res_hidden,
-        num_res_layers=args.res_layers, num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
-        commitment_cost=args.beta, decay=args.decay, kmeans_init=args.kmeans_init,
-        dead_code_threshold=args.dead_code_threshold, wavenet_channels=args.wavenet_channels,
-        skip_channels=args.skip_channels, wavenet_layers=args.wavenet_layers, dilation_cycle=args.dilation_cycle)
-
-
 def crop_generator(seed: int, step: int, rank: int) -> torch.Generator:
     """Crop offsets as a pure function of the step, so that a resumed run sees the same crops."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + rank)
 
 
-def train_vqvae(args, env, data: Speech):
-    model = vqvae.AudioVQVAE(model_config(args, len(data.speakers))).to(env.device)
+def train_vqvae(args, run: training.Run, env, data: Speech):
+    """The audio VQ-VAE on random crops of the training clips, into <out>/vqvae.pt with the speakers
+    and the sample rate. Returns (model, history or None if stopped)."""
+    config = training.config_from_args(vqvae.AudioVQVAEConfig, args, num_speakers=len(data.speakers))
+    model = vqvae.AudioVQVAE(config).to(env.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     train = data.train
 
@@ -450,8 +441,8 @@ def train_vqvae(args, env, data: Speech):
         out = ddp(vqvae.mu_law_encode(crops).to(env.device), torch.from_numpy(train.speaker[idx.numpy()]).to(env.device))
         return out.loss, training.vq_metrics(out)
 
-    extra = {"config": dataclasses.asdict(model.config), "speakers": data.speakers, "sample_rate": data.sample_rate}
-    history = training.run_loop("vqvae", model, optimizer, loss_fn, args.out / "vqvae.pt", args.steps, args, env, extra)
+    extra = {"speakers": data.speakers, "sample_rate": data.sample_rate}
+    history = training.run_loop("vqvae", model, optimizer, loss_fn, args.steps, run, env, extra)
     training.check_replicas_equal("codebook", model.quantizer.codebook)
     return model, history
 
@@ -463,7 +454,7 @@ def make_classifiers(data: Speech) -> Classifiers:
     return Classifiers(num_classes)
 
 
-def train_classifiers(args, env, data: Speech):
+def train_classifiers(args, run: training.Run, env, data: Speech):
     """Speaker (and digit) classifiers on log-mel features of real training clips, shifted at random
     and with a little white noise added."""
     classifiers = make_classifiers(data).to(env.device)
@@ -483,7 +474,7 @@ def train_classifiers(args, env, data: Speech):
         # White noise at a random level up to 0.1 x the clip's RMS (20 dB or more below it), so that
         # the classifiers judge generated audio (which has a noise floor) by its content rather than
         # by its noise. Louder noise (0-30 dB below the clip) made them worse on clean clips and no
-        # better at hearing the digit in generated audio (of one model's conversions: 31% kept, not 44%).
+        # better at hearing the digit in generated audio.
         x = add_white_noise(x, 20 - 20 * torch.rand(len(x), 1, generator=gen).log10(), gen)
         features = log_mel(x.to(env.device), data.sample_rate)
         labels = {"speaker": train.speaker[idx], "digit": None if train.digit is None else train.digit[idx]}
@@ -491,8 +482,7 @@ def train_classifiers(args, env, data: Speech):
                   for k, logits in model(features).items()}
         return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
 
-    history = training.run_loop("classifiers", classifiers, optimizer, loss_fn, args.out / "classifiers.pt",
-                                args.clf_steps, args, env, {})
+    history = training.run_loop("classifiers", classifiers, optimizer, loss_fn, args.clf_steps, run, env)
     return classifiers, history
 
 
@@ -501,20 +491,17 @@ def clip_codes(model, clips: list[np.ndarray], length: int, device) -> torch.Ten
     return torch.from_numpy(np.stack(encode_clips(model, list(fixed_length(clips, length).numpy()), device)))
 
 
-def prior_config(args, model, num_speakers: int) -> dict:
-    return dict(cond_channels=0, num_speakers=num_speakers, channels=args.prior_channels,
-                skip_channels=2 * args.prior_channels, num_layers=args.prior_layers, cycle=args.prior_cycle,
-                num_classes=model.config.num_embeddings)
-
-
-def train_prior(args, env, model, vqvae_id: str, data: Speech):
-    """The prior p(z | speaker): a WaveNet over the codes of each training clip's first --clip-seconds."""
-    if (args.out / "prior.pt").exists():
-        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_id)
+def train_prior(args, run: training.Run, env, model, vqvae_id: str, data: Speech):
+    """The prior p(z | speaker): a WaveNet over the codes of each training clip's first --clip-seconds
+    (--prior-channels, --prior-num-layers, --prior-cycle; skip channels twice the channels)."""
+    if (run.out / "prior.pt").exists():
+        training.check_prior_matches(training.load_checkpoint(run.out / "prior.pt"), vqvae_id)
     codes = clip_codes(model, data.train.audio, clip_length(args, data), env.device)
     speaker = torch.from_numpy(data.train.speaker)
-    config = prior_config(args, model, len(data.speakers))
-    prior = vqvae.WaveNet(**config).to(env.device)
+    config = training.config_from_args(vqvae.WaveNetConfig, args, "prior_", num_classes=model.config.num_embeddings,
+                                       cond_channels=0, num_speakers=len(data.speakers),
+                                       skip_channels=2 * args.prior_channels)
+    prior = vqvae.WaveNet(config).to(env.device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.prior_lr)
 
     def loss_fn(ddp, step):
@@ -523,8 +510,7 @@ def train_prior(args, env, model, vqvae_id: str, data: Speech):
         loss = F.cross_entropy(ddp(z, None, speaker[idx].to(env.device)), z)   # nats per code
         return loss, {"prior_loss": loss.detach()}
 
-    history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
-                                {"prior_config": config, "vqvae_id": vqvae_id})
+    history = training.run_loop("prior", prior, optimizer, loss_fn, args.prior_steps, run, env, {"vqvae_id": vqvae_id})
     return prior, history
 
 
@@ -595,10 +581,10 @@ def phone_probe(model, data: Speech, device) -> dict:
             "test_codes": codes, "test_labels": labels, "num_test_frames": len(labels)}
 
 
-def random_encoder_probes(args, data: Speech, config, device) -> dict:
+def random_encoder_probes(seed: int, data: Speech, config, device) -> dict:
     """The probe on an untrained encoder: with its random codebook (as the paper's baseline), and
     with a codebook fitted by k-means to its outputs (a stronger baseline, not in the paper)."""
-    torch.manual_seed(args.seed + 1)
+    torch.manual_seed(seed + 1)
     random_model = vqvae.AudioVQVAE(config).to(device).eval()
     results = {"random_encoder": phone_probe(random_model, data, device)["accuracy"]}
     clips = data.train.audio[::max(1, len(data.train.audio) // 200)]
@@ -615,79 +601,155 @@ def random_encoder_probes(args, data: Speech, config, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(args, env, model, classifiers, data: Speech):
-    """Teacher-forced test loss, reconstructions, conversions, classifier scores, phone probe, files."""
-    out, rate, test, device = args.out, data.sample_rate, data.test, env.device
-    metrics, S = {}, len(data.speakers)
-    length = clip_length(args, data)
-    # Classifiers on all real test clips, clean and with white noise 10 dB below them: how well they
-    # work, and how well through noise, before they judge generated audio.
+def real_clip_scores(classifiers, test: Split, rate: int, length: int, seed: int, device) -> dict:
+    """The classifiers on all real test clips, clean and with white noise 10 dB below them: how well
+    they work, and how well through noise, before they judge generated audio."""
     real = fixed_length(test.audio, length)
     labels = {"speaker": test.speaker, "digit": test.digit}
-    for suffix, x in (("", real), ("_10db", add_white_noise(real, 10.0, torch.Generator().manual_seed(args.seed)))):
+    metrics = {}
+    for suffix, x in (("", real), ("_10db", add_white_noise(real, 10.0, torch.Generator().manual_seed(seed)))):
         for k, probs in class_probs(classifiers, x.to(device), rate, length).items():
             metrics[f"real_test_{k}_accuracy{suffix}"] = float((probs.argmax(1).numpy() == labels[k]).mean())
             metrics[f"real_test_{k}_confidence{suffix}"] = probs.max(1).values.mean().item()
-    # Eval clips: the same number from every speaker, seeded; teacher-forced loss on all of them.
-    rng = np.random.default_rng(args.seed)
-    per_speaker = max(1, args.eval_clips // S)
+    return metrics
+
+
+@dataclass
+class EvalClips:
+    """The test clips that eval reconstructs and converts, and the speaker each is converted to."""
+    picks: np.ndarray            # (N,) their indices in the test split, ascending
+    length: int                  # samples generated per clip: the longest, in whole codes, at most the classifiers'
+    levels: torch.Tensor         # (N, length) mu-law levels on the device, silence past each clip's end
+    inside: torch.Tensor         # (N, length) bool on the CPU: before the clip's end
+    source: torch.Tensor         # (N,) each clip's speaker, on the device
+    target: torch.Tensor         # (N,) another speaker for each clip, on the device
+
+
+def choose_eval_clips(test: Split, num_speakers: int, eval_clips: int, max_length: int, seed: int,
+                      device) -> EvalClips:
+    """The same number of test clips from every speaker (eval_clips // S, at least one), seeded, cut
+    to max_length samples; the k-th clip of a speaker is converted to the (1 + k mod (S - 1))-th
+    speaker after it."""
+    S = num_speakers
+    rng = np.random.default_rng(seed)
+    per_speaker = max(1, eval_clips // S)
     picks = np.sort(np.concatenate([rng.permutation(np.flatnonzero(test.speaker == s))[:per_speaker] for s in range(S)]))
-    gen_length = min(length, -(-max(len(test.audio[i]) for i in picks) // HOP) * HOP)
+    gen_length = min(max_length, -(-max(len(test.audio[i]) for i in picks) // HOP) * HOP)
     levels = vqvae.mu_law_encode(fixed_length([test.audio[i] for i in picks], gen_length)).to(device)
     source = torch.from_numpy(test.speaker[picks]).to(device)
     rank_in_speaker = np.array([np.sum(test.speaker[picks[:j]] == test.speaker[picks[j]]) for j in range(len(picks))])
     target = (source + 1 + torch.from_numpy(rank_in_speaker % max(1, S - 1)).to(device)) % S  # another speaker
-    o = model(levels, source)
-    metrics["test_recon_nats_per_sample"] = o.recon_loss.item()
-    metrics["test_perplexity"] = o.perplexity.item()
-    print(f"[eval] generating {2 * len(picks)} clips of {gen_length} samples (reconstructions and conversions)", flush=True)
+    inside = torch.arange(gen_length)[None] < torch.tensor([len(test.audio[i]) for i in picks])[:, None]
+    return EvalClips(picks, gen_length, levels, inside, source, target)
+
+
+class EvalWaves(NamedTuple):
+    """Waveforms (N, length) of the eval clips on the CPU, each zero past its clip's end."""
+    original: torch.Tensor
+    reconstruction: torch.Tensor     # the clip's codes decoded as its own speaker
+    conversion: torch.Tensor         # the clip's codes decoded as the target speaker
+
+
+@torch.no_grad()
+def reconstruct_and_convert(model, classifiers, data: Speech, clips: EvalClips, length: int, seed: int,
+                            temperature: float) -> tuple[dict, EvalWaves]:
+    """The teacher-forced test loss of the eval clips; their codes decoded by the WaveNet as their
+    own speaker and as the target speaker (timed), and the classifiers' scores of both."""
+    o = model(clips.levels, clips.source)
+    metrics = {"test_recon_nats_per_sample": o.recon_loss.item(), "test_perplexity": o.perplexity.item()}
+    n = len(clips.picks)
+    print(f"[eval] generating {2 * n} clips of {clips.length} samples (reconstructions and conversions)", flush=True)
     t0 = time.perf_counter()
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    generated = model.generate(o.indices.repeat(2, 1), torch.cat([source, target]), generator=gen,
-                               temperature=args.temperature)
+    gen = torch.Generator(device=clips.levels.device).manual_seed(seed)
+    generated = model.decode(o.indices.repeat(2, 1), torch.cat([clips.source, clips.target]), generator=gen,
+                             temperature=temperature)
     metrics["generation_seconds"] = time.perf_counter() - t0
     metrics["generated_samples_per_second"] = generated.numel() / metrics["generation_seconds"]
     # Past a clip's end the original is padded with zeros; so is what was generated there.
-    inside = torch.arange(gen_length)[None] < torch.tensor([len(test.audio[i]) for i in picks])[:, None]
-    waves = vqvae.mu_law_decode(generated).cpu() * inside.repeat(2, 1)
-    recon, converted = waves[:len(picks)], waves[len(picks):]
-    original = vqvae.mu_law_decode(levels).cpu() * inside
-    recon_probs = class_probs(classifiers, recon.to(device), rate, length)
-    pr = {k: p.argmax(1).numpy() for k, p in recon_probs.items()}
-    pc = classify(classifiers, converted.to(device), rate, length)
-    src, tgt = source.cpu().numpy(), target.cpu().numpy()
-    metrics["reconstruction_speaker_accuracy"] = float((pr["speaker"] == src).mean())
-    metrics["conversion_target_speaker_rate"] = float((pc["speaker"] == tgt).mean())
-    metrics["conversion_source_speaker_rate"] = float((pc["speaker"] == src).mean())
-    if "digit" in pr:
-        metrics["reconstruction_digit_accuracy"] = float((pr["digit"] == test.digit[picks]).mean())
-        metrics["conversion_digit_kept_rate"] = float((pc["digit"] == test.digit[picks]).mean())
-        metrics["reconstruction_digit_confidence"] = recon_probs["digit"].max(1).values.mean().item()
-    metrics["num_eval_clips"], metrics["speaker_chance"] = len(picks), 1 / S
+    waves = vqvae.mu_law_decode(generated).cpu() * clips.inside.repeat(2, 1)
+    waves = EvalWaves(vqvae.mu_law_decode(clips.levels).cpu() * clips.inside, waves[:n], waves[n:])
+    metrics.update(generated_clip_scores(classifiers, data, clips, waves, length))
+    return metrics, waves
 
-    # Files: WAVs of the first clips of different speakers, spectrograms.
-    shown = [int(np.flatnonzero(src == s)[0]) for s in range(S) if (src == s).any()][:args.wav_clips]
+
+def generated_clip_scores(classifiers, data: Speech, clips: EvalClips, waves: EvalWaves, length: int) -> dict:
+    """How often the classifiers hear the source speaker in the reconstructions, the target speaker
+    (and the source) in the conversions, and, with digits, the clip's digit in both."""
+    device, rate, digit = clips.levels.device, data.sample_rate, data.test.digit
+    recon_probs = class_probs(classifiers, waves.reconstruction.to(device), rate, length)
+    pr = {k: p.argmax(1).numpy() for k, p in recon_probs.items()}
+    pc = classify(classifiers, waves.conversion.to(device), rate, length)
+    src, tgt = clips.source.cpu().numpy(), clips.target.cpu().numpy()
+    metrics = {"reconstruction_speaker_accuracy": float((pr["speaker"] == src).mean()),
+               "conversion_target_speaker_rate": float((pc["speaker"] == tgt).mean()),
+               "conversion_source_speaker_rate": float((pc["speaker"] == src).mean())}
+    if "digit" in pr:
+        metrics["reconstruction_digit_accuracy"] = float((pr["digit"] == digit[clips.picks]).mean())
+        metrics["conversion_digit_kept_rate"] = float((pc["digit"] == digit[clips.picks]).mean())
+        metrics["reconstruction_digit_confidence"] = recon_probs["digit"].max(1).values.mean().item()
+    metrics["num_eval_clips"], metrics["speaker_chance"] = len(clips.picks), 1 / len(data.speakers)
+    return metrics
+
+
+def write_eval_files(out: Path, data: Speech, clips: EvalClips, waves: EvalWaves, wav_clips: int) -> None:
+    """WAVs (original, reconstruction, conversion) of the first eval clip of each of the first
+    wav_clips speakers, and spectrograms of up to four of them."""
+    test, rate = data.test, data.sample_rate
+    src, tgt = clips.source.cpu().numpy(), clips.target.cpu().numpy()
+    shown = [int(np.flatnonzero(src == s)[0]) for s in range(len(data.speakers)) if (src == s).any()][:wav_clips]
     for j in shown:
-        name, n = test.names[picks[j]], min(len(test.audio[picks[j]]), gen_length)
-        write_wav(out / "audio" / f"{name}_original.wav", original[j, :n].numpy(), rate)
-        write_wav(out / "audio" / f"{name}_reconstruction.wav", recon[j, :n].numpy(), rate)
-        write_wav(out / "audio" / f"{name}_as_{data.speakers[tgt[j]]}.wav", converted[j, :n].numpy(), rate)
-    rows = [(test.names[picks[j]], [("original", original[j]), ("reconstruction", recon[j])]) for j in shown[:4]]
-    plot_spectrograms(out / "reconstructions.png", rows, rate, "held-out clips and their reconstructions")
-    rows = [(test.names[picks[j]], [("original", original[j]), (f"as {data.speakers[tgt[j]]}", converted[j])])
+        name, n = test.names[clips.picks[j]], min(len(test.audio[clips.picks[j]]), clips.length)
+        write_wav(out / "audio" / f"{name}_original.wav", waves.original[j, :n].numpy(), rate)
+        write_wav(out / "audio" / f"{name}_reconstruction.wav", waves.reconstruction[j, :n].numpy(), rate)
+        write_wav(out / "audio" / f"{name}_as_{data.speakers[tgt[j]]}.wav", waves.conversion[j, :n].numpy(), rate)
+    rows = [(test.names[clips.picks[j]], [("original", waves.original[j]), ("reconstruction", waves.reconstruction[j])])
             for j in shown[:4]]
+    plot_spectrograms(out / "reconstructions.png", rows, rate, "held-out clips and their reconstructions")
+    rows = [(test.names[clips.picks[j]], [("original", waves.original[j]),
+                                          (f"as {data.speakers[tgt[j]]}", waves.conversion[j])]) for j in shown[:4]]
     plot_spectrograms(out / "conversion.png", rows, rate, "speaker conversion: codes of one speaker, decoded as another")
 
-    if data.alignments is not None:
-        print("[eval] phone probe: trained encoder, random encoder, random encoder + k-means codebook", flush=True)
-        probe = phone_probe(model, data, device)
-        metrics["phone_accuracy"] = probe["accuracy"]
-        metrics["phone_majority_accuracy"] = probe["majority_accuracy"]
-        metrics["phone_num_test_frames"] = probe["num_test_frames"]
-        for k, v in random_encoder_probes(args, data, model.config, device).items():
-            metrics[f"phone_accuracy_{k}"] = v
-        plot_code_phone(out / "code_phone.png", probe)
+
+def phone_probe_scores(out: Path, seed: int, model, data: Speech, device) -> dict:
+    """The phone probe of the trained encoder, against the majority phone and two random encoders
+    (random_encoder_probes); draws code_phone.png."""
+    print("[eval] phone probe: trained encoder, random encoder, random encoder + k-means codebook", flush=True)
+    probe = phone_probe(model, data, device)
+    metrics = {"phone_accuracy": probe["accuracy"], "phone_majority_accuracy": probe["majority_accuracy"],
+               "phone_num_test_frames": probe["num_test_frames"]}
+    for k, v in random_encoder_probes(seed, data, model.config, device).items():
+        metrics[f"phone_accuracy_{k}"] = v
+    plot_code_phone(out / "code_phone.png", probe)
     return metrics
+
+
+@torch.no_grad()
+def evaluate(args, env, model, classifiers, data: Speech) -> dict:
+    """Classifiers on real clips, teacher-forced test loss, reconstructions and conversions with
+    their classifier scores, WAVs and spectrograms, and (with alignments) the phone probe."""
+    length = clip_length(args, data)
+    metrics = real_clip_scores(classifiers, data.test, data.sample_rate, length, args.seed, env.device)
+    clips = choose_eval_clips(data.test, len(data.speakers), args.eval_clips, length, args.seed, env.device)
+    scores, waves = reconstruct_and_convert(model, classifiers, data, clips, length, args.seed, args.temperature)
+    metrics.update(scores)
+    write_eval_files(args.out, data, clips, waves, args.wav_clips)
+    if data.alignments is not None:
+        metrics.update(phone_probe_scores(args.out, args.seed, model, data, env.device))
+    return metrics
+
+
+@torch.no_grad()
+def prior_bits_per_code(model, prior, data: Speech, length: int, device) -> dict:
+    """The prior's test bits per code (the codes of each test clip's first `length` samples), and
+    those of the codes' unigram frequencies on the training clips (add-one smoothed)."""
+    test = clip_codes(model, data.test.audio, length, device)
+    speaker = torch.from_numpy(data.test.speaker)
+    nats = sum(-prior.log_prob(test[i:i + 64].to(device), None, speaker[i:i + 64].to(device)).sum().item()
+               for i in range(0, len(test), 64))
+    unigram = torch.bincount(clip_codes(model, data.train.audio, length, device).flatten(),
+                             minlength=model.config.num_embeddings) + 1.0
+    return {"prior_test_bits_per_code": nats / test.numel() / math.log(2),
+            "unigram_test_bits_per_code": -(unigram / unigram.sum()).log2()[test].mean().item()}
 
 
 @torch.no_grad()
@@ -695,34 +757,31 @@ def evaluate_prior(args, env, model, prior, classifiers, data: Speech) -> dict:
     """The prior's test bits per code (against the codes' unigram frequencies), and samples from it:
     codes sampled for each speaker, decoded by the VQ-VAE's WaveNet, judged by the classifiers."""
     device, rate, length, S = env.device, data.sample_rate, clip_length(args, data), len(data.speakers)
-    K, metrics = model.config.num_embeddings, {}
-    test = clip_codes(model, data.test.audio, length, device)
-    speaker = torch.from_numpy(data.test.speaker)
-    nats = sum(F.cross_entropy(prior(test[i:i + 64].to(device), None, speaker[i:i + 64].to(device)),
-                               test[i:i + 64].to(device), reduction="sum").item() for i in range(0, len(test), 64))
-    metrics["prior_test_bits_per_code"] = nats / test.numel() / math.log(2)
-    unigram = torch.bincount(clip_codes(model, data.train.audio, length, device).flatten(), minlength=K) + 1.0
-    metrics["unigram_test_bits_per_code"] = -(unigram / unigram.sum()).log2()[test].mean().item()
-
+    metrics = prior_bits_per_code(model, prior, data, length, device)
     per_speaker = max(1, args.eval_clips // S)
     print(f"[eval] sampling {per_speaker * S} code sequences from the prior and decoding them", flush=True)
     gen = torch.Generator(device=device).manual_seed(args.seed + 2)
     who = torch.arange(S, device=device).repeat_interleave(per_speaker)
-    codes = prior.generate(None, who, generator=gen, temperature=args.temperature, length=length // HOP)
-    waves = vqvae.mu_law_decode(model.generate(codes, who, generator=gen, temperature=args.temperature)).cpu()
+    codes = prior.sample(None, who, generator=gen, temperature=args.temperature, length=length // HOP)
+    waves = vqvae.mu_law_decode(model.decode(codes, who, generator=gen, temperature=args.temperature)).cpu()
     probs = class_probs(classifiers, waves.to(device), rate, length)
     metrics["prior_sample_speaker_rate"] = float((probs["speaker"].argmax(1) == who.cpu()).float().mean())
     if "digit" in probs:  # how sure the digit classifier is (mean top probability): low on babble
         metrics["prior_sample_digit_confidence"] = probs["digit"].max(1).values.mean().item()
     metrics["num_prior_samples"] = len(codes)
+    write_prior_samples(args.out, data, waves, per_speaker, args.wav_clips)
+    return metrics
 
-    firsts = list(range(0, len(codes), per_speaker))
-    for s, j in enumerate(firsts[:args.wav_clips]):
-        write_wav(args.out / "audio" / f"prior_sample_{data.speakers[s]}.wav", waves[j].numpy(), rate)
+
+def write_prior_samples(out: Path, data: Speech, waves: torch.Tensor, per_speaker: int, wav_clips: int) -> None:
+    """The prior's samples (per_speaker of each speaker in turn): a WAV of the first of each of the
+    first wav_clips speakers, spectrograms of up to three of each of the first four."""
+    rate, firsts = data.sample_rate, list(range(0, len(waves), per_speaker))
+    for s, j in enumerate(firsts[:wav_clips]):
+        write_wav(out / "audio" / f"prior_sample_{data.speakers[s]}.wav", waves[j].numpy(), rate)
     rows = [(data.speakers[s], [(f"sample {k + 1}", waves[j + k]) for k in range(min(3, per_speaker))])
             for s, j in enumerate(firsts[:4])]
-    plot_spectrograms(args.out / "prior_samples.png", rows, rate, "samples of the prior: codes sampled, then decoded")
-    return metrics
+    plot_spectrograms(out / "prior_samples.png", rows, rate, "samples of the prior: codes sampled, then decoded")
 
 
 # ============================================================================ figures
@@ -764,73 +823,96 @@ def plot_code_phone(path: Path, probe: dict, num_codes: int = 60) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    training.lock_out(args.out)
-    env = training.setup(args.seed, args.device)
+def load_data(args) -> Speech:
+    """The corpus of --data, with the chosen subsets of its train and test splits."""
     try:
         data = load_speech(args.data, args.sample_rate, args.max_clips_per_speaker, args.data_dir)
     except DataError as e:
         raise SystemExit(f"error: {e}")
     data.train = subset(data.train, args.max_train_clips, args.seed)
     data.test = subset(data.test, args.max_test_clips, args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
+    return data
+
+
+def load_vqvae(out: Path, speakers: list[str], device):
+    """The trained audio VQ-VAE of <out>/vqvae.pt in eval mode, its history and its fingerprint;
+    refused if it was trained on other speakers."""
+    model, state = training.load_model(out / "vqvae.pt", device)
+    if not isinstance(model, vqvae.AudioVQVAE):
+        raise SystemExit(f"{out}/vqvae.pt holds a {type(model).__name__}, not an audio VQ-VAE: train into "
+                         "another --out")
+    if state["speakers"] != speakers:
+        raise SystemExit(f"{out}/vqvae.pt was trained on other speakers: {state['speakers']}")
+    return model, state["history"], training.model_fingerprint(state)
+
+
+def train_or_load_classifiers(args, run: training.Run, env, data: Speech) -> Classifiers:
+    """The classifiers: trained in the classifiers stage, else those of <out>/classifiers.pt."""
+    if "classifiers" in args.stages:
+        classifiers, history = train_classifiers(args, run, env, data)
+        if history is None:
+            training.stopped()
+        return classifiers
+    if not (run.out / "classifiers.pt").exists():
+        raise SystemExit(f"{run.out}/classifiers.pt not found: run the classifiers stage first")
+    classifiers = make_classifiers(data).to(env.device)
+    classifiers.load_state_dict(training.load_checkpoint(run.out / "classifiers.pt")["model"])
+    return classifiers
+
+
+def train_or_load_prior(args, run: training.Run, env, model, vqvae_id: str, data: Speech):
+    """(prior, history): trained in the prior stage, else for eval that of <out>/prior.pt if there
+    is one (refused if fitted to another VQ-VAE), else (None, None)."""
+    if "prior" in args.stages:
+        prior, history = train_prior(args, run, env, model, vqvae_id, data)
+        if history is None:
+            training.stopped()
+        return prior, history
+    if "eval" in args.stages and (run.out / "prior.pt").exists():
+        return training.load_prior(run.out / "prior.pt", vqvae_id, env.device)
+    return None, None
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    run, env = training.start(args)
+    data = load_data(args)
     if env.is_main:
         seconds = sum(len(a) for a in data.train.audio) / data.sample_rate
         print(f"speech: {len(data.train.audio)} train clips ({seconds / 60:.1f} min) / {len(data.test.audio)} test; "
               f"{len(data.speakers)} speakers; {data.sample_rate} Hz; preset {args.preset}; device {env.device} x "
               f"{env.world_size}; quantizer {vqvae.quantizer_backend(env.device)}; out {args.out}", flush=True)
-    t0, histories, timings = time.perf_counter(), {}, {}
+    t0, timings = time.perf_counter(), {}
 
     if "vqvae" in args.stages:
-        model, histories["vqvae"] = train_vqvae(args, env, data)
-        if histories["vqvae"] is None:
+        if train_vqvae(args, run, env, data)[1] is None:
             training.stopped()
         timings["vqvae_seconds"] = time.perf_counter() - t0
-    model, state = training.load_model(args.out / "vqvae.pt", vqvae.AudioVQVAE, vqvae.AudioVQVAEConfig, env.device)
-    histories["vqvae"] = state["history"]
-    vqvae_id = training.model_fingerprint(state)
-    if state["speakers"] != data.speakers:
-        raise SystemExit(f"{args.out}/vqvae.pt was trained on other speakers: {state['speakers']}")
+    model, vqvae_history, vqvae_id = load_vqvae(args.out, data.speakers, env.device)
 
-    if "classifiers" in args.stages:
+    if "classifiers" in args.stages or "eval" in args.stages:
         t1 = time.perf_counter()
-        classifiers, histories["classifiers"] = train_classifiers(args, env, data)
-        if histories["classifiers"] is None:
-            training.stopped()
-        timings["classifier_seconds"] = time.perf_counter() - t1
-    elif "eval" in args.stages:
-        if not (args.out / "classifiers.pt").exists():
-            raise SystemExit(f"{args.out}/classifiers.pt not found: run the classifiers stage first")
-        state = training.load_checkpoint(args.out / "classifiers.pt")
-        classifiers = make_classifiers(data).to(env.device)
-        classifiers.load_state_dict(state["model"])
-        histories["classifiers"] = state["history"]
-
-    prior = None
+        classifiers = train_or_load_classifiers(args, run, env, data)
+        if "classifiers" in args.stages:
+            timings["classifier_seconds"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    prior, prior_history = train_or_load_prior(args, run, env, model, vqvae_id, data)
     if "prior" in args.stages:
-        t1 = time.perf_counter()
-        prior, histories["prior"] = train_prior(args, env, model, vqvae_id, data)
-        if histories["prior"] is None:
-            training.stopped()
         timings["prior_seconds"] = time.perf_counter() - t1
-    elif "eval" in args.stages and (args.out / "prior.pt").exists():
-        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae.WaveNet, vqvae_id, env.device)
 
     # Evaluation runs in the main process alone: end the process group first, so that nothing in it
     # (the k-means fit of the random-encoder probe broadcasts in a group) waits for the other ranks.
-    training.teardown()  # the main process evaluates alone
+    training.teardown()
     if "eval" in args.stages and env.is_main:
         t2 = time.perf_counter()
         metrics = evaluate(args, env, model, classifiers, data)
         if prior is not None:
             metrics.update(evaluate_prior(args, env, model, prior.eval(), classifiers, data))
-            training.plot_history(args.out / "prior_curves.png", histories["prior"], ["prior_loss"],
-                                  "speech prior training")
-        training.plot_history(args.out / "vqvae_curves.png", histories["vqvae"],
+            training.plot_history(args.out / "prior_curves.png", prior_history, ["prior_loss"], "speech prior training")
+        training.plot_history(args.out / "vqvae_curves.png", vqvae_history,
                               ["loss", "recon_loss", "commitment_loss", "perplexity"], "audio VQ-VAE training")
         timings["eval_seconds"] = time.perf_counter() - t2
-        training.write_report(args, metrics, model.config, time.perf_counter() - t0, timings, env, speakers=data.speakers,
+        training.write_report(run, metrics, model.config, time.perf_counter() - t0, timings, env, speakers=data.speakers,
                               sample_rate=data.sample_rate, num_train_clips=len(data.train.audio))
 
 

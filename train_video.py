@@ -11,12 +11,13 @@ the true actions, with shuffled actions (another sequence's), and copying the la
 Everything lands in --out: vqvae.pt, prior.pt, codes.pt, metrics.json, *.png and *.gif.
 
     pip install vizdoom==1.3.2          # optional dependency: the engine, Freedoom and the scenarios
-    python train_video.py               # quick preset: about 42 min on one CPU core
+    python train_video.py               # quick preset: the whole pipeline on a CPU
     python train_video.py --preset paper    # larger model, more data and steps: a GPU job
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -34,29 +35,31 @@ SCRIPTS = ("forward", "turn_right", "random")   # the continuations generated in
 FRAME_SIZE = 84                                 # the paper's DeepMind Lab frames
 GIVEN, GENERATED = 6, 10                        # the paper's protocol: 6 real frames, then 10
 
-# Each preset sets the defaults of the options below; any option on the command line wins.
+# Each preset sets the defaults of the options below (named after the config fields); any option on
+# the command line wins. What each costs and scores is measured in README.md and TUTORIAL.md.
 PRESETS = {
-    # About 42 min on one CPU core (collection 1, VQ-VAE 7, prior 21, eval 13 min): 9.6k training
-    # frames, a small frame VQ-VAE, and a prior whose autoregressive part (441 passes per frame)
-    # is small: sampling 2 x 48 videos of 10 frames takes 13 min, not hours.
-    "quick": dict(episodes=48, episode_length=200, test_episodes=16, hidden=64, res_hidden=32, res_layers=2,
-                  embedding_dim=64, num_embeddings=512, decay=0.99, beta=0.25, kmeans_init=True,
-                  dead_code_threshold=0.1, lr=1e-3, batch_size=16, steps=2000, context_frames=4,
-                  prior_channels=32, prior_layers=3, context_channels=128, context_layers=4,
-                  prior_steps=3000, prior_batch_size=16, prior_lr=1e-3),
+    # The whole pipeline on a CPU: 9.6k training frames, a small frame VQ-VAE, and a prior whose
+    # autoregressive part (441 passes per frame) is small, so that sampling the eval videos stays
+    # affordable.
+    "quick": dict(episodes=48, episode_length=200, test_episodes=16, hidden_channels=64, res_channels=32,
+                  num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
+                  kmeans_init=True, dead_code_threshold=0.1, lr=1e-3, batch_size=16, steps=2000,
+                  prior_context_frames=4, prior_channels=32, prior_num_layers=3, prior_context_channels=128,
+                  prior_context_layers=4, prior_steps=3000, prior_batch_size=16, prior_lr=1e-3),
     # Sec. 4.4 gives 84x84 frames -> 21x21 codes with K = 512; the rest is not given.
-    "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden=128, res_hidden=64, res_layers=2,
-                  embedding_dim=64, num_embeddings=512, decay=0.99, beta=0.25, kmeans_init=False,
-                  dead_code_threshold=None, lr=3e-4, batch_size=64, steps=100_000, context_frames=4,
-                  prior_channels=128, prior_layers=8, context_channels=256, context_layers=8,
-                  prior_steps=200_000, prior_batch_size=64, prior_lr=3e-4),
+    "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden_channels=128, res_channels=64,
+                  num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
+                  kmeans_init=False, dead_code_threshold=None, lr=3e-4, batch_size=64, steps=100_000,
+                  prior_context_frames=4, prior_channels=128, prior_num_layers=8, prior_context_channels=256,
+                  prior_context_layers=8, prior_steps=200_000, prior_batch_size=64, prior_lr=3e-4),
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="quick",
-                   help="quick (default): about 42 min on one CPU core; paper: a GPU job")
+                   help="quick (default): the whole pipeline on a CPU; paper: a larger model, more data and "
+                        "steps (a GPU job)")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="where collected episodes are cached")
     training.add_run_arguments(p, "collect,vqvae,prior,eval", log_every=50, checkpoint_every=500)
     g = p.add_argument_group("environment (defaults from --preset)")
@@ -66,27 +69,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--frame-skip", type=int, default=4, help="engine tics per action (a turn is 14 degrees at 4)")
     g.add_argument("--max-hold", type=int, default=4, help="the random agent holds each action 1..max-hold steps")
     g = p.add_argument_group("frame VQ-VAE (defaults from --preset)")
-    g.add_argument("--hidden", type=int, help="hidden units of encoder and decoder")
-    g.add_argument("--res-hidden", type=int, help="hidden units inside the residual blocks")
-    g.add_argument("--res-layers", type=int, help="residual blocks")
+    training.add_encoder_arguments(g)
     training.add_codebook_arguments(g)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--batch-size", type=int, help="frames per step")
-    g.add_argument("--steps", type=int)
+    training.add_optimizer_arguments(g, "frames per step")
     g = p.add_argument_group("action-conditional prior (defaults from --preset)")
-    g.add_argument("--context-frames", type=int, help="frames of codes the prior conditions on (<= 6)")
-    g.add_argument("--prior-channels", type=int, help="PixelCNN channels (also the embedding width)")
-    g.add_argument("--prior-layers", type=int, help="PixelCNN gated layers")
-    g.add_argument("--context-channels", type=int, help="context network channels")
-    g.add_argument("--context-layers", type=int, help="context network residual blocks")
-    g.add_argument("--prior-steps", type=int)
-    g.add_argument("--prior-batch-size", type=int)
-    g.add_argument("--prior-lr", type=float)
+    g.add_argument("--prior-context-frames", type=int, help=f"frames of codes the prior conditions on (<= {GIVEN})")
+    training.add_prior_arguments(g)
+    g.add_argument("--prior-context-channels", type=int, help="context network channels")
+    g.add_argument("--prior-context-layers", type=int, help="context network residual blocks")
     g = p.add_argument_group("evaluation")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the prior")
     args = training.parse_with_presets(p, PRESETS, argv, "video")
-    if not 1 <= args.context_frames <= GIVEN:
-        p.error(f"--context-frames: expected 1..{GIVEN} (the given frames); got {args.context_frames}")
+    if not 1 <= args.prior_context_frames <= GIVEN:
+        p.error(f"--prior-context-frames: expected 1..{GIVEN} (the given frames); got {args.prior_context_frames}")
     if args.episode_length < GIVEN + GENERATED:
         p.error(f"--episode-length: expected at least {GIVEN + GENERATED}; got {args.episode_length}")
     return args
@@ -264,10 +259,10 @@ def context_of(codes: torch.Tensor, e: torch.Tensor, t: torch.Tensor, context_fr
     return codes[e[:, None], t[:, None] + torch.arange(1 - context_frames, 1)]
 
 
-def episode_codes(args, env, model, vqvae_id, data) -> dict[str, torch.Tensor]:
-    """Codes of every training and held-out frame, cached in codes.pt for this VQ-VAE (model_fingerprint) and
-    these episodes (their seeds and lengths)."""
-    path = args.out / "codes.pt"
+def episode_codes(out: Path, env, model, vqvae_id, data) -> dict[str, torch.Tensor]:
+    """Codes of every training and held-out frame, cached in <out>/codes.pt for this VQ-VAE
+    (model_fingerprint) and these episodes (their seeds and lengths)."""
+    path = out / "codes.pt"
     cached = training.load_checkpoint(path) if path.exists() else None
     episodes = {"train_seeds": data["train_seeds"], "test_seeds": data["test_seeds"],
                 "frames_per_episode": data["train_frames"].shape[1]}
@@ -282,31 +277,36 @@ def episode_codes(args, env, model, vqvae_id, data) -> dict[str, torch.Tensor]:
     return codes
 
 
-def prior_config(args, model) -> dict:
-    return dict(num_embeddings=model.config.num_embeddings, num_actions=len(ACTIONS), context_frames=args.context_frames,
-                channels=args.prior_channels, num_layers=args.prior_layers, context_channels=args.context_channels,
-                context_layers=args.context_layers)
+def train_model(args, run: training.Run, env, train_frames: torch.Tensor, data_variance: float):
+    """The VQ-VAE stage: Adam on seeded batches of every frame of the training episodes."""
+    frames = train_frames.flatten(0, 1)
+
+    def batch(step):
+        return to_float(frames[training.batch_indices(step, len(frames), args.batch_size, args.seed, env)], env.device)
+
+    config = training.config_from_args(vqvae.VQVAEConfig, args, in_channels=3, data_variance=data_variance)
+    return training.train_vqvae(config, batch, args.lr, args.steps, run, env)
 
 
-def train_prior(args, env, model, vqvae_id, codes, actions):
+def train_prior(args, run: training.Run, env, model, vqvae_id, codes, actions):
     """codes: (E, T+1, 21, 21) of the training episodes; actions (E, T)."""
-    if (args.out / "prior.pt").exists():
-        training.check_prior_matches(training.load_checkpoint(args.out / "prior.pt"), vqvae_id)
-    config = prior_config(args, model)
-    prior = vqvae.ActionConditionalPrior(**config).to(env.device)
+    if (run.out / "prior.pt").exists():
+        training.check_prior_matches(training.load_checkpoint(run.out / "prior.pt"), vqvae_id)
+    config = training.config_from_args(vqvae.ActionConditionalPriorConfig, args, "prior_",
+                                       num_embeddings=model.config.num_embeddings, num_actions=len(ACTIONS))
+    prior = vqvae.ActionConditionalPrior(config).to(env.device)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.prior_lr)
-    pairs = transitions(len(codes), actions.shape[1], args.context_frames)
+    pairs = transitions(len(codes), actions.shape[1], config.context_frames)
     codes = codes.long()
 
     def loss_fn(ddp, step):
         e, t = pairs[training.batch_indices(step, len(pairs), args.prior_batch_size, args.seed + 1, env)].unbind(1)
-        logits = ddp(codes[e, t + 1].to(env.device), context_of(codes, e, t, args.context_frames).to(env.device),
+        logits = ddp(codes[e, t + 1].to(env.device), context_of(codes, e, t, config.context_frames).to(env.device),
                      actions[e, t].to(env.device))
         loss = F.cross_entropy(logits, codes[e, t + 1].to(env.device))   # nats per latent
         return loss, {"prior_loss": loss.detach()}
 
-    history = training.run_loop("prior", prior, optimizer, loss_fn, args.out / "prior.pt", args.prior_steps, args, env,
-                                {"prior_config": config, "vqvae_id": vqvae_id})
+    history = training.run_loop("prior", prior, optimizer, loss_fn, args.prior_steps, run, env, {"vqvae_id": vqvae_id})
     return prior, history
 
 
@@ -328,6 +328,21 @@ def prior_test_nats(prior, codes: torch.Tensor, actions: torch.Tensor, device, b
 
 
 @torch.no_grad()
+def evaluate(args, env, model, prior, data, codes, data_variance: float) -> tuple[dict, dict]:
+    """Test-set numbers: the frame VQ-VAE's (reconstruction error, code usage), the prior's
+    teacher-forced nats on the held-out episodes, and those of the generated videos (evaluate_video).
+    Returns (metrics, videos)."""
+    prior.eval()
+    recon = decode(model, codes["test"].long())
+    mse = ((recon - data["test_frames"].movedim(-1, -3).float() / 255) ** 2).mean().item()
+    metrics = training.image_metrics(mse, data_variance, codes["test"], model.config.num_embeddings)
+    metrics.update(prior_test_nats(prior, codes["test"], data["test_actions"], env.device))
+    video_metrics, videos = evaluate_video(args, env, model, prior, data)
+    metrics.update(video_metrics)
+    return metrics, videos
+
+
+@torch.no_grad()
 def evaluate_video(args, env, model, prior, data) -> tuple[dict, dict]:
     """Generate 10 frames from 6 real ones per held-out start and continuation; compare with the truth.
 
@@ -337,28 +352,49 @@ def evaluate_video(args, env, model, prior, data) -> tuple[dict, dict]:
     real frame; the VQ-VAE's reconstruction of the truth is the floor of what codes can reach.
     """
     frames, actions = data["eval_frames"], data["eval_actions"]         # (S, 3, 16, 84, 84, 3), (S, 3, 10)
-    S, V = actions.shape[:2]
     codes = encode(model, frames, env.device)                            # (S, 3, 16, 21, 21)
-    context = codes[:, :, GIVEN - args.context_frames:GIVEN].flatten(0, 1).to(env.device)
+    generated = sample_continuations(args, env, prior, codes, actions)
+    videos = {"truth": frames.movedim(-1, -3).float() / 255,
+              "vqvae_reconstruction": decode(model, codes[:, :, GIVEN:])}
+    videos.update({name: decode(model, z) for name, z in generated.items()})
+    return video_metrics(frames, codes, generated, videos), videos
+
+
+@torch.no_grad()
+def sample_continuations(args, env, prior, codes: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The codes (S, 3, 10, 21, 21) the prior samples after the GIVEN real frames of codes
+    (S, 3, 16, 21, 21), with the true actions (S, 3, 10) and with shuffled ones (each sequence
+    takes the next continuation's actions), from one random stream seeded by --seed."""
+    S, V = actions.shape[:2]
+    context = codes[:, :, GIVEN - args.prior_context_frames:GIVEN].flatten(0, 1).to(env.device)
     shuffled = actions.roll(-1, dims=1)                                  # another continuation's actions
     gen = torch.Generator(device=env.device).manual_seed(args.seed)
     generated = {}
     for name, acts in (("true_actions", actions), ("shuffled_actions", shuffled)):
         t0 = time.perf_counter()
-        z = prior.generate(context, acts.flatten(0, 1).to(env.device), generator=gen, temperature=args.temperature)
+        z = prior.sample(context, acts.flatten(0, 1).to(env.device), generator=gen, temperature=args.temperature)
         generated[name] = z.cpu().reshape(S, V, GENERATED, *z.shape[-2:])
         print(f"[eval] generated {S * V} x {GENERATED} frames of codes with {name.replace('_', ' ')} "
               f"in {time.perf_counter() - t0:.0f} s", flush=True)
+    return generated
+
+
+def mse_per_step(x: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Mean squared error (GENERATED,) per generated step of videos (S, 3, 10, 3, 84, 84)."""
+    return ((x - truth) ** 2).mean((0, 1, 3, 4, 5))
+
+
+def video_metrics(frames, codes, generated: dict, videos: dict) -> dict:
+    """The numbers of evaluate_video from the true frames (S, 3, 16, 84, 84, 3) uint8 and their
+    codes, the generated codes and the decoded videos: curves per step and their means."""
+    S, V = frames.shape[:2]
     truth = frames[:, :, GIVEN:].movedim(-1, -3).float() / 255          # (S, 3, 10, 3, 84, 84)
     truth_codes = codes[:, :, GIVEN:]
     last = frames[:, :, GIVEN - 1:GIVEN].movedim(-1, -3).float() / 255
-    videos = {"truth": frames.movedim(-1, -3).float() / 255,
-              "vqvae_reconstruction": decode(model, truth_codes)}
-    videos.update({name: decode(model, z) for name, z in generated.items()})
-    per_step = lambda x: ((x - truth) ** 2).mean((0, 1, 3, 4, 5))   # noqa: E731  (10,)
-    mse = {"true_actions": per_step(videos["true_actions"]), "shuffled_actions": per_step(videos["shuffled_actions"]),
-           "copy_last_frame": per_step(last.expand_as(truth)),
-           "vqvae_reconstruction": per_step(videos["vqvae_reconstruction"])}
+    mse = {"true_actions": mse_per_step(videos["true_actions"], truth),
+           "shuffled_actions": mse_per_step(videos["shuffled_actions"], truth),
+           "copy_last_frame": mse_per_step(last.expand_as(truth), truth),
+           "vqvae_reconstruction": mse_per_step(videos["vqvae_reconstruction"], truth)}
     code_acc = {name: (z == truth_codes).float().mean((0, 1, 3, 4)) for name, z in generated.items()}
     code_acc["copy_last_frame"] = (codes[:, :, GIVEN - 1:GIVEN] == truth_codes).float().mean((0, 1, 3, 4))
     metrics = {"eval_starts": S, "eval_sequences": S * V}
@@ -373,7 +409,7 @@ def evaluate_video(args, env, model, prior, data) -> tuple[dict, dict]:
         for variant in ("true_actions", "shuffled_actions"):
             metrics[f"mse_{name}_{variant}"] = ((videos[variant][:, v] - truth[:, v]) ** 2).mean().item()
         metrics[f"mse_{name}_copy_last_frame"] = ((last[:, v] - truth[:, v]) ** 2).mean().item()
-    return metrics, videos
+    return metrics
 
 
 # ============================================================================ figures
@@ -409,6 +445,11 @@ def save_strips(out: Path, videos: dict, num_starts: int = 3) -> None:
                                  f'"{name}": {GIVEN} real frames, then {GENERATED} generated in latent space')
 
 
+def side_by_side(videos: torch.Tensor) -> torch.Tensor:
+    """Videos (n, T, 3, H, W) -> one video (T, 3, H, n W), the n placed left to right."""
+    return torch.cat(list(videos.unbind(0)), -1)
+
+
 def save_gif(path: Path, videos: dict, v: int, num_starts: int = 4) -> None:
     """An animated GIF: for a few starts side by side, the truth above and the generated frames below."""
     from PIL import Image   # a dependency of matplotlib
@@ -416,15 +457,13 @@ def save_gif(path: Path, videos: dict, v: int, num_starts: int = 4) -> None:
     given = videos["truth"][:n, v, :GIVEN]
     top = videos["truth"][:n, v]
     bottom = torch.cat([given, videos["true_actions"][:n, v]], 1)
-    side_by_side = lambda x: torch.cat(list(x.unbind(0)), -1)           # noqa: E731  (16, 3, H, n W)
     grid = torch.cat([side_by_side(top), side_by_side(bottom)], -2)     # (16, 3, 2H, n W)
     images = [Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).quantize(
         64, dither=Image.Dither.NONE) for f in grid]   # undithered: noisy textures make GIFs large
     images[0].save(path, save_all=True, append_images=images[1:], duration=300, loop=0, optimize=True)
 
 
-def make_figures(args, env, model, data, test_codes, metrics, videos, histories) -> None:
-    out = args.out
+def make_figures(out: Path, env, model, data, test_codes, metrics, videos, histories) -> None:
     frames = data["test_frames"][:2, ::25].flatten(0, 1)[:12]
     recon = decode(model, encode(model, frames, env.device))
     training.save_image_rows(out / "reconstructions.png", [("original", frames.movedim(-1, -3).float() / 255),
@@ -444,9 +483,7 @@ def make_figures(args, env, model, data, test_codes, metrics, videos, histories)
 # ============================================================================ main
 def main(argv=None) -> None:
     args = parse_args(argv)
-    training.lock_out(args.out)
-    env = training.setup(args.seed, args.device)
-    args.out.mkdir(parents=True, exist_ok=True)
+    run, env = training.start(args)
     t0, histories, timings = time.perf_counter(), {}, {}
     data = {k: torch.from_numpy(v) for k, v in collect(args).items()}   # cached: every process reads one file
     timings["collect_seconds"] = data.pop("collect_seconds").item()
@@ -460,47 +497,35 @@ def main(argv=None) -> None:
 
     if "vqvae" in args.stages:
         t1 = time.perf_counter()
-        frames = train_frames.flatten(0, 1)   # every frame of the training episodes
-        batch = lambda step: to_float(frames[training.batch_indices(step, len(frames), args.batch_size, args.seed, env)],
-                                      env.device)  # noqa: E731
-        config = training.image_vqvae_config(args, data_variance)
-        model, histories["vqvae"] = training.train_vqvae(args, env, config, batch)
+        model, histories["vqvae"] = train_model(args, run, env, train_frames, data_variance)
         if histories["vqvae"] is None:
             training.stopped()
         timings["vqvae_seconds"] = time.perf_counter() - t1
     if not {"prior", "eval"} & args.stages:
         return training.teardown()
-    model, state = training.load_model(args.out / "vqvae.pt", vqvae.VQVAE, vqvae.VQVAEConfig, env.device)
+    model, state = training.load_model(args.out / "vqvae.pt", env.device)
     histories["vqvae"], vqvae_id = state["history"], training.model_fingerprint(state)
-    codes = episode_codes(args, env, model, vqvae_id, data)
-    train_actions, test_actions = data["train_actions"], data["test_actions"]
+    codes = episode_codes(run.out, env, model, vqvae_id, data)
 
     if "prior" in args.stages:
         t1 = time.perf_counter()
-        prior, histories["prior"] = train_prior(args, env, model, vqvae_id, codes["train"], train_actions)
+        prior, histories["prior"] = train_prior(args, run, env, model, vqvae_id, codes["train"], data["train_actions"])
         if histories["prior"] is None:
             training.stopped()
         timings["prior_seconds"] = time.perf_counter() - t1
     elif "eval" in args.stages:
-        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae.ActionConditionalPrior,
-                                                        vqvae_id, env.device)
+        prior, histories["prior"] = training.load_prior(args.out / "prior.pt", vqvae_id, env.device)
 
     training.teardown()  # the main process evaluates alone
     if "eval" in args.stages and env.is_main:
         t1 = time.perf_counter()
-        prior.eval()
-        recon = decode(model, codes["test"].long())
-        mse = ((recon - data["test_frames"].movedim(-1, -3).float() / 255) ** 2).mean().item()
-        metrics = training.image_metrics(mse, data_variance, codes["test"], model.config.num_embeddings)
-        metrics.update(prior_test_nats(prior, codes["test"], test_actions, env.device))
-        video_metrics, videos = evaluate_video(args, env, model, prior, data)
-        metrics.update(video_metrics)
-        make_figures(args, env, model, data, codes["test"], metrics, videos, histories)
+        metrics, videos = evaluate(args, env, model, prior, data, codes, data_variance)
+        make_figures(run.out, env, model, data, codes["test"], metrics, videos, histories)
         timings["eval_seconds"] = time.perf_counter() - t1
         shown = {k: v for k, v in metrics.items() if not isinstance(v, list)}
-        training.write_report(args, shown, model.config, time.perf_counter() - t0, timings, env,
+        training.write_report(run, shown, model.config, time.perf_counter() - t0, timings, env,
                               curves={k: v for k, v in metrics.items() if isinstance(v, list)},
-                              prior_config=prior_config(args, model))
+                              prior_config=dataclasses.asdict(prior.config))
 
 
 if __name__ == "__main__":

@@ -133,32 +133,65 @@ def add_run_arguments(p, stages: str, log_every: int, checkpoint_every: int) -> 
                         "(a GPU, a CPU with AMX)")
 
 
+def none_or_float(text: str) -> float | None:
+    """An option's value: a number, or 'none' (off)."""
+    return None if text == "none" else float(text)
+
+
 def add_codebook_arguments(g) -> None:
-    """The quantizer's options (defaults from the preset)."""
-    none_or = lambda cast: lambda s: None if s == "none" else cast(s)  # noqa: E731
+    """The quantizer's options, named after VQVAEConfig's fields (defaults from the preset)."""
     g.add_argument("--embedding-dim", type=int, help="D")
     g.add_argument("--num-embeddings", type=int, help="K")
-    g.add_argument("--decay", type=none_or(float), help="EMA decay of the codebook (App. A.1), or 'none' for the codebook loss")
-    g.add_argument("--beta", type=float, help="commitment cost")
+    g.add_argument("--decay", type=none_or_float, help="EMA decay of the codebook (App. A.1), or 'none' for the codebook loss")
+    g.add_argument("--commitment-cost", type=float, help="beta of Eq. 3")
     g.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=False,
                    help="codebook from k-means on the first batch (not in the paper)")
-    g.add_argument("--dead-code-threshold", type=none_or(float),
+    g.add_argument("--dead-code-threshold", type=none_or_float,
                    help="restart codes whose moving-average use per batch falls below it, or 'none' (not in the paper)")
+
+
+def add_encoder_arguments(g, what: str = "encoder and decoder") -> None:
+    """Sizes of the convolutional encoder (and decoder), named after the config fields."""
+    g.add_argument("--hidden-channels", type=int, help=f"hidden units of the {what}")
+    g.add_argument("--res-channels", type=int, help="hidden units inside the residual blocks")
+    g.add_argument("--num-res-layers", type=int, help="residual blocks")
+
+
+def add_optimizer_arguments(g, batch_help: str = "per process") -> None:
+    """Adam's learning rate, the batch size and the number of steps of the first model."""
+    g.add_argument("--lr", type=float, help="Adam's learning rate")
+    g.add_argument("--batch-size", type=int, help=batch_help)
+    g.add_argument("--steps", type=int, help="training steps")
+
+
+def add_prior_arguments(g) -> None:
+    """The prior's size (--prior-<field of its config>) and optimisation."""
+    g.add_argument("--prior-channels", type=int, help="channels of the prior's layers")
+    g.add_argument("--prior-num-layers", type=int, help="layers of the prior")
+    g.add_argument("--prior-lr", type=float, help="Adam's learning rate")
+    g.add_argument("--prior-batch-size", type=int, help="per process")
+    g.add_argument("--prior-steps", type=int, help="training steps")
+
+
+def config_from_args(config_class, args, prefix: str = "", **values):
+    """config_class from the options named after its fields (--<prefix><field>), then `values`."""
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    given = {name: getattr(args, prefix + name) for name in fields if hasattr(args, prefix + name)}
+    return config_class(**{**given, **values})
 
 
 # Numeric options, by the values they accept (names not in a script are ignored). A training
 # stage is skipped by leaving it out of --stages, so step counts start at 1.
 AT_LEAST_ONE = {"batch_size", "prior_batch_size", "steps", "prior_steps", "clf_steps", "log_every",
-                "checkpoint_every", "hidden", "outer_channels", "res_hidden", "embedding_dim", "num_embeddings",
-                "num_groups",
-                "prior_channels", "prior_layers", "prior_cycle", "crop", "episodes", "test_episodes",
-                "episode_length", "frame_skip", "max_hold", "context_frames", "context_channels", "context_layers",
-                "wavenet_channels", "skip_channels", "wavenet_layers", "dilation_cycle", "sample_rate",
-                "max_train_images", "max_test_images", "max_train_clips", "max_test_clips", "max_clips_per_speaker",
-                "eval_clips"}
-AT_LEAST_ZERO = {"res_layers", "wav_clips"}
+                "checkpoint_every", "hidden_channels", "outer_channels", "res_channels", "embedding_dim",
+                "num_embeddings", "num_groups", "prior_channels", "prior_num_layers", "prior_cycle", "crop",
+                "episodes", "test_episodes", "episode_length", "frame_skip", "max_hold", "prior_context_frames",
+                "prior_context_channels", "prior_context_layers", "wavenet_channels", "skip_channels",
+                "wavenet_layers", "dilation_cycle", "sample_rate", "max_train_images", "max_test_images",
+                "max_train_clips", "max_test_clips", "max_clips_per_speaker", "eval_clips"}
+AT_LEAST_ZERO = {"num_res_layers", "wav_clips"}
 POSITIVE = {"lr", "prior_lr", "temperature", "clip_seconds", "dead_code_threshold"}
-NON_NEGATIVE = {"beta"}
+NON_NEGATIVE = {"commitment_cost"}
 
 
 def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -179,9 +212,18 @@ def check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--decay: expected a number in [0, 1), or 'none'; got {args.decay}")
 
 
+def _shown(value) -> str:
+    return "none" if value is None else ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
 def parse_with_presets(p, presets: dict, argv, out_prefix: str):
     """Parse twice: the preset chosen first sets the defaults, then any option given wins. Numeric
-    options and --stages are checked."""
+    options and --stages are checked. --help lists each option's value in every preset."""
+    for action in p._actions:
+        if any(action.dest in preset for preset in presets.values()):
+            values = ", ".join(f"{name} {_shown(preset.get(action.dest, action.default))}"
+                               for name, preset in presets.items())
+            action.help = f"{action.help or ''} [{values}]".lstrip()
     p.set_defaults(**presets[p.parse_known_args(argv)[0].preset])
     args = p.parse_args(argv)
     args.out = args.out or Path("runs") / f"{out_prefix}_{args.preset}"
@@ -331,11 +373,29 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model(path: Path, model_class, config_class, device):
-    """(model in eval mode, checkpoint) from a checkpoint that holds {"config": ..., "model": ...}."""
+# Every model of vqvae.py and its config class: a checkpoint names its class (model_state).
+MODEL_CLASSES = {model.__name__: (model, config) for model, config in (
+    (vqvae.VQVAE, vqvae.VQVAEConfig), (vqvae.AudioVQVAE, vqvae.AudioVQVAEConfig),
+    (vqvae.GatedPixelCNN, vqvae.GatedPixelCNNConfig), (vqvae.WaveNet, vqvae.WaveNetConfig),
+    (vqvae.ActionConditionalPrior, vqvae.ActionConditionalPriorConfig))}
+MODELS = tuple(model for model, _ in MODEL_CLASSES.values())
+
+
+def model_state(model: torch.nn.Module) -> dict:
+    """What restores a model of vqvae.py: {"model_class", "config", "model"} (its weights)."""
+    return {"model_class": type(model).__name__, "config": dataclasses.asdict(model.config),
+            "model": model.state_dict()}
+
+
+def load_model(path: str | Path, device="cpu"):
+    """(model in eval mode, checkpoint) from a checkpoint of model_state, whatever its class."""
     if not Path(path).exists():
-        raise SystemExit(f"{path} not found: run the vqvae stage first")
+        raise SystemExit(f"{path} not found: run the stage that trains it first")
     state = load_checkpoint(path)
+    if state.get("model_class") not in MODEL_CLASSES:
+        raise SystemExit(f"{path}: not a checkpoint of a vqvae.py model (an older version may have written it: "
+                         "train into another --out)")
+    model_class, config_class = MODEL_CLASSES[state["model_class"]]
     model = model_class(config_class(**state["config"])).to(device)
     model.load_state_dict(state["model"])
     return model.eval(), state
@@ -360,29 +420,25 @@ def check_prior_matches(prior_state: dict, vqvae_id: str) -> None:
                          f"vqvae.pt ({vqvae_id}): delete prior.pt to fit a new prior")
 
 
-def load_prior(path: Path, prior_class, vqvae_id: str, device):
+def load_prior(path: Path, vqvae_id: str, device="cpu"):
     """(prior in eval mode, its history) from a prior checkpoint; refused if it was fitted to the
     codes of another VQ-VAE."""
-    if not path.exists():
+    if not Path(path).exists():
         raise SystemExit(f"{path} not found: run the prior stage first")
-    state = load_checkpoint(path)
-    check_prior_matches(state, vqvae_id)
-    prior = prior_class(**state["prior_config"]).to(device)
-    prior.load_state_dict(state["model"])
-    return prior.eval(), state["history"]
+    check_prior_matches(load_checkpoint(path), vqvae_id)
+    prior, state = load_model(path, device)
+    return prior, state["history"]
 
 
-def load_run(out: str | Path, device="cpu", model_class=vqvae.VQVAE, config_class=vqvae.VQVAEConfig,
-             prior_class=vqvae.GatedPixelCNN):
-    """(VQ-VAE, prior or None), both in eval mode, from a run's --out folder: how to reuse a trained
-    model. The prior is refused if it was fitted to the codes of another VQ-VAE. Speech and video
-    runs pass their classes (vqvae.AudioVQVAE, AudioVQVAEConfig, WaveNet; VQVAE, VQVAEConfig,
-    ActionConditionalPrior)."""
+def load_run(out: str | Path, device="cpu"):
+    """(VQ-VAE, prior or None), both in eval mode, from a run's --out folder, of any of the three
+    scripts: how to reuse a trained model. The prior is refused if it was fitted to the codes of
+    another VQ-VAE."""
     out = Path(out)
-    model, state = load_model(out / "vqvae.pt", model_class, config_class, device)
+    model, state = load_model(out / "vqvae.pt", device)
     prior = None
     if (out / "prior.pt").exists():
-        prior, _ = load_prior(out / "prior.pt", prior_class, model_fingerprint(state), device)
+        prior, _ = load_prior(out / "prior.pt", model_fingerprint(state), device)
     return model, prior
 
 
@@ -390,14 +446,14 @@ def write_json(path: str | Path, obj) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
-def write_report(args, metrics: dict, model_config, elapsed: float, timings: dict, env: Env, **extra) -> None:
-    """--out/metrics.json: the metrics, the exact command-line config and model config, timings."""
-    write_json(args.out / "metrics.json", {
-        "metrics": metrics, "config": run_options(args), "model_config": dataclasses.asdict(model_config),
+def write_report(run: Run, metrics: dict, model_config, elapsed: float, timings: dict, env: Env, **extra) -> None:
+    """<out>/metrics.json: the metrics, the run's options and model config, timings."""
+    write_json(run.out / "metrics.json", {
+        "metrics": metrics, "config": run.options, "model_config": dataclasses.asdict(model_config),
         "timings": {**timings, "total_seconds": elapsed}, "torch": torch.__version__,
         "quantizer_backend": vqvae.quantizer_backend(env.device), "world_size": env.world_size, **extra})
     print("test: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-    print(f"wrote {args.out}/metrics.json and figures", flush=True)
+    print(f"wrote {run.out}/metrics.json and figures", flush=True)
 
 
 class StopRequest:
@@ -470,10 +526,30 @@ RESUMABLE_OPTIONS = {"steps", "prior_steps", "clf_steps", "log_every", "checkpoi
                      "temperature"}
 
 
-def run_options(args) -> dict:
-    """The command-line options of a run as plain values (for checkpoints and metrics.json)."""
-    return {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v)
-            for k, v in vars(args).items()}
+@dataclass
+class Run:
+    """What the training loop needs of a run: where it writes, whether it resumes, how often it
+    logs and saves, its mixed precision (a key of AMP_DTYPES), and all its options as plain values
+    (recorded in checkpoints and metrics.json, compared on resume)."""
+    out: Path
+    resume: bool = False
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    amp: str = "off"
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+def start(args: argparse.Namespace) -> tuple[Run, Env]:
+    """A script's first steps: lock its --out (lock_out), its Run, then processes, device and seed."""
+    lock_out(args.out)
+    return run_settings(args), setup(args.seed, args.device)
+
+
+def run_settings(args: argparse.Namespace) -> Run:
+    """The Run of a script's parsed options (those of add_run_arguments, and all for `options`)."""
+    options = {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v)
+               for k, v in vars(args).items()}
+    return Run(args.out, args.resume, args.log_every, args.checkpoint_every, args.amp, options)
 
 
 def check_resume_options(path: Path, saved: dict | None, options: dict) -> None:
@@ -500,11 +576,11 @@ def continue_log(path: Path, step: int) -> None:
     write_atomically(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
-def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env, extra_state):
-    """The training loop every model of the scripts shares: resume, steps, history, checkpoints,
-    Ctrl-C. args needs resume, log_every and checkpoint_every. Each history point is also appended
-    to <checkpoint folder>/<name>.jsonl as one flushed JSON line (step, metrics, lr, steps_per_s),
-    to follow or plot a run while it trains.
+def run_loop(name: str, model, optimizer, loss_fn, total_steps: int, run: Run, env: Env, extra_state=None):
+    """The training loop every model of the scripts shares: resume, steps, history, checkpoints
+    (<out>/<name>.pt, with model_state when the model is one of vqvae.py), Ctrl-C. Each history
+    point is also appended to <out>/<name>.jsonl as one flushed JSON line (step, metrics, lr,
+    steps_per_s), to follow or plot a run while it trains.
 
     loss_fn(ddp_model, step) -> (loss, {metric: 0-dim tensor of this process}). The metrics are
     averaged over processes and read back to the host only at log steps (one synchronisation), so
@@ -512,15 +588,14 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
     non-finite weight at a checkpoint, ends the run (SystemExit) without saving. Returns the
     history, or None if stopped early.
     """
-    history, step = {"step": []}, 0
-    options = run_options(args)
-    amp = AMP_DTYPES[getattr(args, "amp", "off")]
+    history, step, ckpt_path = {"step": []}, 0, run.out / f"{name}.pt"
+    amp = AMP_DTYPES[run.amp]
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
     if ckpt_path.exists():
-        if not args.resume:
+        if not run.resume:
             raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
         state = load_checkpoint(ckpt_path)
-        check_resume_options(ckpt_path, state.get("options"), options)
+        check_resume_options(ckpt_path, state.get("options"), run.options)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
@@ -529,7 +604,7 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
         history, step = state["history"], state["step"]
         if env.is_main:
             print(f"[{name}] resumed at step {step} from {ckpt_path}", flush=True)
-    elif args.resume and env.is_main:
+    elif run.resume and env.is_main:
         print(f"[{name}] --resume: no {ckpt_path} yet; starting from step 0", flush=True)
     ddp = DistributedDataParallel(model) if env.world_size > 1 else model
 
@@ -537,9 +612,10 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
         if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
             stop_unsaved("a weight")
         if env.is_main:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            weights = model_state(model) if isinstance(model, MODELS) else {"model": model.state_dict()}
+            save_checkpoint(ckpt_path, {**weights, "optimizer": optimizer.state_dict(),
                                         "rng": torch.get_rng_state(), "history": history,
-                                        "step": step, "options": options, **extra_state,
+                                        "step": step, "options": run.options, **(extra_state or {}),
                                         **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})})
 
     def stop_unsaved(what: str):
@@ -555,7 +631,7 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
         continue_log(log_path, step)
     with StopRequest() as stop, open(log_path, "a") if env.is_main else contextlib.nullcontext() as log:
         if env.is_main:
-            precision = "" if amp is None else f" in mixed precision ({getattr(args, 'amp')})"
+            precision = "" if amp is None else f" in mixed precision ({run.amp})"
             print(f"[{name}] training to step {total_steps} from step {step}{precision}", flush=True)
         while step < total_steps:
             with torch.autocast(env.device.type, dtype=amp, enabled=amp is not None):
@@ -565,7 +641,7 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            if step % args.log_every == 0 or step == total_steps:
+            if step % run.log_every == 0 or step == total_steps:
                 shown = read_metrics(metrics, env.device)  # the same numbers on every process
                 bad = [k for k, v in shown.items() if not math.isfinite(v)]
                 if bad:  # every process stops here together
@@ -578,7 +654,7 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
                                           "steps_per_s": progress.rate(step)}) + "\n")
                     log.flush()
             progress.update(step, **shown)
-            if step % args.checkpoint_every == 0 or step == total_steps:
+            if step % run.checkpoint_every == 0 or step == total_steps:
                 save()
             if stop.should_stop():
                 save()
@@ -590,29 +666,17 @@ def run_loop(name, model, optimizer, loss_fn, ckpt_path, total_steps, args, env,
     return history
 
 
-def image_vqvae_config(args, data_variance: float, in_channels: int = 3, **extra) -> vqvae.VQVAEConfig:
-    """The VQVAEConfig of an image or frame script's options (--hidden, --outer-channels, --res-hidden,
-    --res-layers and the codebook's): in_channels in (3: RGB), two stride-2 convolutions (4x fewer latents per side)."""
-    return vqvae.VQVAEConfig(
-        in_channels=in_channels, hidden_channels=args.hidden, outer_channels=getattr(args, "outer_channels", None),
-        res_channels=args.res_hidden, num_res_layers=args.res_layers,
-        num_downsamples=2, num_embeddings=args.num_embeddings, embedding_dim=args.embedding_dim,
-        commitment_cost=args.beta, decay=args.decay, kmeans_init=args.kmeans_init,
-        dead_code_threshold=args.dead_code_threshold, data_variance=data_variance, **extra)
-
-
-def train_vqvae(args, env: Env, config: vqvae.VQVAEConfig, batch):
-    """The VQ-VAE stage of the image and frame scripts: Adam at args.lr for args.steps steps on
-    batch(step) -> x (B, C, H, W), into --out/vqvae.pt. Returns (model, history or None if stopped)."""
+def train_vqvae(config: vqvae.VQVAEConfig, batch, lr: float, steps: int, run: Run, env: Env):
+    """The VQ-VAE stage of the image and frame scripts: Adam at lr for `steps` steps on
+    batch(step) -> x (B, C, H, W), into <out>/vqvae.pt. Returns (model, history or None if stopped)."""
     model = vqvae.VQVAE(config).to(env.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 
     def loss_fn(ddp, step):
         out = ddp(batch(step))
         return out.loss, vq_metrics(out)
 
-    history = run_loop("vqvae", model, optimizer, loss_fn, args.out / "vqvae.pt", args.steps, args, env,
-                       {"config": dataclasses.asdict(config)})
+    history = run_loop("vqvae", model, optimizer, loss_fn, steps, run, env)
     check_replicas_equal("codebook", model.quantizer.codebook)
     return model, history
 

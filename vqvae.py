@@ -20,6 +20,11 @@ importable and runs on the tensors' device (quantizer_backend), the nearest-neig
 the EMA statistics use its operators instead and give the same results. This file imports nothing
 else of the project.
 
+One pattern for every model: it is built from one dataclass config (VQVAE(VQVAEConfig(...)),
+GatedPixelCNN(GatedPixelCNNConfig(...)), ...) and keeps it as `.config`, so that a checkpoint of
+{class name, config, weights} restores any of them; every prior has `log_prob` (nats) and
+`sample`.
+
 Layout conventions: tensors are channel-first, (B, C, *spatial) with 1, 2 or 3 spatial dims
 (audio, images, video); the codebook is (K, D) as in nn.Embedding; K = num_embeddings,
 D = embedding_dim.
@@ -547,6 +552,17 @@ class GatedLayer(nn.Module):
         return h_out if self.first else h + h_out
 
 
+@dataclass
+class GatedPixelCNNConfig:
+    num_embeddings: int = 512            # K of the VQ-VAE whose codes it models
+    num_groups: int = 1                  # G, the VQ-VAE's codes per latent position
+    channels: int = 128
+    num_layers: int = 12
+    kernel_size: int = 5                 # odd, >= 3
+    num_classes: int | None = None       # a learnt class-conditional bias in every layer
+    cond_channels: int = 0               # > 0: a conditioning map (B, cond_channels, H, W) biases every layer
+
+
 class GatedPixelCNN(nn.Module):
     """Autoregressive prior p(z) = prod_i p(z_i | z_<i, class) over maps of codes (raster order).
 
@@ -554,27 +570,23 @@ class GatedPixelCNN(nn.Module):
     position: the stacks see all codes of earlier positions, and a head adds the embeddings of the
     same position's earlier groups.
 
-    Args:
-        num_embeddings: K. num_groups: G. channels, num_layers, kernel_size (odd, >= 3): size.
-        num_classes: if set, a learnt class-conditional bias in every layer.
-        cond_channels: if > 0, a conditioning map (B, cond_channels, H, W) biases every layer.
     Input codes: (B, H, W) if G == 1 else (B, G, H, W), int64 in [0, K).
+    Raises ValueError for an even kernel_size or one below 3.
     """
 
-    def __init__(self, num_embeddings: int = 512, num_groups: int = 1, channels: int = 128,
-                 num_layers: int = 12, kernel_size: int = 5, num_classes: int | None = None,
-                 cond_channels: int = 0):
+    def __init__(self, config: GatedPixelCNNConfig):
         super().__init__()
-        if kernel_size < 3 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and >= 3; got {kernel_size}")
-        self.num_embeddings, self.num_groups, self.num_classes = num_embeddings, num_groups, num_classes
-        self.embedding = nn.Embedding(num_embeddings * num_groups, channels)
-        self.layers = nn.ModuleList(GatedLayer(channels, kernel_size, i == 0, num_classes, cond_channels)
-                                    for i in range(num_layers))
-        self.group_embedding = nn.Embedding(num_embeddings * num_groups, channels)  # same position
-        self.group_query = nn.Parameter(torch.zeros(channels, num_groups))  # laid out as used: no transpose
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv3d(channels, channels, 1), nn.ReLU(),
-                                  nn.Conv3d(channels, num_embeddings, 1))
+        self.config = c = config
+        if c.kernel_size < 3 or c.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 3; got {c.kernel_size}")
+        self.num_embeddings, self.num_groups, self.num_classes = c.num_embeddings, c.num_groups, c.num_classes
+        self.embedding = nn.Embedding(c.num_embeddings * c.num_groups, c.channels)
+        self.layers = nn.ModuleList(GatedLayer(c.channels, c.kernel_size, i == 0, c.num_classes, c.cond_channels)
+                                    for i in range(c.num_layers))
+        self.group_embedding = nn.Embedding(c.num_embeddings * c.num_groups, c.channels)  # same position
+        self.group_query = nn.Parameter(torch.zeros(c.channels, c.num_groups))  # laid out as used: no transpose
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv3d(c.channels, c.channels, 1), nn.ReLU(),
+                                  nn.Conv3d(c.channels, c.num_embeddings, 1))
 
     def _grouped(self, codes: torch.Tensor) -> torch.Tensor:
         received, codes = codes, codes[:, None] if self.num_groups == 1 else codes  # report the shape passed
@@ -696,6 +708,18 @@ def mu_law_decode(levels: torch.Tensor, mu: int = 255) -> torch.Tensor:
     return torch.sign(y) * torch.expm1(y.abs() * math.log1p(mu)) / mu
 
 
+@dataclass
+class WaveNetConfig:
+    num_classes: int = 256               # 256 mu-law levels (decoder), or K (prior over codes)
+    cond_channels: int = 0               # D of z_q (decoder); 0: no local conditioning (prior)
+    num_speakers: int = 109              # VCTK
+    hop: int = 64                        # steps per conditioning frame: 2 ** the encoder's downsamplings
+    channels: int = 64                   # residual channels
+    skip_channels: int = 64
+    num_layers: int = 10
+    cycle: int = 10                      # dilations 1, 2, ..., 2^(cycle - 1), repeated
+
+
 class WaveNet(nn.Module):
     """p(x_t | x_<t, z_q, s): num_classes logits per step (WaveNet, Sec. 2).
 
@@ -712,19 +736,19 @@ class WaveNet(nn.Module):
     The input before the first step is class num_classes // 2 (level 128: silence).
     """
 
-    def __init__(self, cond_channels: int, num_speakers: int, hop: int = 64, channels: int = 64,
-                 skip_channels: int = 64, num_layers: int = 10, cycle: int = 10, num_classes: int = 256):
+    def __init__(self, config: WaveNetConfig):
         super().__init__()
-        self.hop = hop if cond_channels else 1
-        self.channels, self.skip_channels, self.num_classes = channels, skip_channels, num_classes
-        self.dilations = [2 ** (i % cycle) for i in range(num_layers)]
-        self.embed = nn.Embedding(num_classes, channels)                         # x_{t-1}
-        self.dilated = nn.ModuleList(nn.Conv1d(channels, 2 * channels, 2, dilation=d) for d in self.dilations)
-        self.cond = nn.Conv1d(cond_channels, num_layers * 2 * channels, 1) if cond_channels else None  # V_f, V_g
-        self.speaker = nn.Embedding(num_speakers, num_layers * 2 * channels)     # U_f s, U_g s
-        self.res_skip = nn.ModuleList(nn.Conv1d(channels, channels + skip_channels, 1) for _ in self.dilations)
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv1d(skip_channels, skip_channels, 1), nn.ReLU(),
-                                  nn.Conv1d(skip_channels, num_classes, 1))
+        self.config = c = config
+        self.hop = c.hop if c.cond_channels else 1
+        self.channels, self.skip_channels, self.num_classes = c.channels, c.skip_channels, c.num_classes
+        self.dilations = [2 ** (i % c.cycle) for i in range(c.num_layers)]
+        self.embed = nn.Embedding(c.num_classes, c.channels)                     # x_{t-1}
+        self.dilated = nn.ModuleList(nn.Conv1d(c.channels, 2 * c.channels, 2, dilation=d) for d in self.dilations)
+        self.cond = nn.Conv1d(c.cond_channels, c.num_layers * 2 * c.channels, 1) if c.cond_channels else None
+        self.speaker = nn.Embedding(c.num_speakers, c.num_layers * 2 * c.channels)  # U_f s, U_g s
+        self.res_skip = nn.ModuleList(nn.Conv1d(c.channels, c.channels + c.skip_channels, 1) for _ in self.dilations)
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv1d(c.skip_channels, c.skip_channels, 1), nn.ReLU(),
+                                  nn.Conv1d(c.skip_channels, c.num_classes, 1))
 
     def _conditioning(self, z_q: torch.Tensor | None, speaker: torch.Tensor, frames: int) -> torch.Tensor:
         """(B, L, 2C, frames): V c + U s of every layer at the rate of the codes (hop steps each)."""
@@ -756,10 +780,15 @@ class WaveNet(nn.Module):
             h, skip = h + res, skip + s
         return self.head(skip)
 
+    def log_prob(self, x: torch.Tensor, z_q: torch.Tensor | None, speaker: torch.Tensor) -> torch.Tensor:
+        """log p(x | z_q, speaker) in nats, (B,): the sum over the T steps of forward()'s logits."""
+        logits = self(x, z_q, speaker)
+        return -F.cross_entropy(logits, x.long(), reduction="none").sum(1)
+
     @torch.inference_mode()
-    def generate(self, z_q: torch.Tensor | None, speaker: torch.Tensor, generator: torch.Generator | None = None,
-                 greedy: bool = False, temperature: float = 1.0, return_logits: bool = False,
-                 length: int | None = None):
+    def sample(self, z_q: torch.Tensor | None, speaker: torch.Tensor, generator: torch.Generator | None = None,
+               greedy: bool = False, temperature: float = 1.0, return_logits: bool = False,
+               length: int | None = None):
         """Sample x (B, T) one step at a time, the forward pass computed step by step; T = hop * T'
         with z_q (B, D, T'), else `length`.
 
@@ -843,8 +872,10 @@ class AudioVQVAE(nn.Module):
         self.pre_quantize = nn.Conv1d(c.hidden_channels, c.embedding_dim, 1)
         self.quantizer = VectorQuantizer(c.num_embeddings, c.embedding_dim, c.commitment_cost, c.decay,
                                          kmeans_init=c.kmeans_init, dead_code_threshold=c.dead_code_threshold)
-        self.decoder = WaveNet(c.embedding_dim, c.num_speakers, 2 ** c.num_downsamples, c.wavenet_channels,
-                               c.skip_channels, c.wavenet_layers, c.dilation_cycle)
+        self.decoder = WaveNet(WaveNetConfig(
+            num_classes=256, cond_channels=c.embedding_dim, num_speakers=c.num_speakers, hop=2 ** c.num_downsamples,
+            channels=c.wavenet_channels, skip_channels=c.skip_channels, num_layers=c.wavenet_layers,
+            cycle=c.dilation_cycle))
 
     def encode(self, levels: torch.Tensor) -> torch.Tensor:
         """Levels (B, T) -> z_e (B, D, T / 64); the encoder sees 2 * level / 255 - 1 in [-1, 1]."""
@@ -861,10 +892,11 @@ class AudioVQVAE(nn.Module):
         return AudioVQVAEOutput(logits, vq.indices, recon_loss, vq.codebook_loss, vq.commitment_loss,
                                 loss, vq.perplexity, vq.counts)
 
-    def generate(self, indices: torch.Tensor, speaker: torch.Tensor, **kwargs):
-        """Codes (B, T') decoded as speaker (B,): levels (B, 64 * T'); see WaveNet.generate.
-        Speaker conversion is the codes of one speaker's clip decoded with another's id."""
-        return self.decoder.generate(self.quantizer.lookup(indices), speaker, **kwargs)
+    def decode(self, indices: torch.Tensor, speaker: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Codes (B, T') decoded as speaker (B,): levels (B, 64 * T'), sampled from the WaveNet
+        decoder (keyword arguments: see WaveNet.sample). Speaker conversion is the codes of one
+        speaker's clip decoded with another's id."""
+        return self.decoder.sample(self.quantizer.lookup(indices), speaker, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -872,6 +904,18 @@ class AudioVQVAE(nn.Module):
 # codes of the frames before it and on the action; whole videos are sampled as codes and decoded
 # only at the end.
 # --------------------------------------------------------------------------------------------
+@dataclass
+class ActionConditionalPriorConfig:
+    num_embeddings: int = 512            # K of the frame VQ-VAE
+    num_actions: int = 3                 # size of the discrete action set
+    context_frames: int = 4              # F
+    channels: int = 64                   # the PixelCNN (also the embedding width)
+    num_layers: int = 4
+    kernel_size: int = 5
+    context_channels: int = 128          # the context network: 3x3 convolutions, residual blocks
+    context_layers: int = 4
+
+
 class ActionConditionalPrior(nn.Module):
     """p(z_t+1 | z_t-F+1..t, a_t) = prod_i p(z_t+1,i | z_t+1,<i, z_t-F+1..t, a_t), over the grid.
 
@@ -879,27 +923,22 @@ class ActionConditionalPrior(nn.Module):
     frames and the embedded action; its output map conditions every layer of a gated PixelCNN
     over the new frame (GatedPixelCNN's cond_channels). The context network runs once per frame
     and carries the motion, so the autoregressive part, run once per position, can stay small.
+    Its receptive field is +-(1 + context_layers) positions, which bounds the motion it can
+    follow per frame.
 
-    Args:
-        num_embeddings: K of the frame VQ-VAE. num_actions: size of the discrete action set.
-        context_frames: F. channels, num_layers, kernel_size: the PixelCNN.
-        context_channels, context_layers: the context network (3x3 conv, residual blocks);
-            its receptive field is +-(1 + context_layers) positions, which bounds the motion
-            it can follow per frame.
     Shapes: codes (B, H, W), context (B, F, H, W), both int64 in [0, K); action (B,) in [0, A).
     """
 
-    def __init__(self, num_embeddings: int = 512, num_actions: int = 3, context_frames: int = 4,
-                 channels: int = 64, num_layers: int = 4, kernel_size: int = 5,
-                 context_channels: int = 128, context_layers: int = 4):
+    def __init__(self, config: ActionConditionalPriorConfig):
         super().__init__()
-        self.num_embeddings, self.num_actions, self.context_frames = num_embeddings, num_actions, context_frames
-        self.code_embedding = nn.Embedding(num_embeddings, channels)
-        self.action_embedding = nn.Embedding(num_actions, channels)
-        self.context = nn.Sequential(nn.Conv2d((context_frames + 1) * channels, context_channels, 3, padding=1),
-                                     ResidualStack(context_channels, context_channels // 2, context_layers))
-        self.pixelcnn = GatedPixelCNN(num_embeddings, 1, channels, num_layers, kernel_size,
-                                      cond_channels=context_channels)
+        self.config = c = config
+        self.num_embeddings, self.num_actions, self.context_frames = c.num_embeddings, c.num_actions, c.context_frames
+        self.code_embedding = nn.Embedding(c.num_embeddings, c.channels)
+        self.action_embedding = nn.Embedding(c.num_actions, c.channels)
+        self.context = nn.Sequential(nn.Conv2d((c.context_frames + 1) * c.channels, c.context_channels, 3, padding=1),
+                                     ResidualStack(c.context_channels, c.context_channels // 2, c.context_layers))
+        self.pixelcnn = GatedPixelCNN(GatedPixelCNNConfig(c.num_embeddings, 1, c.channels, c.num_layers,
+                                                          c.kernel_size, cond_channels=c.context_channels))
 
     def condition(self, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """The conditioning map (B, context_channels, H, W) of the context frames and action."""
@@ -920,8 +959,8 @@ class ActionConditionalPrior(nn.Module):
         return self.pixelcnn.log_prob(codes, cond=self.condition(context, action))
 
     @torch.no_grad()
-    def generate(self, context: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
-                 temperature: float = 1.0) -> torch.Tensor:
+    def sample(self, context: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
+               temperature: float = 1.0) -> torch.Tensor:
         """Roll out T frames of codes (B, T, H, W) from the context (B, F, H, W) and actions (B, T):
         each sampled frame joins the context of the next; nothing is decoded."""
         _check(actions.dim() == 2 and actions.shape[0] == context.shape[0], "actions",

@@ -50,9 +50,9 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     settings = {
-        "8x8": (vqvae.GatedPixelCNN(512, channels=64, num_layers=6, kernel_size=5, num_classes=10).eval(),
+        "8x8": (vqvae.GatedPixelCNN(vqvae.GatedPixelCNNConfig(512, channels=64, num_layers=6, kernel_size=5, num_classes=10)).eval(),
                 (8, 8), dict(label=torch.arange(10).repeat_interleave(8))),
-        "21x21": (vqvae.GatedPixelCNN(512, channels=32, num_layers=3, kernel_size=5, cond_channels=128).eval(),
+        "21x21": (vqvae.GatedPixelCNN(vqvae.GatedPixelCNNConfig(512, channels=32, num_layers=3, kernel_size=5, cond_channels=128)).eval(),
                   (21, 21), dict(batch_size=48, cond=torch.randn(48, 128, 21, 21))),
     }
     print(f"{args.threads} threads, torch {torch.__version__}")

@@ -33,7 +33,7 @@ def main() -> None:
     for name, amp in [(n, a) for n in args.presets.split(",") for a in args.amp.split(",")]:
         dtype = training.AMP_DTYPES[amp]
         a = train_cifar.parse_args(["--preset", name])
-        model = vqvae.VQVAE(train_cifar.model_config(a, data_variance=0.06)).to(args.device)
+        model = vqvae.VQVAE(training.config_from_args(vqvae.VQVAEConfig, a, data_variance=0.06)).to(args.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=a.lr)
         x = torch.rand(a.batch_size, 3, 32, 32, device=args.device) - 0.5
         times = []

@@ -1,7 +1,8 @@
 """Speed of WaveNet generation in samples/s: the incremental Fast WaveNet loop of
-`WaveNet.generate` against recomputing the causal forward pass over the whole prefix per sample.
+`WaveNet.sample` against recomputing the causal forward pass over the whole prefix per sample.
 
     python benchmarks/bench_wavenet_generate.py [--preset quick] [--threads T] [--samples 2048]
+        [--naive-samples 512] [--batches 1,16,96]
 
 The decoder of a train_vctk.py preset (random weights: speed does not depend on them) at 8 kHz
 with 6 speakers. The naive loop is timed on --naive-samples samples; its cost per sample grows
@@ -16,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_vctk  # noqa: E402
+import training  # noqa: E402
 import vqvae  # noqa: E402
 
 
@@ -50,14 +52,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     a = train_vctk.parse_args(["--preset", args.preset])
-    model = vqvae.AudioVQVAE(train_vctk.model_config(a, num_speakers=6)).eval()
+    model = vqvae.AudioVQVAE(training.config_from_args(vqvae.AudioVQVAEConfig, a, num_speakers=6)).eval()
     print(f"preset {args.preset}: WaveNet of {a.wavenet_layers} layers x {a.wavenet_channels} channels, "
           f"{torch.get_num_threads()} threads")
     print(f"{'batch':>6} {'incremental samples/s':>22} {'naive samples/s':>16} {'speed-up':>9}")
     for batch in map(int, args.batches.split(",")):
         codes = torch.randint(0, a.num_embeddings, (batch, -(-args.samples // train_vctk.HOP)))
         speaker = torch.arange(batch) % 6
-        fast = rate(lambda: model.generate(codes, speaker), batch * codes.shape[1] * train_vctk.HOP)
+        fast = rate(lambda: model.decode(codes, speaker), batch * codes.shape[1] * train_vctk.HOP)
         slow = rate(lambda: naive_generate(model, codes, speaker, args.naive_samples), batch * args.naive_samples)
         print(f"{batch:>6} {fast:>22.0f} {slow:>16.0f} {fast / slow:>8.1f}x")
 

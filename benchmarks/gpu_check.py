@@ -230,7 +230,7 @@ def check_train(device, quick, data, data_dir, workdir):
             "--data", str(data), "--data-dir", str(data_dir or workdir / "data"), "--log-every", str(steps // 10),
             "--checkpoint-every", str(steps)]
     if quick:
-        argv += ["--max-train-images", "512", "--max-test-images", "64", "--hidden", "32", "--res-hidden", "16"]
+        argv += ["--max-train-images", "512", "--max-test-images", "64", "--hidden-channels", "32", "--res-channels", "16"]
     results = {}
     for name, hide in (("extension", False), ("PyTorch", True)):
         out = workdir / name.replace(" ", "_")

@@ -33,11 +33,11 @@ OPTION_CASES = [
     ("cifar", ["--checkpoint-every", "0"], r"--checkpoint-every: expected an integer >= 1 .*got 0"),
     ("cifar", ["--num-embeddings", "0"], r"--num-embeddings: expected an integer >= 1 .*got 0"),
     ("cifar", ["--max-train-images", "0"], r"--max-train-images: expected an integer >= 1 .*got 0"),
-    ("cifar", ["--res-layers", "-1"], r"--res-layers: expected an integer >= 0; got -1"),
+    ("cifar", ["--num-res-layers", "-1"], r"--num-res-layers: expected an integer >= 0; got -1"),
     ("cifar", ["--lr", "0"], r"--lr: expected a finite number > 0; got 0.0"),
     ("cifar", ["--lr", "nan"], r"--lr: expected a finite number > 0; got nan"),
     ("cifar", ["--prior-lr=-1e-3"], r"--prior-lr: expected a finite number > 0; got -0.001"),
-    ("cifar", ["--beta", "-0.25"], r"--beta: expected a finite number >= 0; got -0.25"),
+    ("cifar", ["--commitment-cost", "-0.25"], r"--commitment-cost: expected a finite number >= 0; got -0.25"),
     ("cifar", ["--decay", "1"], r"--decay: expected a number in \[0, 1\), or 'none'; got 1.0"),
     ("cifar", ["--dead-code-threshold", "0"], r"--dead-code-threshold: expected a finite number > 0; got 0.0"),
     ("cifar", ["--stages", "vqvae,fit"], r"--stages: expected a subset of vqvae,prior,eval; got fit,vqvae"),
@@ -50,7 +50,7 @@ OPTION_CASES = [
     ("video", ["--temperature", "-0.5"], r"--temperature: expected a finite number > 0; got -0.5"),
     ("video", ["--episodes", "0"], r"--episodes: expected an integer >= 1 .*got 0"),
     ("video", ["--episode-length", "0"], r"--episode-length: expected an integer >= 1 .*got 0"),
-    ("video", ["--context-frames", "0"], r"--context-frames: expected an integer >= 1 .*got 0"),
+    ("video", ["--prior-context-frames", "0"], r"--prior-context-frames: expected an integer >= 1 .*got 0"),
 ]
 
 
@@ -186,19 +186,20 @@ def test_corrupt_cache_is_rebuilt_with_a_message(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- model API
-pixelcnn = vqvae.GatedPixelCNN(8, channels=4, num_layers=1, kernel_size=3, num_classes=3)
-wavenet = vqvae.WaveNet(0, num_speakers=2, hop=1, channels=4, skip_channels=4, num_layers=2, cycle=2, num_classes=8)
-video_prior = vqvae.ActionConditionalPrior(8, num_actions=3, context_frames=2, channels=4, num_layers=1,
-                                           context_channels=4, context_layers=1)
+pixelcnn = vqvae.GatedPixelCNN(vqvae.GatedPixelCNNConfig(8, channels=4, num_layers=1, kernel_size=3, num_classes=3))
+wavenet = vqvae.WaveNet(vqvae.WaveNetConfig(num_classes=8, num_speakers=2, hop=1, channels=4, skip_channels=4,
+                                            num_layers=2, cycle=2))
+video_prior = vqvae.ActionConditionalPrior(vqvae.ActionConditionalPriorConfig(
+    8, num_actions=3, context_frames=2, channels=4, num_layers=1, context_channels=4, context_layers=1))
 codes = torch.zeros(2, 3, 3, dtype=torch.long)
 API_CASES = {
     "sample-temperature-0": (lambda: pixelcnn.sample((2, 2), torch.tensor([0]), temperature=0),
                              r"temperature: expected a finite number > 0; got 0"),
     "sample-temperature-negative": (lambda: pixelcnn.sample((2, 2), torch.tensor([0]), temperature=-1.0),
                                     r"temperature: expected a finite number > 0; got -1.0"),
-    "generate-temperature-0": (lambda: wavenet.generate(None, torch.tensor([0]), length=3, temperature=0.0),
+    "wavenet-temperature-0": (lambda: wavenet.sample(None, torch.tensor([0]), length=3, temperature=0.0),
                                r"temperature: expected a finite number > 0; got 0.0"),
-    "video-temperature-nan": (lambda: video_prior.generate(torch.zeros(1, 2, 3, 3, dtype=torch.long),
+    "video-temperature-nan": (lambda: video_prior.sample(torch.zeros(1, 2, 3, 3, dtype=torch.long),
                                                            torch.zeros(1, 2, dtype=torch.long), temperature=math.nan),
                               r"temperature: expected a finite number > 0; got nan"),
     "label-out-of-range": (lambda: pixelcnn(codes, torch.tensor([0, 3])),
@@ -233,7 +234,7 @@ def test_quantizer_takes_float16_and_float64_latents(dtype):
 
 
 # ------------------------------------------------------------------------------------- runs
-TINY = ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
+TINY = ["--hidden-channels", "16", "--res-channels", "8", "--num-res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
         "--batch-size", "8", "--max-train-images", "96", "--max-test-images", "40", "--log-every", "1",
         "--stages", "vqvae", "--steps", "2"]
 
@@ -244,8 +245,8 @@ def run(out, data_dir, *extra):
 
 RESUME_CASES = [
     (["--lr", "0.5"], r"was trained with --lr 0.001 \(now 0.5\); resume with those values, or train into another --out"),
-    (["--beta", "1.0"], r"--beta 0.25 \(now 1.0\)"),
-    (["--hidden", "24"], r"--hidden 16 \(now 24\)"),
+    (["--commitment-cost", "1.0"], r"--commitment-cost 0.25 \(now 1.0\)"),
+    (["--hidden-channels", "24"], r"--hidden-channels 16 \(now 24\)"),
     (["--seed", "1", "--batch-size", "4"], r"--batch-size 8 \(now 4\), --seed 0 \(now 1\)"),
     (["--preset", "sonnet", *TINY], r"--preset quick \(now sonnet\)"),
 ]
@@ -282,16 +283,16 @@ def test_checkpoint_without_recorded_options_is_not_resumed(tmp_path, data_dir):
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    args = type("Args", (), {"resume": False, "log_every": 1, "checkpoint_every": 2, "out": tmp_path})()
+    run = training.Run(tmp_path, log_every=1, checkpoint_every=2)
 
     def loss_fn(m, step):
         loss = m(torch.ones(1, 2)).sum() * (math.inf if step == 3 else 1.0)
         return loss, {"loss": loss.item()}
 
-    path = tmp_path / "model.pt"
+    path = tmp_path / "toy.pt"
     with pytest.raises(SystemExit, match=rf"step 4: loss is not finite; stopped without saving. Last good "
                                          rf"checkpoint: {path} \(step 2\)"):
-        training.run_loop("toy", model, optimizer, loss_fn, path, 10, args, training.Env(torch.device("cpu")), {})
+        training.run_loop("toy", model, optimizer, loss_fn, 10, run, training.Env(torch.device("cpu")))
     state = training.load_checkpoint(path)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not list(tmp_path.glob("*.tmp*"))

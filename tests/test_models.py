@@ -112,11 +112,15 @@ def test_sonnet_preset_is_the_sonnet_example_model_weight_for_weight():
     residual blocks 128->32 (3x3) ->128 (1x1); 1x1 conv to D = 64; the EMA codebook (not trained);
     decoder 64->128 (3x3), two residual blocks, transposed 128->64 (4x4, x2), 64->3 (4x4, x2)."""
     import train_cifar
-    conv = lambda cin, cout, k: cin * cout * k * k + cout  # noqa: E731  weights and biases
+    import training
+
+    def conv(cin, cout, k):  # weights and biases
+        return cin * cout * k * k + cout
+
     residual_stack = 2 * (conv(128, 32, 3) + conv(32, 128, 1))
     encoder = conv(3, 64, 4) + conv(64, 128, 4) + conv(128, 128, 3) + residual_stack
     decoder = conv(64, 128, 3) + residual_stack + conv(128, 64, 4) + conv(64, 3, 4)
-    model = vqvae.VQVAE(train_cifar.model_config(train_cifar.parse_args(["--preset", "sonnet"]), data_variance=0.06))
+    model = vqvae.VQVAE(training.config_from_args(vqvae.VQVAEConfig, train_cifar.parse_args(["--preset", "sonnet"])))
     assert sum(p.numel() for p in model.parameters()) == encoder + conv(128, 64, 1) + decoder == 662_723
     assert [m.out_channels for m in model.encoder.net if isinstance(m, torch.nn.Conv2d)][:3] == [64, 128, 128]
     assert model.quantizer.codebook.shape == (512, 64) and not model.quantizer.codebook.requires_grad

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 
 def prior(K=5, G=1, **kwargs) -> vqvae.GatedPixelCNN:
-    return vqvae.GatedPixelCNN(K, num_groups=G, **{**dict(channels=8, num_layers=2, kernel_size=3), **kwargs})
+    config = {**dict(channels=8, num_layers=2, kernel_size=3), **kwargs}
+    return vqvae.GatedPixelCNN(vqvae.GatedPixelCNNConfig(K, num_groups=G, **config))
 
 
 def codes(B, G, H, W, K=5) -> torch.Tensor:
@@ -71,8 +72,8 @@ def test_fast_sampler_draws_the_codes_of_sampling_the_full_forward_pass_at_each_
     only; drawing from forward()'s logits over the whole map at every position, with the same
     random stream, must give the same codes."""
     torch.manual_seed(G + classes)
-    model = vqvae.GatedPixelCNN(7, num_groups=G, channels=8, num_layers=3, kernel_size=5, num_classes=classes or None,
-                                cond_channels=cond_channels)
+    model = vqvae.GatedPixelCNN(vqvae.GatedPixelCNNConfig(7, num_groups=G, channels=8, num_layers=3, kernel_size=5,
+                                                          num_classes=classes or None, cond_channels=cond_channels))
     with torch.no_grad():  # non-zero biases and group queries, so that every term is exercised
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))

@@ -26,8 +26,8 @@ import training
 import vqvae
 
 from conftest import CIFAR, ROOT
-TINY = ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
-        "--batch-size", "8", "--prior-channels", "8", "--prior-layers", "2", "--prior-batch-size", "8",
+TINY = ["--hidden-channels", "16", "--res-channels", "8", "--num-res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
+        "--batch-size", "8", "--prior-channels", "8", "--prior-num-layers", "2", "--prior-batch-size", "8",
         "--max-train-images", "96", "--max-test-images", "40", "--log-every", "1", "--seed", "3"]
 
 
@@ -249,10 +249,11 @@ def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):
 
 def test_presets_carry_the_paper_and_sonnet_settings():
     paper = train_cifar.parse_args(["--preset", "paper"])
-    assert (paper.hidden, paper.res_hidden, paper.lr, paper.batch_size, paper.steps, paper.beta) == (256, 256, 2e-4, 128, 250_000, 0.25)
+    assert (paper.hidden_channels, paper.res_channels, paper.lr, paper.batch_size, paper.steps, paper.commitment_cost) == \
+        (256, 256, 2e-4, 128, 250_000, 0.25)
     assert (paper.num_embeddings, paper.num_groups, paper.likelihood, paper.decay) == (512, 10, "categorical", None)
     sonnet = train_cifar.parse_args(["--preset", "sonnet", "--decay", "none", "--steps", "7"])
-    assert (sonnet.hidden, sonnet.res_hidden, sonnet.embedding_dim, sonnet.lr, sonnet.batch_size) == (128, 32, 64, 3e-4, 32)
+    assert (sonnet.hidden_channels, sonnet.res_channels, sonnet.embedding_dim, sonnet.lr, sonnet.batch_size) == (128, 32, 64, 3e-4, 32)
     assert sonnet.decay is None and sonnet.steps == 7  # the command line wins over the preset
     assert train_cifar.parse_args([]).preset == "quick"
 
@@ -272,8 +273,8 @@ def own_images(root: Path, layout: str, size=(64, 64), classes=12, per_class=3, 
     return root
 
 
-SMALL = ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
-         "--batch-size", "4", "--prior-channels", "8", "--prior-layers", "2", "--prior-batch-size", "4",
+SMALL = ["--hidden-channels", "16", "--res-channels", "8", "--num-res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
+         "--batch-size", "4", "--prior-channels", "8", "--prior-num-layers", "2", "--prior-batch-size", "4",
          "--steps", "2", "--prior-steps", "2", "--log-every", "1"]
 
 

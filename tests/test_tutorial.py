@@ -66,7 +66,7 @@ def test_readme_reuse_snippet_runs_on_a_trained_run(tmp_path, data_dir):
     from conftest import CIFAR
     subprocess.run([sys.executable, str(ROOT / "train_cifar.py"), "--data", str(CIFAR), "--data-dir", str(data_dir),
                     "--out", "runs/cifar_quick", "--steps", "2", "--prior-steps", "2", "--prior-channels", "8",
-                    "--prior-layers", "2", "--hidden", "16", "--res-hidden", "8", "--max-train-images", "64",
+                    "--prior-num-layers", "2", "--hidden-channels", "16", "--res-channels", "8", "--max-train-images", "64",
                     "--max-test-images", "20", "--stages", "vqvae,prior"], cwd=tmp_path, check=True, timeout=300,
                    capture_output=True)
     run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120,

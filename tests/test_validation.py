@@ -11,7 +11,7 @@ quantizer = lambda: vqvae.VectorQuantizer(K, D)
 model = lambda groups=1: vqvae.VQVAE(vqvae.VQVAEConfig(
     in_channels=1, hidden_channels=8, res_channels=4, num_res_layers=1, num_downsamples=2,
     num_embeddings=K, embedding_dim=D, num_groups=groups))
-prior = lambda **kwargs: vqvae.GatedPixelCNN(K, channels=4, num_layers=1, kernel_size=3, **kwargs)
+prior = lambda **kwargs: vqvae.GatedPixelCNN(vqvae.GatedPixelCNNConfig(K, channels=4, num_layers=1, kernel_size=3, **kwargs))
 nan_latents = torch.zeros(2, D, 3).index_fill_(2, torch.tensor([1]), float("nan"))
 
 CASES = {

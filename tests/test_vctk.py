@@ -1,5 +1,6 @@
-"""The speech model (mu-law, WaveNet decoder, AudioVQVAE) and train_vctk.py: readers on the real
-FSDD files and on synthetic VCTK layouts, and a few-step run of every stage.
+"""train_vctk.py: readers on the real FSDD files and on synthetic VCTK layouts, resampling, crops
+and features, and a few-step run of every stage. The models themselves (mu-law, WaveNet,
+AudioVQVAE) are tested in test_speech_model.py.
 
 The real data is ../shared/data/fsdd (or $VQVAE_FSDD).
 """
@@ -17,15 +18,14 @@ import torch
 
 import train_vctk
 import training
-import vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDD = Path(os.environ.get("VQVAE_FSDD", ROOT.parent / "shared/data/fsdd"))
-TINY = ["--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
-        "--wavenet-channels", "8", "--skip-channels", "8", "--wavenet-layers", "3", "--crop", "256",
-        "--max-train-clips", "60", "--max-test-clips", "36", "--eval-clips", "6", "--wav-clips", "2",
-        "--clip-seconds", "0.25", "--log-every", "1", "--seed", "3",
-        "--prior-channels", "8", "--prior-layers", "3", "--prior-cycle", "3", "--prior-steps", "2", "--prior-batch-size", "4"]
+TINY = ["--hidden-channels", "16", "--res-channels", "8", "--num-res-layers", "1", "--embedding-dim", "8",
+        "--num-embeddings", "32", "--wavenet-channels", "8", "--skip-channels", "8", "--wavenet-layers", "3",
+        "--crop", "256", "--max-train-clips", "60", "--max-test-clips", "36", "--eval-clips", "6", "--wav-clips", "2",
+        "--clip-seconds", "0.25", "--log-every", "1", "--seed", "3", "--prior-channels", "8", "--prior-num-layers", "3",
+        "--prior-cycle", "3", "--prior-steps", "2", "--prior-batch-size", "4"]
 
 
 @pytest.fixture(autouse=True)
@@ -44,102 +44,6 @@ def fsdd(tmp_path_factory):
         pytest.skip(f"FSDD not found at {FSDD} (set VQVAE_FSDD)")
     CACHE["dir"] = tmp_path_factory.mktemp("speech-cache")
     return FSDD
-
-
-def tiny_wavenet(local: bool = True):
-    """The decoder (256 levels, conditioned on z_q with 6 channels, hop 4), or else a prior over 32 codes."""
-    return vqvae.WaveNet(cond_channels=6 if local else 0, num_speakers=3, hop=4, channels=8, skip_channels=16,
-                         num_layers=5, cycle=3, num_classes=256 if local else 32)
-
-
-def conditioning(net, batch: int, steps: int):
-    """(z_q or None, generate() keywords) for `steps` output steps of tiny_wavenet."""
-    if net.cond is None:
-        return None, {"length": steps}
-    return torch.randn(batch, 6, steps // 4, dtype=net.embed.weight.dtype), {}
-
-
-# ----------------------------------------------------------------------------- model
-def test_mu_law_round_trip_is_exact_on_levels_and_close_on_waveforms():
-    levels = torch.arange(256)
-    assert torch.equal(vqvae.mu_law_encode(vqvae.mu_law_decode(levels)), levels)
-    x = torch.linspace(-1, 1, 10001)
-    y = vqvae.mu_law_decode(vqvae.mu_law_encode(x))
-    # within half a level: F^-1 grows by (1 + mu |x|) ln(1 + mu) / mu per unit of y, a level is 2 / mu
-    # (slightly more than half of it at |x|, as the slope grows within the level)
-    step = (1 + 255 * x.abs()) * math.log1p(255) / 255 * (2 / 255)
-    assert ((y - x).abs() <= 0.51 * step).all()
-    assert vqvae.mu_law_encode(torch.zeros(())) == 128 and vqvae.mu_law_encode(torch.tensor([-1.0, 1.0])).tolist() == [0, 255]
-
-
-def test_wavenet_gives_256_logits_per_sample_and_checks_lengths():
-    net = tiny_wavenet()
-    logits = net(torch.randint(0, 256, (2, 24)), torch.randn(2, 6, 6), torch.tensor([0, 2]))
-    assert logits.shape == (2, 256, 24)
-    with pytest.raises(ValueError, match="T = 4 x"):
-        net(torch.randint(0, 256, (2, 23)), torch.randn(2, 6, 6), torch.tensor([0, 2]))
-    with pytest.raises(ValueError, match="z_q: pass it exactly"):
-        net(torch.randint(0, 256, (2, 24)), None, torch.tensor([0, 2]))
-
-
-def test_wavenet_prior_over_codes_gives_k_logits_per_code_without_z_q():
-    prior = tiny_wavenet(local=False)
-    assert prior(torch.randint(0, 32, (2, 23)), None, torch.tensor([0, 2])).shape == (2, 32, 23)
-    with pytest.raises(ValueError, match="z_q: pass it exactly"):
-        prior(torch.randint(0, 32, (2, 24)), torch.randn(2, 6, 6), torch.tensor([0, 2]))
-    with pytest.raises(ValueError, match="length"):
-        prior.generate(None, torch.tensor([0, 2]))
-
-
-@pytest.mark.parametrize("local", [True, False], ids=["decoder", "prior"])
-def test_wavenet_output_at_t_gets_no_gradient_from_inputs_at_or_after_t(local):
-    net = tiny_wavenet(local)
-    captured = []
-
-    def keep(module, inputs, output):  # the embedded inputs x_{t-1}, (B, T, C)
-        output.retain_grad()
-        captured.append(output)
-    net.embed.register_forward_hook(keep)
-    levels = torch.randint(0, net.num_classes, (1, 40))
-    z_q = conditioning(net, 1, 40)[0]
-    for t in [0, 7, 21, 39]:
-        captured.clear()
-        net(levels, z_q, torch.tensor([1]))[0, :, t].logsumexp(0).backward()
-        # embedded position s holds x_{s-1}: x_<t is positions <= t, x_>=t is positions > t
-        grad = captured[0].grad[0].abs().sum(1)
-        assert grad[t + 1:].eq(0).all(), t
-        assert grad[t] > 0, t  # x_{t-1} matters (receptive field 1 + 1 + 2 + 4 + 1 + 2 samples)
-
-
-@pytest.mark.parametrize("local", [True, False], ids=["decoder", "prior"])
-def test_incremental_generation_equals_the_teacher_forced_forward_pass(local):
-    net = tiny_wavenet(local).double()
-    (z_q, kw), speaker = conditioning(net, 2, 36), torch.tensor([2, 0])
-    levels, logits = net.generate(z_q, speaker, generator=torch.Generator().manual_seed(5), return_logits=True, **kw)
-    assert levels.shape == (2, 36) and levels.dtype == torch.int64
-    torch.testing.assert_close(logits, net(levels, z_q, speaker), rtol=1e-12, atol=1e-12)  # step by step
-    again = net.generate(z_q, speaker, generator=torch.Generator().manual_seed(5), **kw)
-    assert torch.equal(again, levels)  # a seeded generator repeats the samples
-    greedy, logits = net.generate(z_q, speaker, greedy=True, return_logits=True, **kw)
-    full = net(greedy, z_q, speaker)
-    torch.testing.assert_close(logits, full, rtol=1e-12, atol=1e-12)
-    assert torch.equal(full.argmax(1), greedy)
-
-
-def test_audio_vqvae_trains_encoder_codebook_and_decoder_from_one_loss():
-    model = vqvae.AudioVQVAE(vqvae.AudioVQVAEConfig(num_speakers=3, hidden_channels=16, res_channels=8, num_res_layers=1,
-                                                    num_embeddings=16, embedding_dim=4, decay=None, wavenet_channels=8,
-                                                    skip_channels=8, wavenet_layers=3))
-    levels = torch.randint(0, 256, (2, 256))
-    out = model(levels, torch.tensor([0, 2]))
-    assert out.logits.shape == (2, 256, 256) and out.indices.shape == (2, 4)
-    assert out.loss.item() == pytest.approx((out.recon_loss + out.codebook_loss + out.commitment_loss).item())
-    out.loss.backward()
-    for name in ["encoder.net.0.weight", "quantizer.codebook", "decoder.cond.weight", "decoder.speaker.weight"]:
-        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
-    assert model.generate(out.indices, torch.tensor([1, 1])).shape == (2, 256)
-    with pytest.raises(ValueError, match="multiple of 64"):
-        model(torch.randint(0, 256, (2, 100)), torch.tensor([0, 1]))
 
 
 # ----------------------------------------------------------------------------- data
@@ -285,6 +189,21 @@ def test_white_noise_sits_the_asked_decibels_below_each_waveform():
 
 
 # ----------------------------------------------------------------------------- the script
+def test_help_lists_every_option_of_the_presets_with_each_presets_value(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_vctk.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    shown = " ".join(capsys.readouterr().out.split())   # argparse wraps lines
+    for flag, values in [("--hidden-channels", "quick 64, paper 256, long 64"),
+                         ("--commitment-cost", "quick 0.25, paper 0.25, long 0.25"),
+                         ("--prior-num-layers", "quick 12, paper 20, long 12"),
+                         ("--prior-lr", "quick 0.001, paper 0.001, long 0.001"),
+                         ("--steps", "quick 3000, paper 200000, long 12000")]:
+        assert flag in shown and f"[{values}]" in shown, flag
+    args = train_vctk.parse_args(["--preset", "long", "--prior-num-layers", "5"])
+    assert (args.steps, args.prior_num_layers, args.prior_lr, args.hidden_channels) == (12_000, 5, 1e-3, 64)
+
+
 def run(out, *extra):
     train_vctk.main(["--data", str(FSDD), "--data-dir", str(CACHE["dir"]), "--out", str(out), *TINY, *extra])
     return out

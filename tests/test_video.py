@@ -1,5 +1,6 @@
-"""The video experiment (Sec. 4.4): the action-conditional prior (causality, conditioning,
-roll-out), repeatable collection in ViZDoom, the transition bookkeeping, and a few-step run."""
+"""The video experiment's script (Sec. 4.4): repeatable collection in ViZDoom, the transition
+bookkeeping and the pairing of frames with actions, and a few-step run of every stage. Its models
+are tested in test_video_model.py."""
 import json
 import os
 import sys
@@ -10,14 +11,8 @@ import torch
 
 import train_video
 import training
-import vqvae
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
-
-
-def tiny_prior(K=6, A=3, F=2, **kw) -> vqvae.ActionConditionalPrior:
-    return vqvae.ActionConditionalPrior(K, A, F, **{**dict(channels=8, num_layers=2, kernel_size=3,
-                                                           context_channels=8, context_layers=1), **kw})
 
 
 @pytest.fixture
@@ -30,78 +25,6 @@ def vizdoom():
             raise
         pytest.skip("vizdoom not installed: pip install vizdoom==1.3.2")
     return vizdoom
-
-
-# ----------------------------------------------------------------------------- the prior
-def test_new_frame_codes_depend_on_exactly_the_earlier_codes_and_on_the_whole_context():
-    """Logits at (i, j) get no gradient from the new frame's codes at or after (i, j) in raster
-    order, some from each earlier one (4 layers of kernel 5 cover a 5x5 map), and some from the
-    context frames and the action."""
-    H = W = 5
-    model = tiny_prior(num_layers=4, kernel_size=5, context_layers=2)
-    captured = {}
-    for name, module in (("codes", model.pixelcnn.embedding), ("context", model.code_embedding),
-                         ("action", model.action_embedding)):
-        module.register_forward_hook(lambda m, i, out, name=name: captured.setdefault(name, out))
-    logits = model(torch.randint(0, 6, (2, H, W)), torch.randint(0, 6, (2, 2, H, W)), torch.tensor([0, 2]))
-    order = torch.arange(H * W).reshape(H, W)
-    for i in range(H):
-        for j in range(W):
-            grads = torch.autograd.grad(logits[:, :, i, j].sum(), [captured[k] for k in ("codes", "context", "action")],
-                                        retain_graph=True)
-            influence = grads[0].abs().sum((0, 1, 4))                          # (H, W) of the new frame
-            assert not influence[order >= i * W + j].any(), f"output {(i, j)} sees itself or the future"
-            assert (influence[order < i * W + j] > 0).all(), f"output {(i, j)} has a blind spot"
-            assert grads[1].abs().sum() > 0 and grads[2].abs().sum() > 0
-
-
-def test_context_and_action_change_the_prediction():
-    model = tiny_prior()
-    codes, context = torch.randint(0, 6, (2, 4, 4)), torch.randint(0, 6, (2, 2, 4, 4))
-    base = model(codes, context, torch.tensor([0, 0]))
-    assert not torch.allclose(base, model(codes, context, torch.tensor([1, 1])))
-    assert not torch.allclose(base, model(codes, (context + 1) % 6, torch.tensor([0, 0])))
-    log_p = model.log_prob(codes, context, torch.tensor([0, 0]))
-    assert log_p.shape == (2,) and (log_p < 0).all()
-
-
-@pytest.mark.parametrize("G", [1, 2])
-def test_sampling_on_the_rows_so_far_equals_sampling_on_the_whole_map(G):
-    """GatedPixelCNN.sample computes only rows <= i for the codes of row i; a reference that runs
-    the whole map at every position, with the same random stream, must draw the same codes."""
-    model = vqvae.GatedPixelCNN(5, num_groups=G, channels=8, num_layers=3, kernel_size=3, cond_channels=2)
-    cond, shape, B = torch.randn(3, 2, 4, 5), (4, 5), 3
-    fast = model.sample(shape, batch_size=B, cond=cond, generator=torch.Generator().manual_seed(1))
-    gen, ref = torch.Generator().manual_seed(1), torch.zeros(B, G, *shape, dtype=torch.long)
-    with torch.no_grad():
-        for i in range(shape[0]):
-            for j in range(shape[1]):
-                for g in range(G):
-                    logits = model(ref if G > 1 else ref[:, 0], cond=cond).reshape(B, 5, G, *shape)
-                    ref[:, g, i, j] = torch.multinomial(logits[:, :, g, i, j].softmax(1), 1, generator=gen)[:, 0]
-    assert torch.equal(fast, ref if G > 1 else ref[:, 0])
-
-
-def test_generate_feeds_each_sampled_frame_into_the_next_context():
-    model = tiny_prior().eval()
-    context, actions = torch.randint(0, 6, (3, 2, 4, 4)), torch.tensor([[0, 2], [1, 1], [2, 0]])
-    video = model.generate(context, actions, generator=torch.Generator().manual_seed(0))
-    assert video.shape == (3, 2, 4, 4) and video.dtype == torch.int64 and 0 <= video.min() and video.max() < 6
-    gen = torch.Generator().manual_seed(0)
-    first = model.pixelcnn.sample((4, 4), batch_size=3, cond=model.condition(context, actions[:, 0]), generator=gen)
-    rolled = torch.cat([context[:, 1:], first[:, None]], 1)
-    second = model.pixelcnn.sample((4, 4), batch_size=3, cond=model.condition(rolled, actions[:, 1]), generator=gen)
-    assert torch.equal(video, torch.stack([first, second], 1))
-
-
-def test_bad_context_or_action_names_the_argument_and_the_expected_shape():
-    model = tiny_prior()
-    with pytest.raises(ValueError, match=r"context: expected an integer \(B, 2, H, W\)"):
-        model.condition(torch.zeros(2, 3, 4, 4, dtype=torch.long), torch.tensor([0, 0]))
-    with pytest.raises(ValueError, match=r"action: expected an integer \(2,\)"):
-        model.condition(torch.zeros(2, 2, 4, 4, dtype=torch.long), torch.tensor([0.0, 0.0]))
-    with pytest.raises(ValueError, match=r"action: values must lie in \[0, 3\)"):
-        model.condition(torch.zeros(2, 2, 4, 4, dtype=torch.long), torch.tensor([0, 3]))
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -193,10 +116,11 @@ def test_each_transition_is_paired_with_the_action_that_produced_it(tmp_path, vi
 def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vizdoom):
     out = tmp_path / "run"
     argv = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--episodes", "2", "--test-episodes", "2",
-            "--episode-length", "20", "--hidden", "16", "--res-hidden", "8", "--res-layers", "1", "--embedding-dim", "8",
-            "--num-embeddings", "16", "--steps", "6", "--batch-size", "4", "--context-frames", "2",
-            "--prior-channels", "8", "--prior-layers", "2", "--context-channels", "8", "--context-layers", "1",
-            "--prior-steps", "6", "--prior-batch-size", "4", "--log-every", "2"]
+            "--episode-length", "20", "--hidden-channels", "16", "--res-channels", "8", "--num-res-layers", "1",
+            "--embedding-dim", "8", "--num-embeddings", "16", "--steps", "6", "--batch-size", "4",
+            "--prior-context-frames", "2", "--prior-channels", "8", "--prior-num-layers", "2",
+            "--prior-context-channels", "8", "--prior-context-layers", "1", "--prior-steps", "6",
+            "--prior-batch-size", "4", "--log-every", "2"]
     train_video.main(argv)
     for name in ("vqvae.pt", "prior.pt", "codes.pt", "metrics.json", "reconstructions.png", "codebook_usage.png",
                  "error_curves.png", "video_forward.png", "video_turn_right.png", "video_forward.gif"):
@@ -216,11 +140,12 @@ def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vi
     # Cached codes belong to one VQ-VAE step and one set of episodes: other held-out episodes
     # (here: the first training one) are encoded anew.
     args, env = train_video.parse_args(argv), training.setup(0, "cpu")
-    model, state = training.load_model(out / "vqvae.pt", vqvae.VQVAE, vqvae.VQVAEConfig, "cpu")
+    model, state = training.load_model(out / "vqvae.pt", "cpu")
+    vqvae_id = training.model_fingerprint(state)
     data = {k: torch.from_numpy(v) for k, v in train_video.collect(args).items()}
-    cached = train_video.episode_codes(args, env, model, state["step"], data)
+    cached = train_video.episode_codes(args.out, env, model, vqvae_id, data)
     assert torch.equal(cached["test"], training.load_checkpoint(out / "codes.pt")["test"])
     data.update(test_frames=data["train_frames"][:1], test_seeds=data["train_seeds"][:1])
-    fresh = train_video.episode_codes(args, env, model, state["step"], data)
+    fresh = train_video.episode_codes(args.out, env, model, vqvae_id, data)
     assert torch.equal(fresh["test"], train_video.encode(model, data["test_frames"], "cpu").to(torch.int16))
     assert torch.equal(training.load_checkpoint(out / "codes.pt")["test_seeds"], data["train_seeds"][:1])
