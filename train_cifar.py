@@ -154,25 +154,9 @@ def read_image_folder(path: Path, image_size: int | None = None, channels: int =
     centre-cropped to a square and resized to image_size x image_size; without it they must all
     have one size whose sides are multiples of 4. Returns uint8 (N, C, H, W) images, int64 labels
     (zeros without classes) and the class names (empty without classes)."""
-    from PIL import Image  # a matplotlib dependency
-    found = []  # (relative path, bytes)
-    if path.is_dir():
-        for f in sorted(path.rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                found.append((str(f.relative_to(path)), f.read_bytes()))
-    else:
-        try:
-            with tarfile.open(path, "r:*") as tar:
-                for m in tar:
-                    if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
-                        found.append((m.name, tar.extractfile(m).read()))
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise DataError(f"{path}: cannot read the archive ({e}); is it a complete .tar.gz?") from e
-    if not found:
-        raise DataError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-
+    found = _image_files(path)
     items = {"train": [], "test": []}  # (class name or "", relative path, bytes)
-    for i, (rel, data) in enumerate(sorted(found)):
+    for i, (rel, data) in enumerate(found):
         parts = Path(rel).parts
         split = next((k for k in range(len(parts) - 1) if parts[k] in items), None)
         if split is None:                                      # no train/ or test/ in the path
@@ -191,30 +175,55 @@ def read_image_folder(path: Path, image_size: int | None = None, channels: int =
     names = sorted({c for split in items.values() for c, _, _ in split if c})
     classes = list(CLASSES) if set(names) == set(CLASSES) else names
     out = {"classes": np.array(classes, dtype=str)}
-    mode, size = ("L" if channels == 1 else "RGB"), None
+    size = None
     for split, chosen in items.items():
         chosen.sort(key=lambda t: (classes.index(t[0]) if t[0] else 0, t[1]))
-        images = []
-        for _, rel, data in chosen:
-            try:
-                img = Image.open(io.BytesIO(data)).convert(mode)
-            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-                raise DataError(f"{path}: {rel} is not a readable image ({e})") from e
-            if image_size:
-                side = min(img.size)
-                left, top = (img.width - side) // 2, (img.height - side) // 2
-                img = img.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BICUBIC)
-            size = size or img.size
-            if img.size != size:
-                raise DataError(f"{path}: {rel} is {img.width}x{img.height} but the first image is "
-                                f"{size[0]}x{size[1]}; pass --image-size N to crop and resize all to NxN")
-            if img.width % SIDE_MULTIPLE or img.height % SIDE_MULTIPLE:
-                raise DataError(f"{path}: {rel} is {img.width}x{img.height}; sides must be multiples of "
-                                f"{SIDE_MULTIPLE} (the encoder halves them twice): pass --image-size N")
-            images.append(np.asarray(img).reshape(img.height, img.width, channels).transpose(2, 0, 1))
+        images = [_decode_image(path, rel, data, channels, image_size) for _, rel, data in chosen]
+        size = size or images[0].shape
+        for (_, rel, _), image in zip(chosen, images):
+            if image.shape != size:
+                raise DataError(f"{path}: {rel} is {image.shape[2]}x{image.shape[1]} but the first image is "
+                                f"{size[2]}x{size[1]}; pass --image-size N to crop and resize all to NxN")
         out[f"{split}_x"] = np.stack(images)
         out[f"{split}_y"] = np.array([classes.index(c) if c else 0 for c, _, _ in chosen], np.int64)
     return out
+
+
+def _image_files(path: Path) -> list[tuple[str, bytes]]:
+    """(relative path, bytes) of every image file in a folder or a .tar.gz, sorted by path."""
+    found = []
+    if path.is_dir():
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                found.append((str(f.relative_to(path)), f.read_bytes()))
+    else:
+        try:
+            with tarfile.open(path, "r:*") as tar:
+                for m in tar:
+                    if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
+                        found.append((m.name, tar.extractfile(m).read()))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"{path}: cannot read the archive ({e}); is it a complete .tar.gz?") from e
+    if not found:
+        raise DataError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return sorted(found)
+
+
+def _decode_image(path: Path, rel: str, data: bytes, channels: int, image_size: int | None) -> np.ndarray:
+    """One image file's bytes -> uint8 (C, H, W): converted, centre-cropped and resized with image_size."""
+    from PIL import Image  # a matplotlib dependency
+    try:
+        img = Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB")
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"{path}: {rel} is not a readable image ({e})") from e
+    if image_size:
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BICUBIC)
+    if img.width % SIDE_MULTIPLE or img.height % SIDE_MULTIPLE:
+        raise DataError(f"{path}: {rel} is {img.width}x{img.height}; sides must be multiples of "
+                        f"{SIDE_MULTIPLE} (the encoder halves them twice): pass --image-size N")
+    return np.asarray(img).reshape(img.height, img.width, channels).transpose(2, 0, 1)
 
 
 def load_cifar10(source: Path | None, data_dir: Path, image_size: int | None = None, channels: int = 3) -> dict:

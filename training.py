@@ -576,6 +576,28 @@ def continue_log(path: Path, step: int) -> None:
     write_atomically(path, lambda tmp: tmp.write_text("".join(kept)))
 
 
+def resume(name: str, ckpt_path: Path, run: Run, env: Env, model, optimizer, scaler) -> tuple[dict, int]:
+    """(history, step) of a run that starts: from its checkpoint with --resume (model, optimizer,
+    scaler and random state restored, its options checked), else empty at step 0. A checkpoint
+    without --resume is refused, so that no run is overwritten by mistake."""
+    if not ckpt_path.exists():
+        if run.resume and env.is_main:
+            print(f"[{name}] --resume: no {ckpt_path} yet; starting from step 0", flush=True)
+        return {"step": []}, 0
+    if not run.resume:
+        raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
+    state = load_checkpoint(ckpt_path)
+    check_resume_options(ckpt_path, state.get("options"), run.options)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    if env.is_main:
+        print(f"[{name}] resumed at step {state['step']} from {ckpt_path}", flush=True)
+    return state["history"], state["step"]
+
+
 def run_loop(name: str, model, optimizer, loss_fn, total_steps: int, run: Run, env: Env, extra_state=None):
     """The training loop every model of the scripts shares: resume, steps, history, checkpoints
     (<out>/<name>.pt, with model_state when the model is one of vqvae.py), Ctrl-C. Each history
@@ -588,24 +610,10 @@ def run_loop(name: str, model, optimizer, loss_fn, total_steps: int, run: Run, e
     non-finite weight at a checkpoint, ends the run (SystemExit) without saving. Returns the
     history, or None if stopped early.
     """
-    history, step, ckpt_path = {"step": []}, 0, run.out / f"{name}.pt"
+    ckpt_path = run.out / f"{name}.pt"
     amp = AMP_DTYPES[run.amp]
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == torch.float16)
-    if ckpt_path.exists():
-        if not run.resume:
-            raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it, or another --out")
-        state = load_checkpoint(ckpt_path)
-        check_resume_options(ckpt_path, state.get("options"), run.options)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        history, step = state["history"], state["step"]
-        if env.is_main:
-            print(f"[{name}] resumed at step {step} from {ckpt_path}", flush=True)
-    elif run.resume and env.is_main:
-        print(f"[{name}] --resume: no {ckpt_path} yet; starting from step 0", flush=True)
+    history, step = resume(name, ckpt_path, run, env, model, optimizer, scaler)
     ddp = DistributedDataParallel(model) if env.world_size > 1 else model
 
     def save():
