@@ -786,17 +786,22 @@ def write_prior_samples(out: Path, data: Speech, waves: torch.Tensor, per_speake
 
 # ============================================================================ figures
 def plot_spectrograms(path: Path, rows, rate: int, title: str) -> None:
-    """One row per clip, one log-mel panel per (label, waveform) of that row."""
+    """One row per clip, one log-mel panel per (label, waveform) of that row: time in seconds
+    across, the 40 mel bands from low to high frequency up."""
     plt = training.pyplot()
     cols = max(len(panels) for _, panels in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 1.8 * len(rows) + 0.4), squeeze=False)
     for r, (name, panels) in enumerate(rows):
         for c, (label, x) in enumerate(panels):
             ax = axes[r][c]
-            ax.imshow(log_mel(x[None].float(), rate)[0].numpy(), origin="lower", aspect="auto", vmin=-14, vmax=4)
+            mel = log_mel(x[None].float(), rate)[0].numpy()
+            ax.imshow(mel, origin="lower", aspect="auto", vmin=-14, vmax=4, extent=(0, len(x) / rate, 0, len(mel)))
             ax.set_title(f"{name}: {label}", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.tick_params(labelsize=7)
+            if r == len(rows) - 1:
+                ax.set_xlabel("time (s)", fontsize=7)
+            if c == 0:
+                ax.set_ylabel("mel band", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

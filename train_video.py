@@ -442,7 +442,8 @@ def save_strips(out: Path, videos: dict, num_starts: int = 3) -> None:
                      (f"{s}: generated", torch.cat([given, videos["true_actions"][s, v]])),
                      (f"{s}: shuffled actions", torch.cat([given, videos["shuffled_actions"][s, v]]))]
         training.save_image_rows(out / f"video_{name}.png", rows,
-                                 f'"{name}": {GIVEN} real frames, then {GENERATED} generated in latent space')
+                                 f'"{name}": {GIVEN} real frames, then {GENERATED} generated in latent space '
+                                 '(red line: where the real frames end)', divider=GIVEN)
 
 
 def side_by_side(videos: torch.Tensor) -> torch.Tensor:

@@ -698,8 +698,10 @@ def pyplot():
     return plt
 
 
-def save_image_rows(path: str | Path, rows: list[tuple[str, torch.Tensor]], title: str = "") -> None:
-    """A grid with one labelled row per (label, images (N, C, H, W) in [0, 1])."""
+def save_image_rows(path: str | Path, rows: list[tuple[str, torch.Tensor]], title: str = "",
+                    divider: int | None = None) -> None:
+    """A grid with one labelled row per (label, images (N, C, H, W) in [0, 1]); with divider d, a
+    red line through all rows between columns d - 1 and d (e.g. where real frames end)."""
     plt = pyplot()
     n = max(len(images) for _, images in rows)
     fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.9, len(rows) * 0.95 + 0.4), squeeze=False)
@@ -712,6 +714,10 @@ def save_image_rows(path: str | Path, rows: list[tuple[str, torch.Tensor]], titl
                 ax.imshow(image[:, :, 0] if image.shape[2] == 1 else image, cmap="gray", vmin=0, vmax=1,
                           interpolation="nearest")
         axes[r][0].text(-2, images.shape[-2] / 2, label, ha="right", va="center", fontsize=8)
+    if divider is not None:
+        left, right = axes[0][divider - 1].get_position(), axes[0][divider].get_position()
+        x, bottom = (left.x1 + right.x0) / 2, axes[-1][divider].get_position().y0
+        fig.add_artist(plt.Line2D([x, x], [bottom, left.y1], transform=fig.transFigure, color="red", linewidth=1.5))
     fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
