@@ -18,6 +18,7 @@ import torch
 
 import train_vctk
 import training
+import vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDD = Path(os.environ.get("VQVAE_FSDD", ROOT.parent / "shared/data/fsdd"))
@@ -228,6 +229,12 @@ def test_all_stages_write_checkpoints_metrics_audio_and_figures(tmp_path, fsdd):
     with wave.open(str(wavs[0])) as w:
         assert w.getframerate() == 8000 and w.getnframes() > 100
     assert len(training.load_checkpoint(out / "vqvae.pt")["history"]["step"]) == 3
+    # The one loader of any run restores the speech models, their weights as saved.
+    model, prior = training.load_run(out)
+    assert isinstance(model, vqvae.AudioVQVAE) and isinstance(prior, vqvae.WaveNet) and not prior.training
+    saved = training.load_checkpoint(out / "prior.pt")
+    assert saved["model_class"] == "WaveNet" and prior.config.num_classes == model.config.num_embeddings
+    assert all(torch.equal(v, saved["model"][k]) for k, v in prior.state_dict().items())
 
 
 def test_resumed_run_repeats_uninterrupted_losses_and_refuses_to_overwrite(tmp_path, fsdd):

@@ -1,6 +1,7 @@
 """The video experiment's script (Sec. 4.4): repeatable collection in ViZDoom, the transition
 bookkeeping and the pairing of frames with actions, and a few-step run of every stage. Its models
 are tested in test_video_model.py."""
+import dataclasses
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import torch
 
 import train_video
 import training
+import vqvae
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
@@ -136,6 +138,9 @@ def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vi
     train_video.main(argv + ["--resume", "--stages", "eval"])
     again = json.loads((out / "metrics.json").read_text())
     assert again["curves"] == curves
+    model, prior = training.load_run(out)  # the one loader of any run
+    assert isinstance(model, vqvae.VQVAE) and isinstance(prior, vqvae.ActionConditionalPrior)
+    assert report["prior_config"] == dataclasses.asdict(prior.config)
 
     # Cached codes belong to one VQ-VAE step and one set of episodes: other held-out episodes
     # (here: the first training one) are encoded anew.
