@@ -598,6 +598,24 @@ def resume(name: str, ckpt_path: Path, run: Run, env: Env, model, optimizer, sca
     return state["history"], state["step"]
 
 
+def stop_unsaved(name: str, step: int, what: str, ckpt_path: Path) -> NoReturn:
+    """End a run whose metric or weight `what` is not finite, keeping its last good checkpoint."""
+    saved = f"{ckpt_path} (step {load_checkpoint(ckpt_path)['step']})" if ckpt_path.exists() else "none"
+    raise SystemExit(f"[{name}] step {step}: {what} is not finite; stopped without saving. "
+                     f"Last good checkpoint: {saved}. Try a lower learning rate.")
+
+
+def record(history: dict, log, step: int, metrics: dict[str, float], **extra: float) -> None:
+    """A history point: appended to history, and as one flushed JSON line to log (None on processes
+    other than the main one)."""
+    history["step"].append(step)
+    for k, v in metrics.items():
+        history.setdefault(k, []).append(v)
+    if log is not None:
+        log.write(json.dumps({"step": step, **metrics, **extra}) + "\n")
+        log.flush()
+
+
 def run_loop(name: str, model, optimizer, loss_fn, total_steps: int, run: Run, env: Env, extra_state=None):
     """The training loop every model of the scripts shares: resume, steps, history, checkpoints
     (<out>/<name>.pt, with model_state when the model is one of vqvae.py), Ctrl-C. Each history
@@ -618,18 +636,13 @@ def run_loop(name: str, model, optimizer, loss_fn, total_steps: int, run: Run, e
 
     def save():
         if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
-            stop_unsaved("a weight")
+            stop_unsaved(name, step, "a weight", ckpt_path)
         if env.is_main:
             weights = model_state(model) if isinstance(model, MODELS) else {"model": model.state_dict()}
             save_checkpoint(ckpt_path, {**weights, "optimizer": optimizer.state_dict(),
                                         "rng": torch.get_rng_state(), "history": history,
                                         "step": step, "options": run.options, **(extra_state or {}),
                                         **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {})})
-
-    def stop_unsaved(what: str):
-        saved = f"{ckpt_path} (step {load_checkpoint(ckpt_path)['step']})" if ckpt_path.exists() else "none"
-        raise SystemExit(f"[{name}] step {step}: {what} is not finite; stopped without saving. "
-                         f"Last good checkpoint: {saved}. Try a lower learning rate.")
 
     progress = Progress(name, total_steps, step, enabled=env.is_main)
     model.train()
@@ -653,14 +666,8 @@ def run_loop(name: str, model, optimizer, loss_fn, total_steps: int, run: Run, e
                 shown = read_metrics(metrics, env.device)  # the same numbers on every process
                 bad = [k for k, v in shown.items() if not math.isfinite(v)]
                 if bad:  # every process stops here together
-                    stop_unsaved(", ".join(bad))
-                history["step"].append(step)
-                for k, v in shown.items():
-                    history.setdefault(k, []).append(v)
-                if env.is_main:
-                    log.write(json.dumps({"step": step, **shown, "lr": optimizer.param_groups[0]["lr"],
-                                          "steps_per_s": progress.rate(step)}) + "\n")
-                    log.flush()
+                    stop_unsaved(name, step, ", ".join(bad), ckpt_path)
+                record(history, log, step, shown, lr=optimizer.param_groups[0]["lr"], steps_per_s=progress.rate(step))
             progress.update(step, **shown)
             if step % run.checkpoint_every == 0 or step == total_steps:
                 save()
