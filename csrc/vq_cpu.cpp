@@ -9,7 +9,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 
 #include "vq_common.h"
@@ -23,25 +22,23 @@ int64_t block_rows(int64_t K, int64_t elem_size) {
   return std::clamp<int64_t>(kBufferBytes / (K * elem_size), 8, 1024);
 }
 
-// SIMD vectors of kBytes bytes through GCC/Clang vector extensions: 16 bytes are
-// SSE2 on any x86-64 and NEON on arm64, with no -march flag; 32 bytes are AVX2,
-// used only inside a function compiled for it (block_argmin_avx2) and chosen at
-// run time. Arithmetic, `<` (giving a lane mask) and `?:` act lane by lane, so
-// the scalar templates of vq_common.h run unchanged on them. Each lane carries a
-// code index of the same width as its value.
-template <typename scalar_t, int kBytes>
+// 16-byte SIMD vectors through GCC/Clang vector extensions: SSE2 on any x86-64,
+// NEON on arm64, no -march flag needed. Arithmetic, `<` (giving a lane mask) and
+// `?:` act lane by lane, so the scalar templates of vq_common.h run unchanged on
+// them. Each lane carries a code index of the same width as its value.
+template <typename scalar_t>
 struct Simd;
-template <int kBytes>
-struct Simd<float, kBytes> {
+template <>
+struct Simd<float> {
   using Int = int32_t;
-  typedef float Value __attribute__((vector_size(kBytes)));
-  typedef int32_t Index __attribute__((vector_size(kBytes)));
+  typedef float Value __attribute__((vector_size(16)));
+  typedef int32_t Index __attribute__((vector_size(16)));
 };
-template <int kBytes>
-struct Simd<double, kBytes> {
+template <>
+struct Simd<double> {
   using Int = int64_t;
-  typedef double Value __attribute__((vector_size(kBytes)));
-  typedef int64_t Index __attribute__((vector_size(kBytes)));
+  typedef double Value __attribute__((vector_size(16)));
+  typedef int64_t Index __attribute__((vector_size(16)));
 };
 
 template <typename V, typename T>
@@ -56,12 +53,11 @@ V load(const T* p) {
 // l + 2L, ... (L = kVectors * W) in increasing order, so it keeps its lowest
 // index among equal distances, and merging the lanes with the lower index
 // winning ties gives the lowest index overall.
-// Always inlined, so that it is compiled for the instruction set of its caller.
-template <typename scalar_t, int kBytes>
-__attribute__((always_inline)) inline int64_t row_argmin(const scalar_t* norm_sq, const scalar_t* dot, int64_t K) {
-  using V = typename Simd<scalar_t, kBytes>::Value;
-  using I = typename Simd<scalar_t, kBytes>::Index;
-  using Int = typename Simd<scalar_t, kBytes>::Int;
+template <typename scalar_t>
+int64_t row_argmin(const scalar_t* norm_sq, const scalar_t* dot, int64_t K) {
+  using V = typename Simd<scalar_t>::Value;
+  using I = typename Simd<scalar_t>::Index;
+  using Int = typename Simd<scalar_t>::Int;
   constexpr int64_t W = sizeof(V) / sizeof(scalar_t);
   constexpr int64_t kVectors = 4;  // independent chains hide the compare-select latency
   constexpr int64_t L = kVectors * W;
@@ -97,37 +93,6 @@ __attribute__((always_inline)) inline int64_t row_argmin(const scalar_t* norm_sq
   return vq::row_result(row_best, row_k);
 }
 
-// The arg-min of each of `rows` rows of dot products (row i at dot + i * K).
-template <typename scalar_t>
-void block_argmin(const scalar_t* norm_sq, const scalar_t* dot, int64_t rows, int64_t K, int64_t* out) {
-  for (int64_t i = 0; i < rows; ++i) out[i] = row_argmin<scalar_t, 16>(norm_sq, dot + i * K, K);
-}
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-template <typename scalar_t>
-__attribute__((target("avx2"))) void block_argmin_avx2(const scalar_t* norm_sq, const scalar_t* dot, int64_t rows,
-                                                       int64_t K, int64_t* out) {
-  for (int64_t i = 0; i < rows; ++i) out[i] = row_argmin<scalar_t, 32>(norm_sq, dot + i * K, K);
-}
-
-// VQVAE_EXT_NO_AVX2=1 in the environment keeps the 16-byte path (for its tests).
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && std::getenv("VQVAE_EXT_NO_AVX2") == nullptr;
-  return has;
-}
-#endif
-
-// block_argmin with the widest vectors this CPU runs: the same indices either way
-// (each lane keeps the lowest index among equal distances, and lanes merge in
-// index order), only faster.
-template <typename scalar_t>
-void block_argmin_best(const scalar_t* norm_sq, const scalar_t* dot, int64_t rows, int64_t K, int64_t* out) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  if (cpu_has_avx2()) return block_argmin_avx2(norm_sq, dot, rows, K, out);
-#endif
-  block_argmin(norm_sq, dot, rows, K, out);
-}
-
 template <typename scalar_t>
 void nearest_code_impl(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& norm_sq,
                        at::Tensor& out) {
@@ -144,7 +109,7 @@ void nearest_code_impl(const at::Tensor& z, const at::Tensor& codebook, const at
       at::Tensor block = dots.narrow(0, 0, rows);
       at::mm_out(block, z.narrow(0, r0, rows), codebook_t);  // (rows, D) @ (D, K)
       const scalar_t* d = block.data_ptr<scalar_t>();
-      block_argmin_best(norm, d, rows, K, idx + r0);
+      for (int64_t i = 0; i < rows; ++i) idx[r0 + i] = row_argmin(norm, d + i * K, K);
     }
   });
 }

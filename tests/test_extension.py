@@ -6,10 +6,6 @@ the pure-PyTorch formula addmm(||e||^2, z, e.T, alpha=-2).argmin(1).
 ema_stats is checked against bincount / index_add_. torch.library.opcheck checks
 the registration (schema, fake kernels, autograd, dynamic shapes).
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -19,16 +15,6 @@ ops = torch.ops.vqvae_ext
 
 EPS32 = torch.finfo(torch.float32).eps
 EPS64 = torch.finfo(torch.float64).eps
-
-
-def test_the_16_byte_simd_path_passes_these_tests_too():
-    """On a CPU with AVX2 the arg-min runs on 32-byte vectors; VQVAE_EXT_NO_AVX2=1 keeps the 16-byte
-    path that other CPUs take: every CPU test of this file, run again in a process on that path."""
-    if os.environ.get("VQVAE_EXT_NO_AVX2"):
-        pytest.skip("this process is the 16-byte run")
-    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "not cuda"],
-                         env={**os.environ, "VQVAE_EXT_NO_AVX2": "1"}, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:]
 
 
 def addmm_reference(z, e):
@@ -86,8 +72,8 @@ def test_exact_tie_at_zero_goes_to_lowest_index():
 @pytest.mark.parametrize("p,q", [(0, 1), (1, 17), (1, 33), (15, 16), (31, 32), (3, 40), (0, 69), (64, 65)])
 def test_equidistant_symmetric_codes_go_to_lowest_index(p, q, dtype):
     # e_q = -e_p and z = 0: identical distances in any precision. Of 70 codes, pairs in the same
-    # SIMD lane (1, 17: 16-byte float vectors and 32-byte double ones; 1, 33: 32-byte float),
-    # in adjacent lanes (15, 16; 31, 32), in the main loop and the tail (0, 69), in the tail (64, 65).
+    # SIMD lane (1, 17 and 1, 33 for 16-byte float vectors), in adjacent lanes (15, 16; 31, 32),
+    # in the main loop and the tail (0, 69), both in the tail (64, 65).
     g = torch.Generator().manual_seed(p * 70 + q)
     e = 3.0 + torch.rand(70, 6, generator=g, dtype=dtype)               # norms >= 3*sqrt(6)
     e[p] = torch.tensor([0.5, -0.25, 0.0, 1.0, 0.5, 0.25])
