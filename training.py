@@ -425,8 +425,8 @@ def load_prior(path: Path, vqvae_id: str, device="cpu"):
     codes of another VQ-VAE."""
     if not Path(path).exists():
         raise SystemExit(f"{path} not found: run the prior stage first")
-    check_prior_matches(load_checkpoint(path), vqvae_id)
     prior, state = load_model(path, device)
+    check_prior_matches(state, vqvae_id)
     return prior, state["history"]
 
 
