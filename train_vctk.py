@@ -99,8 +99,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dilation-cycle", type=int, help="dilations 1, 2, ..., 2^(cycle-1), repeated")
     g.add_argument("--crop", type=int, help="training crop in samples, a multiple of 64")
     training.add_optimizer_arguments(g)
-    g.add_argument("--lr-schedule", choices=["constant", "cosine"],
-                   help="cosine: the learning rate falls from --lr to 0 over --steps")
     g.add_argument("--clf-steps", type=int, help="steps of the log-mel classifiers (batch 32)")
     g = p.add_argument_group("prior over codes: a WaveNet conditioned on the speaker (defaults from --preset)",
                              "Its skip channels are twice --prior-channels; a batch is --prior-batch-size code\n"
@@ -433,9 +431,7 @@ def train_vqvae(args, run: training.Run, env, data: Speech):
     train = data.train
 
     def loss_fn(ddp, step):
-        if args.lr_schedule == "cosine":  # a pure function of the step, so a resumed run continues it
-            for group in optimizer.param_groups:
-                group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        training.set_learning_rate(optimizer, args.lr, args.lr_schedule, step, args.steps)
         idx = training.batch_indices(step, len(train.audio), args.batch_size, args.seed, env)
         crops = random_crops([train.audio[i] for i in idx], args.crop, crop_generator(args.seed, step, env.rank))
         out = ddp(vqvae.mu_law_encode(crops).to(env.device), torch.from_numpy(train.speaker[idx.numpy()]).to(env.device))

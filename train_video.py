@@ -43,13 +43,13 @@ PRESETS = {
     # affordable.
     "quick": dict(episodes=48, episode_length=200, test_episodes=16, hidden_channels=64, res_channels=32,
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
-                  kmeans_init=True, dead_code_threshold=0.1, lr=1e-3, batch_size=16, steps=2000,
+                  kmeans_init=True, dead_code_threshold=0.1, lr=1e-3, lr_schedule="constant", batch_size=16, steps=2000,
                   prior_context_frames=4, prior_channels=32, prior_num_layers=3, prior_context_channels=128,
                   prior_context_layers=4, prior_steps=3000, prior_batch_size=16, prior_lr=1e-3),
     # Sec. 4.4 gives 84x84 frames -> 21x21 codes with K = 512; the rest is not given.
     "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden_channels=128, res_channels=64,
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
-                  kmeans_init=False, dead_code_threshold=None, lr=3e-4, batch_size=64, steps=100_000,
+                  kmeans_init=False, dead_code_threshold=None, lr=3e-4, lr_schedule="constant", batch_size=64, steps=100_000,
                   prior_context_frames=4, prior_channels=128, prior_num_layers=8, prior_context_channels=256,
                   prior_context_layers=8, prior_steps=200_000, prior_batch_size=64, prior_lr=3e-4),
 }
@@ -285,7 +285,7 @@ def train_model(args, run: training.Run, env, train_frames: torch.Tensor, data_v
         return to_float(frames[training.batch_indices(step, len(frames), args.batch_size, args.seed, env)], env.device)
 
     config = training.config_from_args(vqvae.VQVAEConfig, args, in_channels=3, data_variance=data_variance)
-    return training.train_vqvae(config, batch, args.lr, args.steps, run, env)
+    return training.train_vqvae(config, batch, args.lr, args.steps, run, env, args.lr_schedule)
 
 
 def train_prior(args, run: training.Run, env, model, vqvae_id, codes, actions):

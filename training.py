@@ -162,6 +162,26 @@ def add_optimizer_arguments(g, batch_help: str = "per process") -> None:
     g.add_argument("--lr", type=float, help="Adam's learning rate")
     g.add_argument("--batch-size", type=int, help=batch_help)
     g.add_argument("--steps", type=int, help="training steps")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES,
+                   help="constant: --lr throughout; cosine: from --lr down to 0 over --steps")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(lr: float, schedule: str, step: int, steps: int) -> float:
+    """The learning rate of `step` (0-based) of `steps`: a pure function of the step, so that a
+    resumed run continues the schedule exactly. cosine: lr * (1 + cos(pi * step / steps)) / 2
+    (Loshchilov & Hutter, "SGDR", 2017, without restarts)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule: expected one of {LR_SCHEDULES}; got {schedule!r}")
+    return lr if schedule == "constant" else lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def set_learning_rate(optimizer, lr: float, schedule: str, step: int, steps: int) -> None:
+    """Every parameter group of optimizer to learning_rate(lr, schedule, step, steps)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(lr, schedule, step, steps)
 
 
 def add_prior_arguments(g) -> None:
@@ -652,8 +672,8 @@ def run_loop(name: str, model, optimizer, loss_fn, total_steps: int, run: Run, e
         continue_log(log_path, step)
     with StopRequest() as stop, open(log_path, "a") if env.is_main else contextlib.nullcontext() as log:
         if env.is_main:
-            precision = "" if amp is None else f" in mixed precision ({run.amp})"
-            print(f"[{name}] training to step {total_steps} from step {step}{precision}", flush=True)
+            precision = "float32 (--amp off)" if amp is None else f"mixed precision ({run.amp})"
+            print(f"[{name}] training to step {total_steps} from step {step} in {precision}", flush=True)
         while step < total_steps:
             with torch.autocast(env.device.type, dtype=amp, enabled=amp is not None):
                 loss, metrics = loss_fn(ddp, step)
@@ -681,13 +701,16 @@ def run_loop(name: str, model, optimizer, loss_fn, total_steps: int, run: Run, e
     return history
 
 
-def train_vqvae(config: vqvae.VQVAEConfig, batch, lr: float, steps: int, run: Run, env: Env):
-    """The VQ-VAE stage of the image and frame scripts: Adam at lr for `steps` steps on
-    batch(step) -> x (B, C, H, W), into <out>/vqvae.pt. Returns (model, history or None if stopped)."""
+def train_vqvae(config: vqvae.VQVAEConfig, batch, lr: float, steps: int, run: Run, env: Env,
+                lr_schedule: str = "constant"):
+    """The VQ-VAE stage of the image and frame scripts: Adam at lr (under lr_schedule, see
+    learning_rate) for `steps` steps on batch(step) -> x (B, C, H, W), into <out>/vqvae.pt.
+    Returns (model, history or None if stopped)."""
     model = vqvae.VQVAE(config).to(env.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
 
     def loss_fn(ddp, step):
+        set_learning_rate(optimizer, lr, lr_schedule, step, steps)
         out = ddp(batch(step))
         return out.loss, vq_metrics(out)
 

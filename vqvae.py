@@ -467,8 +467,11 @@ class VQVAE(nn.Module):
         """z_q (B, G*D, *S') -> Gaussian mean (B, C, *S) or categorical logits (B, C, *S, 256)."""
         out = self.decoder(z_q)
         if self.logits is not None:
-            # Classes last and contiguous: softmax over a strided axis copies on every call.
-            out = self.logits(out).unflatten(1, (self.config.in_channels, 256)).movedim(2, -1).contiguous()
+            # The 1x1 convolution as a product over channels-last features: the logits come out as
+            # (B, *S, C, 256), whose softmax needs no copy; the (B, C, *S, 256) result is a view of it.
+            relu, conv = self.logits
+            out = F.linear(relu(out).movedim(1, -1), conv.weight.flatten(1), conv.bias)
+            out = out.unflatten(-1, (self.config.in_channels, 256)).movedim(-2, 1)
         return out
 
     def reconstruction(self, decoded: torch.Tensor) -> torch.Tensor:
@@ -476,15 +479,15 @@ class VQVAE(nn.Module):
         if self.config.likelihood == "gaussian":
             return decoded
         levels = torch.arange(256, device=decoded.device, dtype=torch.float32) / 255 - 0.5
-        return decoded.float().softmax(-1) @ levels
+        return (decoded.movedim(1, -2).float().softmax(-1) @ levels).movedim(-1, 1)
 
     def log_likelihood(self, x: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
         """log p(x|z_q) in nats per example, (B,): the categorical decoder only (discrete x)."""
         if self.config.likelihood != "categorical":
             raise ValueError("log_likelihood needs likelihood='categorical' (a discrete p(x|z))")
         target = ((x.float() + 0.5) * 255).round().clamp(0, 255).long()    # (B, C, *S) in 0..255
-        nll = F.cross_entropy(decoded.float().flatten(0, -2), target.flatten(), reduction="none")
-        return -nll.view(len(x), -1).sum(1)
+        log_probs = decoded.movedim(1, -2).float().log_softmax(-1)          # (B, *S, C, 256)
+        return log_probs.gather(-1, target.movedim(1, -1).unsqueeze(-1)).flatten(1).sum(1)
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         z_e = self.encode(x)

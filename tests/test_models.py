@@ -61,6 +61,15 @@ def test_categorical_recon_loss_is_cross_entropy_in_nats_per_dim():
     assert torch.allclose(out.x_recon.double(), mean, atol=1e-5)  # the categorical's expected value
 
 
+@pytest.mark.parametrize("dims, latent", [(1, (3,)), (2, (2, 3))], ids=["1d", "2d"])
+def test_categorical_logits_are_the_1x1_convolution_per_channel(dims, latent):
+    model = vqvae.VQVAE(tiny(in_channels=2, likelihood="categorical", dims=dims)).double()
+    z_q = torch.randn(2, 4, *latent, dtype=torch.float64)
+    relu, conv = model.logits
+    expected = conv(relu(model.decoder(z_q))).unflatten(1, (2, 256)).movedim(2, -1)  # (B, C, *S, 256)
+    assert torch.allclose(model.decode_latents(z_q), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kwargs", [{}, dict(num_groups=2), dict(num_groups=3, dims=1),
                                     dict(likelihood="categorical")], ids=["plain", "groups", "groups-1d", "categorical"])
 def test_decode_of_indices_equals_decode_latents_of_forward_z_q(kwargs):

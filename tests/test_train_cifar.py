@@ -77,6 +77,13 @@ def test_resumed_run_repeats_uninterrupted_losses_step_for_step(tmp_path, data_d
             assert torch.equal(a["model"][key], b["model"][key]), key
 
 
+def test_cosine_schedule_sets_each_steps_learning_rate(tmp_path, data_dir):
+    out = run(tmp_path / "cos", data_dir, "--steps", "3", "--stages", "vqvae", "--lr", "1e-3", "--lr-schedule", "cosine")
+    # step s of 3 trains at 1e-3 * (1 + cos(pi s / 3)) / 2: 1e-3, 7.5e-4, 2.5e-4
+    logged = [json.loads(line)["lr"] for line in (out / "vqvae.jsonl").read_text().splitlines()]
+    assert logged == pytest.approx([1e-3, 7.5e-4, 2.5e-4], rel=1e-12)
+
+
 def test_live_metrics_log_has_one_line_per_history_point_and_resume_continues_it(tmp_path, data_dir):
     out = run(tmp_path / "r", data_dir, "--steps", "4", "--stages", "vqvae")
     lines = [json.loads(line) for line in (out / "vqvae.jsonl").read_text().splitlines()]
@@ -90,10 +97,11 @@ def test_live_metrics_log_has_one_line_per_history_point_and_resume_continues_it
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6] and not any("stale" in line for line in lines)
 
 
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_mixed_precision_trains_with_finite_losses_and_a_float32_quantizer(tmp_path, data_dir, amp, capsys):
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_each_precision_trains_with_finite_losses_and_a_float32_quantizer(tmp_path, data_dir, amp, capsys):
     out = run(tmp_path / amp, data_dir, "--steps", "3", "--prior-steps", "2", "--amp", amp, "--stages", "vqvae,prior")
-    assert f"in mixed precision ({amp})" in capsys.readouterr().out
+    said = "in float32 (--amp off)" if amp == "off" else f"in mixed precision ({amp})"
+    assert capsys.readouterr().out.count(said) == 2  # both stages say which
     for name, keys in (("vqvae.pt", ["loss", "perplexity"]), ("prior.pt", ["prior_loss"])):
         state = training.load_checkpoint(out / name)
         assert all(math.isfinite(v) for k in keys for v in state["history"][k]) and ("scaler" in state) == (amp == "fp16")
@@ -252,10 +260,12 @@ def test_presets_carry_the_paper_and_sonnet_settings():
     assert (paper.hidden_channels, paper.res_channels, paper.lr, paper.batch_size, paper.steps, paper.commitment_cost) == \
         (256, 256, 2e-4, 128, 250_000, 0.25)
     assert (paper.num_embeddings, paper.num_groups, paper.likelihood, paper.decay) == (512, 10, "categorical", None)
+    assert paper.dead_code_threshold == 0.1 and not paper.kmeans_init  # the collapse remedy, not in the paper
     sonnet = train_cifar.parse_args(["--preset", "sonnet", "--decay", "none", "--steps", "7"])
     assert (sonnet.hidden_channels, sonnet.res_channels, sonnet.embedding_dim, sonnet.lr, sonnet.batch_size) == (128, 32, 64, 3e-4, 32)
     assert sonnet.decay is None and sonnet.steps == 7  # the command line wins over the preset
-    assert train_cifar.parse_args([]).preset == "quick"
+    quick = train_cifar.parse_args([])
+    assert quick.preset == "quick" and (quick.decay, quick.kmeans_init, quick.dead_code_threshold) == (0.9, True, 0.1)
 
 
 # ----------------------------------------------------------------------------- your own images

@@ -1,6 +1,8 @@
-"""training.py's numerics: run_loop reads metrics back only at log steps; pixel_variance is exact."""
+"""training.py's numerics: run_loop reads metrics back only at log steps; pixel_variance is exact;
+the learning-rate schedule."""
 from fractions import Fraction
 
+import pytest
 import torch
 
 import training
@@ -33,3 +35,13 @@ def test_pixel_variance_is_exact_and_independent_of_the_memory_layout():
     exact = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     assert training.pixel_variance(x) == float(exact)
     assert training.pixel_variance(x.permute(3, 1, 0, 2)) == training.pixel_variance(x.clone()) == float(exact)
+
+
+def test_cosine_learning_rate_falls_from_lr_to_zero_as_hand_computed():
+    lrs = [training.learning_rate(1e-3, "cosine", step, 4) for step in range(5)]
+    # (1 + cos(pi * step / 4)) / 2 = 1, (2 + sqrt 2) / 4, 1/2, (2 - sqrt 2) / 4, 0
+    expected = [1e-3, 1e-3 * (2 + 2 ** 0.5) / 4, 5e-4, 1e-3 * (2 - 2 ** 0.5) / 4, 0.0]
+    assert all(abs(a - b) < 1e-18 for a, b in zip(lrs, expected))
+    assert [training.learning_rate(1e-3, "constant", step, 4) for step in range(5)] == [1e-3] * 5
+    with pytest.raises(ValueError, match="schedule"):
+        training.learning_rate(1e-3, "linear", 0, 4)
