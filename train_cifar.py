@@ -225,7 +225,9 @@ def _decode_image(path: Path, rel: str, data: bytes, channels: int, image_size: 
     if img.width % SIDE_MULTIPLE or img.height % SIDE_MULTIPLE:
         raise DataError(f"{path}: {rel} is {img.width}x{img.height}; sides must be multiples of "
                         f"{SIDE_MULTIPLE} (the encoder halves them twice): pass --image-size N")
-    return np.asarray(img).reshape(img.height, img.width, channels).transpose(2, 0, 1)
+    # Contiguous (C, H, W): a transposed view would make the stacked images channels-last in memory,
+    # unlike those loaded from the cache, and convolutions round differently on the two layouts.
+    return np.ascontiguousarray(np.asarray(img).reshape(img.height, img.width, channels).transpose(2, 0, 1))
 
 
 def load_cifar10(source: Path | None, data_dir: Path, image_size: int | None = None, channels: int = 3) -> dict:

@@ -138,7 +138,7 @@ def resize(frames: np.ndarray) -> np.ndarray:
     """(N, H, W, 3) uint8 -> (N, 84, 84, 3) uint8, antialiased (the 4:3 screen is squeezed, as in Atari work)."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(FRAME_SIZE, FRAME_SIZE), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return np.ascontiguousarray(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
 
 
 def random_actions(seed: int, length: int, max_hold: int) -> np.ndarray:
@@ -224,8 +224,9 @@ def collect(args) -> dict[str, np.ndarray]:
 
 
 def to_float(frames_uint8: torch.Tensor, device) -> torch.Tensor:
-    """uint8 (..., 84, 84, 3) -> float (..., 3, 84, 84) in [-0.5, 0.5]."""
-    return frames_uint8.to(device).movedim(-1, -3).float() / 255 - 0.5
+    """uint8 (..., 84, 84, 3) -> float (..., 3, 84, 84) in [-0.5, 0.5], contiguous: the same memory
+    layout whatever the frames' (convolutions round differently on channels-last tensors)."""
+    return (frames_uint8.to(device).movedim(-1, -3).float() / 255 - 0.5).contiguous()
 
 
 # ============================================================================ stages

@@ -323,3 +323,19 @@ def test_unusable_image_folder_is_refused_before_training(tmp_path, make, extra,
                           "--out", str(tmp_path / "run"), *SMALL, *extra])
     assert re.search(message, str(exit_info.value) + capsys.readouterr().err)
     assert not (tmp_path / "run" / "vqvae.pt").exists()
+
+
+def test_first_run_that_decodes_the_images_trains_as_a_later_run_from_the_cache(tmp_path):
+    # Decoded images once came out channels-last in memory and cached ones contiguous: the same
+    # values, but convolutions on the two layouts round differently, so a fresh machine's first run
+    # followed another trajectory than every later run with the same seed.
+    data = own_images(tmp_path / "images", "classes", size=(32, 32), classes=2, per_class=6)
+    runs = [tmp_path / "first", tmp_path / "cached"]
+    for out in runs:
+        train_cifar.main(["--data", str(data), "--data-dir", str(tmp_path / "cache"), "--out", str(out), *SMALL,
+                          "--steps", "3", "--stages", "vqvae"])
+    a, b = (training.load_checkpoint(out / "vqvae.pt") for out in runs)
+    assert a["history"] == b["history"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    fresh = train_cifar.read_image_folder(data)["train_x"]
+    assert fresh.flags["C_CONTIGUOUS"] and fresh.shape[1:] == (3, 32, 32)

@@ -30,6 +30,16 @@ def vizdoom():
 
 
 # ----------------------------------------------------------------------------- bookkeeping
+def test_frames_reach_the_model_in_one_memory_layout_whether_fresh_or_cached():
+    # Freshly collected frames were an (N, H, W, 3) view of (N, 3, H, W) memory and cached ones
+    # (N, H, W, 3) memory: convolutions round differently on the two, so runs diverged.
+    cached = torch.randint(0, 256, (4, 84, 84, 3), dtype=torch.uint8)
+    fresh = cached.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    a, b = train_video.to_float(cached, "cpu"), train_video.to_float(fresh, "cpu")
+    assert a.is_contiguous() and b.is_contiguous() and torch.equal(a, b)
+    assert train_video.resize(np.zeros((2, 120, 160, 3), np.uint8)).flags["C_CONTIGUOUS"]
+
+
 def test_transitions_pair_each_next_frame_with_its_context_and_action():
     codes = (torch.arange(2)[:, None] * 100 + torch.arange(6))[:, :, None, None].expand(2, 6, 1, 1)  # frame id
     pairs = train_video.transitions(num_episodes=2, episode_length=5, context_frames=3)
