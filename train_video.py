@@ -7,17 +7,22 @@ given those of the frames before it and the action (vqvae.ActionConditionalPrior
 from 6 real frames of held-out episodes, 10 frames are generated in latent space while the agent
 goes "forward", "turn_right" or keeps its random actions, decoded only at the end, and compared
 per step with the truth, replayed in the deterministic engine with the same seed: the model with
-the true actions, with shuffled actions (another sequence's), and copying the last real frame.
-Everything lands in --out: vqvae.pt, prior.pt, codes.pt, metrics.json, *.png and *.gif.
+the true actions, with shuffled actions (another sequence's), and copying the last real frame; an
+inverse-dynamics classifier, trained on real transitions passed through the VQ-VAE, says whether
+the generated transitions show the action they were given. Everything lands in --out: vqvae.pt,
+prior.pt, codes.pt, metrics.json, *.png and *.gif; with --seeds, one such folder per seed and
+their mean and spread.
 
     pip install vizdoom==1.3.2          # optional dependency: the engine, Freedoom and the scenarios
     python train_video.py               # quick preset: the whole pipeline on a CPU
+    python train_video.py --seeds 0 1 2     # three runs, and their mean and spread
     python train_video.py --preset paper    # larger model, more data and steps: a GPU job
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import tempfile
 import time
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import training
 import vqvae
@@ -45,13 +51,13 @@ PRESETS = {
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
                   kmeans_init=True, dead_code_threshold=0.1, lr=1e-3, lr_schedule="constant", batch_size=16, steps=2000,
                   prior_context_frames=4, prior_channels=32, prior_num_layers=3, prior_context_channels=128,
-                  prior_context_layers=4, prior_steps=3000, prior_batch_size=16, prior_lr=1e-3),
+                  prior_context_layers=4, prior_steps=3000, prior_batch_size=16, prior_lr=1e-3, clf_steps=1500),
     # Sec. 4.4 gives 84x84 frames -> 21x21 codes with K = 512; the rest is not given.
     "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden_channels=128, res_channels=64,
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
                   kmeans_init=False, dead_code_threshold=None, lr=3e-4, lr_schedule="constant", batch_size=64, steps=100_000,
                   prior_context_frames=4, prior_channels=128, prior_num_layers=8, prior_context_channels=256,
-                  prior_context_layers=8, prior_steps=200_000, prior_batch_size=64, prior_lr=3e-4),
+                  prior_context_layers=8, prior_steps=200_000, prior_batch_size=64, prior_lr=3e-4, clf_steps=3000),
 }
 
 
@@ -79,9 +85,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prior-context-layers", type=int, help="context network residual blocks")
     g = p.add_argument_group("evaluation")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the prior")
+    g.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                   help="run the pipeline once per seed (collection, training, sampling), each into <out>/seed_<N>, "
+                        "then write their mean and spread to <out>/metrics.json and <out>/error_curves.png")
+    g.add_argument("--clf-steps", type=int, help="steps of the inverse-dynamics classifier that names the action "
+                                                 "between two frames (batch 64; defaults from --preset)")
     args = training.parse_with_presets(p, PRESETS, argv, "video")
     if not 1 <= args.prior_context_frames <= GIVEN:
         p.error(f"--prior-context-frames: expected 1..{GIVEN} (the given frames); got {args.prior_context_frames}")
+    if args.seeds and len(set(args.seeds)) < len(args.seeds):
+        p.error(f"--seeds: expected distinct seeds; got {' '.join(map(str, args.seeds))}")
     if args.episode_length < GIVEN + GENERATED:
         p.error(f"--episode-length: expected at least {GIVEN + GENERATED}; got {args.episode_length}")
     return args
@@ -340,6 +353,7 @@ def evaluate(args, env, model, prior, data, codes, data_variance: float) -> tupl
     metrics.update(prior_test_nats(prior, codes["test"], data["test_actions"], env.device))
     video_metrics, videos = evaluate_video(args, env, model, prior, data)
     metrics.update(video_metrics)
+    metrics.update(action_following(args, env, model, data, codes, videos))
     return metrics, videos
 
 
@@ -361,6 +375,12 @@ def evaluate_video(args, env, model, prior, data) -> tuple[dict, dict]:
     return video_metrics(frames, codes, generated, videos), videos
 
 
+def shuffle_actions(actions: torch.Tensor) -> torch.Tensor:
+    """Each sequence of actions (S, 3, 10) replaced by another continuation's of the same start:
+    forward <- turn_right <- random <- forward."""
+    return actions.roll(-1, dims=1)
+
+
 @torch.no_grad()
 def sample_continuations(args, env, prior, codes: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
     """The codes (S, 3, 10, 21, 21) the prior samples after the GIVEN real frames of codes
@@ -368,7 +388,7 @@ def sample_continuations(args, env, prior, codes: torch.Tensor, actions: torch.T
     takes the next continuation's actions), from one random stream seeded by --seed."""
     S, V = actions.shape[:2]
     context = codes[:, :, GIVEN - args.prior_context_frames:GIVEN].flatten(0, 1).to(env.device)
-    shuffled = actions.roll(-1, dims=1)                                  # another continuation's actions
+    shuffled = shuffle_actions(actions)
     gen = torch.Generator(device=env.device).manual_seed(args.seed)
     generated = {}
     for name, acts in (("true_actions", actions), ("shuffled_actions", shuffled)):
@@ -413,21 +433,149 @@ def video_metrics(frames, codes, generated: dict, videos: dict) -> dict:
     return metrics
 
 
+# ============================================================================ does the video follow the action?
+# An inverse-dynamics classifier names the action between two consecutive frames. It is trained on
+# real transitions passed through the VQ-VAE (decoded from their codes), so that it sees the image
+# statistics of generated frames, and then asked which action each generated transition shows.
+def to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """Frames in [0, 1] -> uint8, as every frame the classifier sees is stored."""
+    return (frames * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+class InverseDynamics(nn.Module):
+    """Logits (B, len(ACTIONS)) of the action that took frame x_t to x_t+1, from pairs
+    (B, 2, 3, 84, 84) uint8.
+
+    It reads a cost volume, as optical-flow networks do: for each horizontal shift s of up to
+    max_shift pixels (a turn moves the view about 11), the squared difference between x_t+1 and
+    x_t shifted by s, averaged over cells of 4x4 pixels and normalised per cell. A small CNN keeps
+    where in the frame each motion is, for a turn moves the whole view one way, while going forward
+    spreads the two halves apart.
+    """
+
+    max_shift = 16
+
+    def __init__(self, channels: int = 32):
+        super().__init__()
+        c = channels
+        self.net = nn.Sequential(nn.Conv2d(2 * self.max_shift + 1, c, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(c, c, 3, 2, 1), nn.ReLU(), nn.Conv2d(c, c, 3, 2, 1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(), nn.Linear(8 * c, len(ACTIONS)))
+
+    def cost_volume(self, pairs: torch.Tensor) -> torch.Tensor:
+        """(B, 2 max_shift + 1, H/4, W/4): how well x_t shifted by s pixels matches x_t+1, per cell."""
+        gray = pairs.float().mean(2) / 255                                   # (B, 2, H, W)
+        m, width = self.max_shift, gray.shape[-1]
+        before = F.pad(gray[:, :1], (m, m, 0, 0), mode="replicate")         # x_t+1[x] ~ x_t[x + s]
+        cost = torch.cat([F.avg_pool2d((before[..., m + s:m + s + width] - gray[:, 1:]) ** 2, 4)
+                          for s in range(-m, m + 1)], 1)
+        return cost / (cost.mean(1, keepdim=True) + 1e-3)
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return self.net(self.cost_volume(pairs))
+
+
+def frame_pairs(frames: torch.Tensor) -> torch.Tensor:
+    """Consecutive frames (..., T+1, 3, H, W) -> the T pairs (x_t, x_t+1): (..., T, 2, 3, H, W)."""
+    return torch.stack([frames[..., :-1, :, :, :], frames[..., 1:, :, :, :]], -4)
+
+
+@torch.enable_grad()   # evaluation runs under no_grad
+def train_action_classifier(frames: torch.Tensor, actions: torch.Tensor, steps: int, seed: int, device,
+                            batch_size: int = 64) -> InverseDynamics:
+    """Adam on seeded batches of every transition of frames (E, T+1, 3, 84, 84) uint8 under actions (E, T)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        classifier = InverseDynamics().to(device)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    generator, (E, T) = torch.Generator().manual_seed(seed), actions.shape
+    progress = training.Progress("classifier", steps)
+    for step in range(1, steps + 1):
+        i = torch.randint(E * T, (batch_size,), generator=generator)
+        e, t = i // T, i % T
+        pairs = torch.stack([frames[e, t], frames[e, t + 1]], 1)
+        loss = F.cross_entropy(classifier(pairs.to(device)), actions[e, t].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        progress.update(step, loss=loss.item())
+    return classifier.eval()
+
+
+@torch.no_grad()
+def predict_actions(classifier: InverseDynamics, pairs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The classifier's action (...) for pairs (..., 2, 3, 84, 84) uint8."""
+    flat = pairs.reshape(-1, *pairs.shape[-4:])
+    device = next(classifier.parameters()).device
+    out = [classifier(flat[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(flat), batch_size)]
+    return torch.cat(out).reshape(pairs.shape[:-4])
+
+
+@torch.no_grad()
+def action_following(args, env, model, data, codes, videos: dict) -> dict:
+    """Train the classifier on the training episodes' frames decoded from their codes, then score
+    it (action_accuracies) on the held-out episodes and the eval videos, all decoded likewise."""
+    t0 = time.perf_counter()
+    classifier = train_action_classifier(to_uint8(decode(model, codes["train"].long())), data["train_actions"],
+                                         args.clf_steps, args.seed, env.device)
+    last = decode(model, encode(model, data["eval_frames"][:, :, GIVEN - 1:GIVEN], env.device))
+    metrics = action_accuracies(classifier, to_uint8(decode(model, codes["test"].long())), data["test_actions"],
+                                last, videos, data["eval_actions"])
+    print(f"[eval] action classifier trained and applied in {time.perf_counter() - t0:.0f} s: "
+          f"real held-out {metrics['action_accuracy_real_test']:.1%}, generated with true actions "
+          f"{metrics['action_accuracy_true_actions']:.1%}, with shuffled {metrics['action_accuracy_shuffled_actions']:.1%}",
+          flush=True)
+    return metrics
+
+
+def action_accuracies(classifier, test_frames: torch.Tensor, test_actions: torch.Tensor, last: torch.Tensor,
+                      videos: dict, actions: torch.Tensor) -> dict:
+    """How often the classifier names the commanded action.
+
+    On every transition of held-out episodes, frames (E, T+1, 3, 84, 84) uint8 under test_actions
+    (E, T); and on the eval videos (S, 3, 10, 3, 84, 84) in [0, 1], from the last real frame `last`
+    (S, 3, 1, 3, 84, 84) on: the VQ-VAE reconstruction of the truth and the videos generated with
+    the true actions (S, 3, 10), both scored against those, and with shuffled actions, scored
+    against the shuffled actions they were given. Returns the accuracies overall, per continuation
+    and per generated step.
+    """
+    metrics = {"action_accuracy_real_test":
+               (predict_actions(classifier, frame_pairs(test_frames)) == test_actions).float().mean().item()}
+    commanded = {"vqvae_reconstruction": actions, "true_actions": actions, "shuffled_actions": shuffle_actions(actions)}
+    for variant, acts in commanded.items():
+        pairs = frame_pairs(to_uint8(torch.cat([last, videos[variant]], 2)))
+        correct = (predict_actions(classifier, pairs) == acts).float()             # (S, 3, 10)
+        metrics[f"action_accuracy_{variant}"] = correct.mean().item()
+        metrics[f"action_accuracy_per_step_{variant}"] = correct.mean((0, 1)).tolist()
+        for v, name in enumerate(SCRIPTS):
+            metrics[f"action_accuracy_{name}_{variant}"] = correct[:, v].mean().item()
+    return metrics
+
+
 # ============================================================================ figures
-def plot_error_curves(path: Path, metrics: dict) -> None:
+def plot_error_curves(path: Path, curves: dict, bands: dict | None = None, title: str = "") -> None:
+    """Per generated step: pixel MSE, code accuracy and action accuracy of each variant; `bands`
+    (the same keys) holds a (low, high) pair of curves to shade, e.g. the range over seeds."""
     plt = training.pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     steps = range(1, GENERATED + 1)
-    for name in ("true_actions", "shuffled_actions", "copy_last_frame", "vqvae_reconstruction"):
-        style = ":" if name == "vqvae_reconstruction" else "-o"
-        axes[0].plot(steps, metrics[f"mse_per_step_{name}"], style, ms=3, label=name.replace("_", " "))
-        if f"code_accuracy_per_step_{name}" in metrics:
-            axes[1].plot(steps, metrics[f"code_accuracy_per_step_{name}"], style, ms=3, label=name.replace("_", " "))
-    axes[0].set_title("pixel MSE to the true frame (lower is better)", fontsize=9)
-    axes[1].set_title("codes equal to those of the true frame", fontsize=9)
-    for ax in axes:
+    panels = (("mse_per_step", "pixel MSE to the true frame (lower is better)"),
+              ("code_accuracy_per_step", "codes equal to those of the true frame"),
+              ("action_accuracy_per_step", "transitions the classifier names as commanded"))
+    for ax, (panel, panel_title) in zip(axes, panels):
+        for name in ("true_actions", "shuffled_actions", "copy_last_frame", "vqvae_reconstruction"):
+            key = f"{panel}_{name}"
+            if key in curves:
+                line, = ax.plot(steps, curves[key], ":" if name == "vqvae_reconstruction" else "-o", ms=3,
+                                label=name.replace("_", " "))
+                if bands:
+                    ax.fill_between(steps, *bands[key], color=line.get_color(), alpha=0.2, lw=0)
+        ax.set_title(panel_title, fontsize=9)
         ax.set_xlabel("generated step")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -482,9 +630,54 @@ def make_figures(out: Path, env, model, data, test_codes, metrics, videos, histo
         save_gif(out / f"video_{name}.gif", videos, v)
 
 
+# ============================================================================ several seeds
+def summarize(out: Path, runs: list[Path]) -> dict:
+    """The mean and spread of the evaluations of runs (their metrics.json) of other seeds.
+
+    Writes <out>/metrics.json (per metric: the mean, the standard deviation over runs and each
+    run's value; per curve: the mean, minimum and maximum; per run, whether the true actions beat
+    shuffled ones and copying the last frame in pixel MSE) and <out>/error_curves.png (the mean
+    curves, the range over runs shaded). Returns the means.
+    """
+    reports = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    values = {k: [r["metrics"][k] for r in reports] for k, v in reports[0]["metrics"].items()
+              if isinstance(v, (int, float))}
+    curves = {k: np.array([r["curves"][k] for r in reports]) for k in reports[0]["curves"]}
+    means = {k: float(np.mean(v)) for k, v in values.items()}
+    seeds = [r["config"]["seed"] for r in reports]
+    training.write_json(out / "metrics.json", {
+        "seeds": seeds, "runs": [str(r) for r in runs], "threads": [r.get("threads") for r in reports],
+        "metrics": means, "std": {k: float(np.std(v)) for k, v in values.items()}, "per_seed": values,
+        "curves": {k: c.mean(0).tolist() for k, c in curves.items()},
+        "curves_min": {k: c.min(0).tolist() for k, c in curves.items()},
+        "curves_max": {k: c.max(0).tolist() for k, c in curves.items()},
+        "true_actions_beat": {other: [a < b for a, b in zip(values["mse_true_actions"], values[f"mse_{other}"])]
+                              for other in ("shuffled_actions", "copy_last_frame")}})
+    plot_error_curves(out / "error_curves.png", {k: c.mean(0) for k, c in curves.items()},
+                      {k: (c.min(0), c.max(0)) for k, c in curves.items()},
+                      f"mean over seeds {', '.join(map(str, seeds))}; shaded: their range")
+    shown = ("mse_true_actions", "mse_shuffled_actions", "mse_copy_last_frame", "action_accuracy_real_test",
+             "action_accuracy_true_actions", "action_accuracy_shuffled_actions")
+    print(f"over seeds {seeds}: " + ", ".join(f"{k} {means[k]:.4g} +- {np.std(values[k]):.2g}" for k in shown),
+          flush=True)
+    return means
+
+
 # ============================================================================ main
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if not args.seeds:
+        return run_pipeline(args)
+    runs = [args.out / f"seed_{seed}" for seed in args.seeds]
+    for seed, out in zip(args.seeds, runs):
+        print(f"=== seed {seed}: {out}", flush=True)
+        run_pipeline(argparse.Namespace(**{**vars(args), "seed": seed, "out": out, "seeds": None}))
+    if int(os.environ.get("RANK", "0")) == 0 and "eval" in args.stages:
+        summarize(args.out, runs)
+
+
+def run_pipeline(args: argparse.Namespace) -> None:
+    """The stages of one run, as --stages asks, into args.out."""
     run, env = training.start(args)
     t0, histories, timings = time.perf_counter(), {}, {}
     data = {k: torch.from_numpy(v) for k, v in collect(args).items()}   # cached: every process reads one file

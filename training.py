@@ -471,7 +471,8 @@ def write_report(run: Run, metrics: dict, model_config, elapsed: float, timings:
     write_json(run.out / "metrics.json", {
         "metrics": metrics, "config": run.options, "model_config": dataclasses.asdict(model_config),
         "timings": {**timings, "total_seconds": elapsed}, "torch": torch.__version__,
-        "quantizer_backend": vqvae.quantizer_backend(env.device), "world_size": env.world_size, **extra})
+        "quantizer_backend": vqvae.quantizer_backend(env.device), "world_size": env.world_size,
+        "threads": torch.get_num_threads(), **extra})
     print("test: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
     print(f"wrote {run.out}/metrics.json and figures", flush=True)
 

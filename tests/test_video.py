@@ -125,6 +125,106 @@ def test_each_transition_is_paired_with_the_action_that_produced_it(tmp_path, vi
     assert np.mean([s > 0 for s in steps]) >= 0.9
 
 
+# ----------------------------------------------------------------------------- action-following measure
+def test_frame_pairs_put_each_frame_beside_the_next():
+    frames = torch.arange(2 * 4).reshape(2, 4, 1, 1, 1).expand(2, 4, 3, 2, 2)     # value = frame id
+    pairs = train_video.frame_pairs(frames)
+    assert pairs.shape == (2, 3, 2, 3, 2, 2)
+    assert pairs[..., 0, 0, 0].tolist() == [[[4 * e + t, 4 * e + t + 1] for t in range(3)] for e in range(2)]
+
+
+def test_cost_volume_of_real_turns_points_the_way_the_view_moved(tmp_path, vizdoom):
+    """The classifier's features on real frames: the shift that best matches frame t+1 to frame t
+    is to the left after turn_left and to the right after turn_right, by about a turn (11 px)."""
+    data = train_video.collect(collect_args(tmp_path, **{"--episodes": 2, "--episode-length": 60}))
+    frames = torch.from_numpy(data["train_frames"]).movedim(-1, -3)           # (E, T+1, 3, 84, 84)
+    classifier = train_video.InverseDynamics()
+    cost = classifier.cost_volume(train_video.frame_pairs(frames).flatten(0, 1))
+    assert cost.shape == (2 * 60, 2 * classifier.max_shift + 1, 21, 21)
+    best = cost.sum((2, 3)).argmin(1) - classifier.max_shift
+    actions = torch.from_numpy(data["train_actions"]).flatten()
+    left, right = best[actions == train_video.ACTIONS.index("turn_left")], best[actions == train_video.ACTIONS.index("turn_right")]
+    assert len(left) > 20 and len(right) > 20
+    assert (left < 0).float().mean() >= 0.9 and (right > 0).float().mean() >= 0.9
+    assert -14 <= left.median() <= -8 and 8 <= right.median() <= 14
+
+
+class HeadingOracle(torch.nn.Module):
+    """Names the action from a heading h written into every pixel as 5 h: h + 1 is turn_right,
+    h - 1 turn_left, h forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, pairs):
+        step = (pairs[:, 1, 0, 0, 0].long() - pairs[:, 0, 0, 0, 0].long()) // 5
+        index = {0: "forward", -1: "turn_left", 1: "turn_right"}
+        return torch.nn.functional.one_hot(torch.tensor([train_video.ACTIONS.index(index[int(s)]) for s in step]), 3)
+
+
+def frames_of_headings(headings: torch.Tensor) -> torch.Tensor:
+    """(..., T) headings -> frames (..., T, 3, 4, 4) in [0, 1] that HeadingOracle reads."""
+    return (headings[..., None, None, None] * 5 / 255).expand(*headings.shape, 3, 4, 4).float()
+
+
+def test_each_generated_transition_is_scored_against_the_action_it_was_given():
+    turn = torch.tensor([0, -1, 1])                                          # heading change per action
+    g = torch.Generator().manual_seed(0)
+    actions, test_actions = torch.randint(0, 3, (2, 3, 10), generator=g), torch.randint(0, 3, (4, 8), generator=g)
+    start = torch.full((2, 3, 1), 25)
+    followed = start + turn[actions].cumsum(-1)                              # headings after each action
+    videos = {"vqvae_reconstruction": frames_of_headings(followed), "true_actions": frames_of_headings(followed),
+              "shuffled_actions": frames_of_headings(followed)}               # ignores the shuffled actions
+    test_headings = torch.cat([torch.full((4, 1), 25), 25 + turn[test_actions].cumsum(-1)], 1)
+    test_frames = train_video.to_uint8(frames_of_headings(test_headings))
+    test_frames[0, 3:] = test_frames[0, 2]            # episode 0 stands still from transition 2 on
+    metrics = train_video.action_accuracies(HeadingOracle(), test_frames, test_actions,
+                                            frames_of_headings(start), videos, actions)
+    wrong = (test_actions[0, 2:] != train_video.ACTIONS.index("forward")).sum().item()
+    assert wrong > 0 and metrics["action_accuracy_real_test"] == pytest.approx(1 - wrong / test_actions.numel())
+    assert metrics["action_accuracy_true_actions"] == metrics["action_accuracy_vqvae_reconstruction"] == 1.0
+    agree = (train_video.shuffle_actions(actions) == actions).float()
+    assert metrics["action_accuracy_shuffled_actions"] == pytest.approx(agree.mean().item())
+    assert metrics["action_accuracy_per_step_shuffled_actions"] == pytest.approx(agree.mean((0, 1)).tolist())
+    for v, name in enumerate(train_video.SCRIPTS):
+        assert metrics[f"action_accuracy_{name}_shuffled_actions"] == pytest.approx(agree[:, v].mean().item())
+
+
+def test_runs_of_several_seeds_are_summarized_by_their_mean_and_spread(tmp_path):
+    runs = []
+    for seed, (true, shuffled) in enumerate([(0.010, 0.014), (0.020, 0.018), (0.012, 0.016)]):
+        runs.append(tmp_path / f"seed_{seed}")
+        runs[-1].mkdir()
+        curves = {f"mse_per_step_{v}": [x * (1 + k / 10) for k in range(10)]
+                  for v, x in (("true_actions", true), ("shuffled_actions", shuffled), ("copy_last_frame", 0.015))}
+        training.write_json(runs[-1] / "metrics.json", {
+            "config": {"seed": seed}, "threads": 1, "curves": curves,
+            "metrics": {"mse_true_actions": true, "mse_shuffled_actions": shuffled, "mse_copy_last_frame": 0.015,
+                        "action_accuracy_real_test": 0.9, "action_accuracy_true_actions": 0.5 + seed / 10,
+                        "action_accuracy_shuffled_actions": 0.4, "backend": "PyTorch"}})
+    means = train_video.summarize(tmp_path, runs)
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["seeds"] == [0, 1, 2] and report["metrics"] == means
+    assert means["mse_true_actions"] == pytest.approx(0.014) and "backend" not in means
+    assert report["std"]["action_accuracy_true_actions"] == pytest.approx(np.std([0.5, 0.6, 0.7]))
+    assert report["per_seed"]["mse_shuffled_actions"] == [0.014, 0.018, 0.016]
+    assert report["true_actions_beat"] == {"shuffled_actions": [True, False, True], "copy_last_frame": [True, False, True]}
+    assert report["curves_max"]["mse_per_step_true_actions"][9] == pytest.approx(0.020 * 1.9)
+    assert report["curves"]["mse_per_step_copy_last_frame"][0] == pytest.approx(0.015)
+    assert (tmp_path / "error_curves.png").stat().st_size > 0
+
+
+def test_seeds_run_the_pipeline_once_per_seed_into_its_own_folder(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(train_video, "run_pipeline", lambda args: seen.append(args))
+    monkeypatch.setattr(train_video, "summarize", lambda out, runs: seen.append((out, runs)))
+    train_video.main(["--out", str(tmp_path), "--seeds", "3", "5", "--prior-steps", "7"])
+    assert [(a.seed, a.out, a.seeds, a.prior_steps) for a in seen[:2]] == [
+        (3, tmp_path / "seed_3", None, 7), (5, tmp_path / "seed_5", None, 7)]
+    assert seen[2] == (tmp_path, [tmp_path / "seed_3", tmp_path / "seed_5"])
+
+
 def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vizdoom):
     out = tmp_path / "run"
     argv = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--episodes", "2", "--test-episodes", "2",
@@ -132,7 +232,7 @@ def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vi
             "--embedding-dim", "8", "--num-embeddings", "16", "--steps", "6", "--batch-size", "4",
             "--prior-context-frames", "2", "--prior-channels", "8", "--prior-num-layers", "2",
             "--prior-context-channels", "8", "--prior-context-layers", "1", "--prior-steps", "6",
-            "--prior-batch-size", "4", "--log-every", "2"]
+            "--prior-batch-size", "4", "--clf-steps", "4", "--log-every", "2"]
     train_video.main(argv)
     for name in ("vqvae.pt", "prior.pt", "codes.pt", "metrics.json", "reconstructions.png", "codebook_usage.png",
                  "error_curves.png", "video_forward.png", "video_turn_right.png", "video_forward.gif"):
