@@ -563,13 +563,13 @@ def plot_error_curves(path: Path, curves: dict, bands: dict | None = None, title
               ("code_accuracy_per_step", "codes equal to those of the true frame"),
               ("action_accuracy_per_step", "transitions the classifier names as commanded"))
     for ax, (panel, panel_title) in zip(axes, panels):
-        for name in ("true_actions", "shuffled_actions", "copy_last_frame", "vqvae_reconstruction"):
+        for color, name in enumerate(("true_actions", "shuffled_actions", "copy_last_frame", "vqvae_reconstruction")):
             key = f"{panel}_{name}"
             if key in curves:
-                line, = ax.plot(steps, curves[key], ":" if name == "vqvae_reconstruction" else "-o", ms=3,
-                                label=name.replace("_", " "))
+                ax.plot(steps, curves[key], ":" if name == "vqvae_reconstruction" else "-o", ms=3, color=f"C{color}",
+                        label=name.replace("_", " "))
                 if bands:
-                    ax.fill_between(steps, *bands[key], color=line.get_color(), alpha=0.2, lw=0)
+                    ax.fill_between(steps, *bands[key], color=f"C{color}", alpha=0.2, lw=0)
         ax.set_title(panel_title, fontsize=9)
         ax.set_xlabel("generated step")
         if ax.lines:
