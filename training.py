@@ -163,19 +163,30 @@ def add_optimizer_arguments(g, batch_help: str = "per process") -> None:
     g.add_argument("--batch-size", type=int, help=batch_help)
     g.add_argument("--steps", type=int, help="training steps")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES,
-                   help="constant: --lr throughout; cosine: from --lr down to 0 over --steps")
+                   help="constant: --lr throughout; cosine: from --lr down to 0 over --steps; cooldown: "
+                        "--lr, then linearly down to 0 over the last 20%% of --steps")
 
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "cooldown")
+COOLDOWN_FRACTION = 0.2
 
 
 def learning_rate(lr: float, schedule: str, step: int, steps: int) -> float:
     """The learning rate of `step` (0-based) of `steps`: a pure function of the step, so that a
-    resumed run continues the schedule exactly. cosine: lr * (1 + cos(pi * step / steps)) / 2
-    (Loshchilov & Hutter, "SGDR", 2017, without restarts)."""
+    resumed run continues the schedule exactly.
+
+    cosine: lr * (1 + cos(pi * step / steps)) / 2 (Loshchilov & Hutter, "SGDR", 2017, without
+    restarts). cooldown: lr, then lr * (steps - step) / c over the last c = COOLDOWN_FRACTION *
+    steps steps (a constant rate with a linear cool-down, as in Zhai et al., "Scaling Vision
+    Transformers", 2022, and Haegele et al., "Scaling Laws and Compute-Optimal Training Beyond
+    Fixed Training Durations", 2024). Raises ValueError for another schedule."""
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"schedule: expected one of {LR_SCHEDULES}; got {schedule!r}")
-    return lr if schedule == "constant" else lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+    if schedule == "cooldown":
+        return lr * min(1.0, (steps - step) / (COOLDOWN_FRACTION * steps))
+    return lr
 
 
 def set_learning_rate(optimizer, lr: float, schedule: str, step: int, steps: int) -> None:
@@ -575,17 +586,20 @@ def run_settings(args: argparse.Namespace) -> Run:
 
 def check_resume_options(path: Path, saved: dict | None, options: dict) -> None:
     """Refuse to resume a checkpoint with options other than those it was trained with (except
-    RESUMABLE_OPTIONS), naming each difference; a cosine schedule also fixes --steps."""
+    RESUMABLE_OPTIONS), naming each difference; a schedule other than constant also fixes --steps."""
     if saved is None:
         raise SystemExit(f"--resume: {path} does not record the options it was trained with (an older "
                          "version wrote it): train into another --out")
     fixed = {k for k in saved.keys() | options.keys() if k not in RESUMABLE_OPTIONS}
-    if options.get("lr_schedule") == "cosine":
+    if options.get("lr_schedule") not in (None, "constant"):
         fixed.add("steps")
     changed = sorted(k for k in fixed if saved.get(k) != options.get(k))
     if changed:
         listed = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {options.get(k)})" for k in changed)
-        raise SystemExit(f"--resume: {path} was trained with {listed}; resume with those values, or train "
+        why = (f" (the --lr-schedule {options['lr_schedule']} rates depend on --steps)"
+               if "steps" in changed and "lr_schedule" not in changed and options.get("lr_schedule") not in (None, "constant")
+               else "")
+        raise SystemExit(f"--resume: {path} was trained with {listed}{why}; resume with those values, or train "
                          "into another --out")
 
 

@@ -1,10 +1,10 @@
 // CPU kernels of vqvae_ext: nearest-code search and the EMA statistics.
 //
 // nearest_code never builds the (N, K) distance matrix. Rows of z are taken in
-// blocks of R rows; each thread owns one (R, K) buffer, small enough to stay in
-// its core's L2 cache, into which BLAS writes the block's dot products <z, e_k>.
+// blocks of R rows; each thread owns one (R, K) buffer, about the size of a core's
+// L2 cache, into which BLAS writes the block's dot products <z, e_k>.
 // The block is then reduced at once with the arg-min of vq_common.h while it is
-// still in cache. Extra memory: threads * R * K elements (256 KiB per thread).
+// still in cache. Extra memory: threads * R * K elements (512 KiB per thread).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -13,32 +13,45 @@
 
 #include "vq_common.h"
 
+// On x86-64 Linux with GCC or Clang, the row reduction is compiled twice, for
+// AVX2 and for the baseline SSE2, and the loader picks the clone the CPU runs
+// (function multiversioning through glibc's ifunc): no -march flag, one binary
+// for every x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__GLIBC__)
+#define VQ_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VQ_CPU_CLONES
+#endif
+
 namespace {
 
-// Rows per block: the (R, K) dot-product buffer takes about 256 KiB, a fraction
-// of a 1-2 MiB L2, leaving room for the codebook that BLAS streams through.
+// Rows per block: the (R, K) dot-product buffer takes about 512 KiB. Larger
+// blocks spread BLAS's per-call packing of the codebook over more rows, until
+// the buffer no longer fits in L2 (the sizes were compared with
+// benchmarks/bench_quantize.py; TUTORIAL section 12).
 int64_t block_rows(int64_t K, int64_t elem_size) {
-  constexpr int64_t kBufferBytes = 256 * 1024;
+  constexpr int64_t kBufferBytes = 512 * 1024;
   return std::clamp<int64_t>(kBufferBytes / (K * elem_size), 8, 1024);
 }
 
-// 16-byte SIMD vectors through GCC/Clang vector extensions: SSE2 on any x86-64,
-// NEON on arm64, no -march flag needed. Arithmetic, `<` (giving a lane mask) and
-// `?:` act lane by lane, so the scalar templates of vq_common.h run unchanged on
-// them. Each lane carries a code index of the same width as its value.
+// 32-byte SIMD vectors through GCC/Clang vector extensions: one AVX2 register
+// in the AVX2 clone, two SSE2 (or NEON) registers elsewhere, with no -march
+// flag. Arithmetic, `<` (giving a lane mask) and `?:` act lane by lane, so the
+// scalar templates of vq_common.h run unchanged on them. Each lane carries a
+// code index of the same width as its value.
 template <typename scalar_t>
 struct Simd;
 template <>
 struct Simd<float> {
   using Int = int32_t;
-  typedef float Value __attribute__((vector_size(16)));
-  typedef int32_t Index __attribute__((vector_size(16)));
+  typedef float Value __attribute__((vector_size(32)));
+  typedef int32_t Index __attribute__((vector_size(32)));
 };
 template <>
 struct Simd<double> {
   using Int = int64_t;
-  typedef double Value __attribute__((vector_size(16)));
-  typedef int64_t Index __attribute__((vector_size(16)));
+  typedef double Value __attribute__((vector_size(32)));
+  typedef int64_t Index __attribute__((vector_size(32)));
 };
 
 template <typename V, typename T>
@@ -54,7 +67,7 @@ V load(const T* p) {
 // index among equal distances, and merging the lanes with the lower index
 // winning ties gives the lowest index overall.
 template <typename scalar_t>
-int64_t row_argmin(const scalar_t* norm_sq, const scalar_t* dot, int64_t K) {
+__attribute__((always_inline)) inline int64_t row_argmin(const scalar_t* norm_sq, const scalar_t* dot, int64_t K) {
   using V = typename Simd<scalar_t>::Value;
   using I = typename Simd<scalar_t>::Index;
   using Int = typename Simd<scalar_t>::Int;
@@ -93,6 +106,15 @@ int64_t row_argmin(const scalar_t* norm_sq, const scalar_t* dot, int64_t K) {
   return vq::row_result(row_best, row_k);
 }
 
+// The arg-min of each row of a block of dot products, for each dtype (the
+// clones of a multiversioned function must not be templates).
+VQ_CPU_CLONES void argmin_rows(const float* norm_sq, const float* dots, int64_t rows, int64_t K, int64_t* out) {
+  for (int64_t i = 0; i < rows; ++i) out[i] = row_argmin(norm_sq, dots + i * K, K);
+}
+VQ_CPU_CLONES void argmin_rows(const double* norm_sq, const double* dots, int64_t rows, int64_t K, int64_t* out) {
+  for (int64_t i = 0; i < rows; ++i) out[i] = row_argmin(norm_sq, dots + i * K, K);
+}
+
 template <typename scalar_t>
 void nearest_code_impl(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& norm_sq,
                        at::Tensor& out) {
@@ -108,8 +130,7 @@ void nearest_code_impl(const at::Tensor& z, const at::Tensor& codebook, const at
       const int64_t r0 = b * R, rows = std::min(R, N - r0);
       at::Tensor block = dots.narrow(0, 0, rows);
       at::mm_out(block, z.narrow(0, r0, rows), codebook_t);  // (rows, D) @ (D, K)
-      const scalar_t* d = block.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < rows; ++i) idx[r0 + i] = row_argmin(norm, d + i * K, K);
+      argmin_rows(norm, block.data_ptr<scalar_t>(), rows, K, idx + r0);
     }
   });
 }

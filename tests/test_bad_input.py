@@ -236,7 +236,7 @@ def test_quantizer_takes_float16_and_float64_latents(dtype):
 # ------------------------------------------------------------------------------------- runs
 TINY = ["--hidden-channels", "16", "--res-channels", "8", "--num-res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
         "--batch-size", "8", "--max-train-images", "96", "--max-test-images", "40", "--log-every", "1",
-        "--stages", "vqvae", "--steps", "2"]
+        "--stages", "vqvae", "--steps", "2", "--lr-schedule", "constant"]  # constant: resumed runs lengthen
 
 
 def run(out, data_dir, *extra):
@@ -268,6 +268,14 @@ def test_resume_may_change_length_logging_and_stages(tmp_path, data_dir, capsys)
     assert "--resume: no " in capsys.readouterr().out     # nothing to resume: says it starts fresh
     run(out, data_dir, "--resume", "--steps", "3", "--log-every", "2", "--checkpoint-every", "5")
     assert training.load_checkpoint(out / "vqvae.pt")["step"] == 3
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "cooldown"])
+def test_resume_may_not_lengthen_a_schedule_that_depends_on_the_length(schedule, tmp_path, data_dir):
+    out = tmp_path / "run"
+    run(out, data_dir, "--lr-schedule", schedule)
+    with pytest.raises(SystemExit, match=rf"--steps 2 \(now 3\) \(the --lr-schedule {schedule} rates depend on --steps\)"):
+        run(out, data_dir, "--lr-schedule", schedule, "--resume", "--steps", "3")
 
 
 def test_checkpoint_without_recorded_options_is_not_resumed(tmp_path, data_dir):

@@ -39,9 +39,9 @@ def test_random_data_equals_addmm_argmin_exactly(dtype):
     assert torch.equal(ops.nearest_code(z, e), addmm_reference(z, e))
 
 
-@pytest.mark.parametrize("n", [1, 7, 255, 256, 257, 1000])
+@pytest.mark.parametrize("n", [1, 7, 511, 512, 513, 1100])
 def test_rows_not_a_multiple_of_the_block(n, assert_nearest):
-    # K = 256 float32 codes -> blocks of 256 rows on CPU
+    # K = 256 float32 codes -> blocks of 512 rows on CPU
     g = torch.Generator().manual_seed(n)
     z, e = torch.randn(n, 16, generator=g), torch.randn(256, 16, generator=g)
     idx = ops.nearest_code(z, e)
@@ -72,7 +72,8 @@ def test_exact_tie_at_zero_goes_to_lowest_index():
 @pytest.mark.parametrize("p,q", [(0, 1), (1, 17), (1, 33), (15, 16), (31, 32), (3, 40), (0, 69), (64, 65)])
 def test_equidistant_symmetric_codes_go_to_lowest_index(p, q, dtype):
     # e_q = -e_p and z = 0: identical distances in any precision. Of 70 codes, pairs in the same
-    # SIMD lane (1, 17 and 1, 33 for 16-byte float vectors), in adjacent lanes (15, 16; 31, 32),
+    # SIMD lane (1, 33 for 32-byte float vectors; 1, 17 and 1, 33 for double), in adjacent lanes
+    # and vectors (15, 16; 31, 32),
     # in the main loop and the tail (0, 69), both in the tail (64, 65).
     g = torch.Generator().manual_seed(p * 70 + q)
     e = 3.0 + torch.rand(70, 6, generator=g, dtype=dtype)               # norms >= 3*sqrt(6)

@@ -28,7 +28,8 @@ import vqvae
 from conftest import CIFAR, ROOT
 TINY = ["--hidden-channels", "16", "--res-channels", "8", "--num-res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
         "--batch-size", "8", "--prior-channels", "8", "--prior-num-layers", "2", "--prior-batch-size", "8",
-        "--max-train-images", "96", "--max-test-images", "40", "--log-every", "1", "--seed", "3"]
+        "--max-train-images", "96", "--max-test-images", "40", "--log-every", "1", "--seed", "3",
+        "--lr-schedule", "constant"]  # the resume tests lengthen runs, which a cooldown refuses
 
 
 def run(out, data_dir, *extra):

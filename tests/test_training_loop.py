@@ -43,5 +43,8 @@ def test_cosine_learning_rate_falls_from_lr_to_zero_as_hand_computed():
     expected = [1e-3, 1e-3 * (2 + 2 ** 0.5) / 4, 5e-4, 1e-3 * (2 - 2 ** 0.5) / 4, 0.0]
     assert all(abs(a - b) < 1e-18 for a, b in zip(lrs, expected))
     assert [training.learning_rate(1e-3, "constant", step, 4) for step in range(5)] == [1e-3] * 5
+    # cooldown over the last 20% of 10 steps: 1e-3 up to step 8, then 1e-3 * (10 - step) / 2
+    lrs = [training.learning_rate(1e-3, "cooldown", step, 10) for step in range(11)]
+    assert lrs == pytest.approx([1e-3] * 9 + [5e-4, 0.0], rel=1e-12, abs=1e-18)
     with pytest.raises(ValueError, match="schedule"):
         training.learning_rate(1e-3, "linear", 0, 4)
