@@ -73,8 +73,7 @@ def test_exact_tie_at_zero_goes_to_lowest_index():
 def test_equidistant_symmetric_codes_go_to_lowest_index(p, q, dtype):
     # e_q = -e_p and z = 0: identical distances in any precision. Of 70 codes, pairs in the same
     # SIMD lane (1, 33 for 32-byte float vectors; 1, 17 and 1, 33 for double), in adjacent lanes
-    # and vectors (15, 16; 31, 32),
-    # in the main loop and the tail (0, 69), both in the tail (64, 65).
+    # and vectors (15, 16; 31, 32), in the main loop and the tail (0, 69), both in the tail (64, 65).
     g = torch.Generator().manual_seed(p * 70 + q)
     e = 3.0 + torch.rand(70, 6, generator=g, dtype=dtype)               # norms >= 3*sqrt(6)
     e[p] = torch.tensor([0.5, -0.25, 0.0, 1.0, 0.5, 0.25])
