@@ -591,14 +591,14 @@ def check_resume_options(path: Path, saved: dict | None, options: dict) -> None:
         raise SystemExit(f"--resume: {path} does not record the options it was trained with (an older "
                          "version wrote it): train into another --out")
     fixed = {k for k in saved.keys() | options.keys() if k not in RESUMABLE_OPTIONS}
-    if options.get("lr_schedule") not in (None, "constant"):
+    steps_fixed = options.get("lr_schedule") not in (None, "constant")
+    if steps_fixed:
         fixed.add("steps")
     changed = sorted(k for k in fixed if saved.get(k) != options.get(k))
     if changed:
         listed = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {options.get(k)})" for k in changed)
         why = (f" (the --lr-schedule {options['lr_schedule']} rates depend on --steps)"
-               if "steps" in changed and "lr_schedule" not in changed and options.get("lr_schedule") not in (None, "constant")
-               else "")
+               if steps_fixed and "steps" in changed and "lr_schedule" not in changed else "")
         raise SystemExit(f"--resume: {path} was trained with {listed}{why}; resume with those values, or train "
                          "into another --out")
 
