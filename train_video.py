@@ -51,13 +51,15 @@ PRESETS = {
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
                   kmeans_init=True, dead_code_threshold=0.1, lr=1e-3, lr_schedule="constant", batch_size=16, steps=2000,
                   prior_context_frames=4, prior_channels=32, prior_num_layers=3, prior_context_channels=128,
-                  prior_context_layers=4, prior_steps=3000, prior_batch_size=16, prior_lr=1e-3, clf_steps=1500),
+                  prior_context_layers=4, prior_context_codebook=True, prior_steps=3000, prior_batch_size=16,
+                  prior_lr=1e-3, clf_steps=1500),
     # Sec. 4.4 gives 84x84 frames -> 21x21 codes with K = 512; the rest is not given.
     "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden_channels=128, res_channels=64,
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
                   kmeans_init=False, dead_code_threshold=None, lr=3e-4, lr_schedule="constant", batch_size=64, steps=100_000,
                   prior_context_frames=4, prior_channels=128, prior_num_layers=8, prior_context_channels=256,
-                  prior_context_layers=8, prior_steps=200_000, prior_batch_size=64, prior_lr=3e-4, clf_steps=3000),
+                  prior_context_layers=8, prior_context_codebook=True, prior_steps=200_000, prior_batch_size=64,
+                  prior_lr=3e-4, clf_steps=3000),
 }
 
 
@@ -83,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     training.add_prior_arguments(g)
     g.add_argument("--prior-context-channels", type=int, help="context network channels")
     g.add_argument("--prior-context-layers", type=int, help="context network residual blocks")
+    g.add_argument("--prior-context-codebook", action=argparse.BooleanOptionalAction,
+                   help="the context network reads the earlier frames as z_q (the VQ-VAE's codebook vectors) "
+                        "instead of a learned embedding of their codes")
     g = p.add_argument_group("evaluation")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the prior")
     g.add_argument("--seeds", type=int, nargs="+", metavar="N",
@@ -307,8 +312,11 @@ def train_prior(args, run: training.Run, env, model, vqvae_id, codes, actions):
     if (run.out / "prior.pt").exists():
         training.check_prior_matches(training.load_checkpoint(run.out / "prior.pt"), vqvae_id)
     config = training.config_from_args(vqvae.ActionConditionalPriorConfig, args, "prior_",
-                                       num_embeddings=model.config.num_embeddings, num_actions=len(ACTIONS))
+                                       num_embeddings=model.config.num_embeddings, num_actions=len(ACTIONS),
+                                       codebook_dim=model.config.embedding_dim if args.prior_context_codebook else 0)
     prior = vqvae.ActionConditionalPrior(config).to(env.device)
+    if config.codebook_dim:
+        prior.set_codebook(model.quantizer.codebook)
     optimizer = torch.optim.Adam(prior.parameters(), lr=args.prior_lr)
     pairs = transitions(len(codes), actions.shape[1], config.context_frames)
     codes = codes.long()

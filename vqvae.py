@@ -917,6 +917,7 @@ class ActionConditionalPriorConfig:
     kernel_size: int = 5
     context_channels: int = 128          # the context network: 3x3 convolutions, residual blocks
     context_layers: int = 4
+    codebook_dim: int = 0                # D > 0: context frames enter as the VQ-VAE's z_q (set_codebook)
 
 
 class ActionConditionalPrior(nn.Module):
@@ -936,9 +937,14 @@ class ActionConditionalPrior(nn.Module):
         super().__init__()
         self.config = c = config
         self.num_embeddings, self.num_actions, self.context_frames = c.num_embeddings, c.num_actions, c.context_frames
-        self.code_embedding = nn.Embedding(c.num_embeddings, c.channels)
+        if c.codebook_dim:
+            self.register_buffer("codebook", torch.zeros(c.num_embeddings, c.codebook_dim))
+        else:
+            self.code_embedding = nn.Embedding(c.num_embeddings, c.channels)
         self.action_embedding = nn.Embedding(c.num_actions, c.channels)
-        self.context = nn.Sequential(nn.Conv2d((c.context_frames + 1) * c.channels, c.context_channels, 3, padding=1),
+        frame_width = c.codebook_dim or c.channels
+        self.context = nn.Sequential(nn.Conv2d(c.context_frames * frame_width + c.channels, c.context_channels, 3,
+                                               padding=1),
                                      ResidualStack(c.context_channels, c.context_channels // 2, c.context_layers))
         self.pixelcnn = GatedPixelCNN(GatedPixelCNNConfig(c.num_embeddings, 1, c.channels, c.num_layers,
                                                           c.kernel_size, cond_channels=c.context_channels))
@@ -949,9 +955,18 @@ class ActionConditionalPrior(nn.Module):
                "context", f"an integer (B, {self.context_frames}, H, W) tensor of codes", context)
         _check_ids(action, "action", self.num_actions, len(context))
         _check_range(context, "context", self.num_embeddings)
-        frames = self.code_embedding(context.long()).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, F*c, H, W)
+        frames = (F.embedding(context.long(), self.codebook) if self.config.codebook_dim
+                  else self.code_embedding(context.long())).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, F*width, H, W)
         act = self.action_embedding(action.long())[:, :, None, None].expand(-1, -1, *context.shape[2:])
         return self.context(torch.cat([frames, act], 1))
+
+    def set_codebook(self, codebook: torch.Tensor) -> None:
+        """Use the frame VQ-VAE's codebook (K, D) as the context frames' embedding: the context
+        network then reads z_q, in which patches that look alike lie close, instead of learning an
+        embedding of K arbitrary ids. Needs codebook_dim = D; the table is a fixed buffer."""
+        _check(self.config.codebook_dim > 0 and codebook.shape == self.codebook.shape, "codebook",
+               f"a ({self.num_embeddings}, {self.config.codebook_dim}) tensor (config.codebook_dim > 0)", codebook)
+        self.codebook.copy_(codebook.detach())
 
     def forward(self, codes: torch.Tensor, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Logits (B, K, H, W) of p(z_t+1,i | z_t+1,<i, context, action), teacher-forced."""

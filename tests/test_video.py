@@ -2,9 +2,11 @@
 bookkeeping and the pairing of frames with actions, and a few-step run of every stage. Its models
 are tested in test_video_model.py."""
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,6 +125,26 @@ def test_each_transition_is_paired_with_the_action_that_produced_it(tmp_path, vi
     steps = [horizontal_shift(clip[train_video.GIVEN - 1 + k], clip[train_video.GIVEN + k])
              for clip in truth for k in range(train_video.GENERATED)]
     assert np.mean([s > 0 for s in steps]) >= 0.9
+
+
+def test_code_stability_counts_codes_kept_at_the_best_horizontal_shift():
+    """docs/video_code_stability.py on hand-made codes: a turn_right moves every code one cell left,
+    forward keeps them, a turn_left moves them one cell right (new codes enter at the edge)."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "video_code_stability.py"
+    spec = importlib.util.spec_from_file_location("video_code_stability", path)
+    stability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stability)
+    f0 = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])
+    f1 = torch.tensor([[1, 2, 3, 8], [5, 6, 7, 9]])          # turn_right: f1[j] = f0[j + 1]
+    f3 = torch.tensor([[10, 1, 2, 3], [11, 5, 6, 7]])        # turn_left: f3[j] = f1[j - 1]
+    codes = torch.stack([f0, f1, f1, f3])[None]              # (1 episode, 4 frames, 2, 4)
+    actions = torch.tensor([[2, 0, 1]])                      # turn_right, forward, turn_left
+    assert stability.equal_after_shift(f1, f0, 1) == 1.0 and stability.equal_after_shift(f1, f0, 0) == 0.0
+    assert stability.equal_after_shift(f0, f1, 1) == pytest.approx(0.0)
+    rows = {name: rest for name, *rest in stability.consecutive_frames(codes, actions, max_cells=2)}
+    assert rows["forward"] == [1, 1.0, 0, 1.0]
+    assert rows["turn_right"] == [1, 0.0, 1, 1.0]
+    assert rows["turn_left"] == [1, 0.0, -1, 1.0]
 
 
 # ----------------------------------------------------------------------------- action-following measure
@@ -251,6 +273,7 @@ def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vi
     model, prior = training.load_run(out)  # the one loader of any run
     assert isinstance(model, vqvae.VQVAE) and isinstance(prior, vqvae.ActionConditionalPrior)
     assert report["prior_config"] == dataclasses.asdict(prior.config)
+    assert torch.equal(prior.codebook, model.quantizer.codebook)   # the context frames enter as z_q
 
     # Cached codes belong to one VQ-VAE step and one set of episodes: other held-out episodes
     # (here: the first training one) are encoded anew.

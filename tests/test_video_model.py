@@ -47,6 +47,30 @@ def test_context_and_action_change_the_prediction():
     assert log_p.shape == (2,) and (log_p < 0).all()
 
 
+def test_context_read_through_the_codebook_sees_z_q_and_not_the_code_ids():
+    """With codebook_dim = D the context frames enter as their codebook vectors: two codes with one
+    vector are the same to the prior, another vector changes its prediction, and the table travels
+    in the state dict."""
+    model = tiny_prior(codebook_dim=3).eval()
+    codebook = torch.randn(6, 3)
+    codebook[5] = codebook[2]
+    model.set_codebook(codebook)
+    codes, action = torch.randint(0, 6, (2, 4, 4)), torch.tensor([0, 1])
+    context = torch.randint(0, 6, (2, 2, 4, 4))
+    context[:, :, 0, 0] = 2
+    base = model(codes, context, action)
+    assert torch.equal(base, model(codes, torch.where(context == 2, 5, context), action))
+    copy = tiny_prior(codebook_dim=3).eval()
+    copy.load_state_dict(model.state_dict())
+    assert torch.equal(base, copy(codes, context, action))
+    copy.set_codebook(codebook + (torch.arange(6) == 2)[:, None])
+    assert not torch.allclose(base, copy(codes, context, action))
+    with pytest.raises(ValueError, match=r"codebook: expected a \(6, 3\) tensor"):
+        model.set_codebook(torch.zeros(6, 4))
+    with pytest.raises(ValueError, match=r"codebook: expected a \(6, 0\) tensor \(config.codebook_dim > 0\)"):
+        tiny_prior().set_codebook(codebook)
+
+
 @pytest.mark.parametrize("G", [1, 2])
 def test_sampling_on_the_rows_so_far_equals_sampling_on_the_whole_map(G):
     """GatedPixelCNN.sample computes only rows <= i for the codes of row i; a reference that runs
