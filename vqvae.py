@@ -923,9 +923,10 @@ class ActionConditionalPriorConfig:
 class ActionConditionalPrior(nn.Module):
     """p(z_t+1 | z_t-F+1..t, a_t) = prod_i p(z_t+1,i | z_t+1,<i, z_t-F+1..t, a_t), over the grid.
 
-    A convolutional context network reads the embedded codes of the last F = context_frames
-    frames and the embedded action; its output map conditions every layer of a gated PixelCNN
-    over the new frame (GatedPixelCNN's cond_channels). The context network runs once per frame
+    A convolutional context network reads the last F = context_frames frames, as a learned
+    embedding of their codes or, with codebook_dim = D, as their codebook vectors z_q (fixed, given
+    by set_codebook), and the embedded action; its output map conditions every layer of a gated
+    PixelCNN over the new frame (GatedPixelCNN's cond_channels). The context network runs once per frame
     and carries the motion, so the autoregressive part, run once per position, can stay small.
     Its receptive field is +-(1 + context_layers) positions, which bounds the motion it can
     follow per frame.
