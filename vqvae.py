@@ -926,8 +926,9 @@ class ActionConditionalPrior(nn.Module):
     A convolutional context network reads the last F = context_frames frames, as a learned
     embedding of their codes or, with codebook_dim = D, as their codebook vectors z_q (fixed, given
     by set_codebook), and the embedded action; its output map conditions every layer of a gated
-    PixelCNN over the new frame (GatedPixelCNN's cond_channels). The context network runs once per frame
-    and carries the motion, so the autoregressive part, run once per position, can stay small.
+    PixelCNN over the new frame (GatedPixelCNN's cond_channels). The context network runs once
+    per frame and carries the motion, so the autoregressive part, run once per position, can stay
+    small.
     Its receptive field is +-(1 + context_layers) positions, which bounds the motion it can
     follow per frame.
 
@@ -956,8 +957,9 @@ class ActionConditionalPrior(nn.Module):
                "context", f"an integer (B, {self.context_frames}, H, W) tensor of codes", context)
         _check_ids(action, "action", self.num_actions, len(context))
         _check_range(context, "context", self.num_embeddings)
-        frames = (F.embedding(context.long(), self.codebook) if self.config.codebook_dim
-                  else self.code_embedding(context.long())).permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, F*width, H, W)
+        embedded = (F.embedding(context.long(), self.codebook) if self.config.codebook_dim
+                    else self.code_embedding(context.long()))
+        frames = embedded.permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, F * width, H, W)
         act = self.action_embedding(action.long())[:, :, None, None].expand(-1, -1, *context.shape[2:])
         return self.context(torch.cat([frames, act], 1))
 
