@@ -71,11 +71,17 @@ def main(argv=None) -> None:
     p.add_argument("--data", type=Path, required=True, help="the run's cached episodes (.npz in its --data-dir)")
     p.add_argument("--frames", type=int, default=300, help="held-out frames for the shift table")
     args = p.parse_args(argv)
-    model, _ = training.load_model(args.out / "vqvae.pt")
-    data = training.load_npz(args.data, keys=("train_actions", "test_frames"))
+    model, state = training.load_model(args.out / "vqvae.pt")
+    data = training.load_npz(args.data, keys=("train_actions", "train_seeds", "test_frames"))
     if data is None:
         raise SystemExit(f"--data: expected the .npz of collected episodes; {args.data} is missing or incomplete")
     codes = training.load_checkpoint(args.out / "codes.pt")
+    # The codes must be this VQ-VAE's, of these episodes, or the actions pair with other frames.
+    if codes.get("vqvae_id") != training.model_fingerprint(state):
+        raise SystemExit(f"{args.out / 'codes.pt'}: encoded by another VQ-VAE than {args.out / 'vqvae.pt'}")
+    if not np.array_equal(np.asarray(codes.get("train_seeds")), data["train_seeds"]):
+        raise SystemExit(f"--data: expected the episodes {args.out / 'codes.pt'} was encoded from; {args.data} "
+                         "holds others")
     frames = torch.from_numpy(np.ascontiguousarray(data["test_frames"][:, ::10].reshape(-1, 84, 84, 3)))
 
     print("| horizontal shift (pixels) | codes kept |\n|---|---|")
