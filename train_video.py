@@ -52,14 +52,14 @@ PRESETS = {
                   kmeans_init=True, dead_code_threshold=0.1, lr=1e-3, lr_schedule="constant", batch_size=16, steps=2000,
                   prior_context_frames=4, prior_channels=32, prior_num_layers=3, prior_context_channels=128,
                   prior_context_layers=4, prior_context_codebook=True, prior_steps=3000, prior_batch_size=16,
-                  prior_lr=1e-3, clf_steps=1500),
+                  prior_lr=1e-3, prior_lr_schedule="cooldown", clf_steps=1500),
     # Sec. 4.4 gives 84x84 frames -> 21x21 codes with K = 512; the rest is not given.
     "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden_channels=128, res_channels=64,
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
                   kmeans_init=False, dead_code_threshold=None, lr=3e-4, lr_schedule="constant", batch_size=64, steps=100_000,
                   prior_context_frames=4, prior_channels=128, prior_num_layers=8, prior_context_channels=256,
                   prior_context_layers=8, prior_context_codebook=True, prior_steps=200_000, prior_batch_size=64,
-                  prior_lr=3e-4, clf_steps=3000),
+                  prior_lr=3e-4, prior_lr_schedule="constant", clf_steps=3000),
 }
 
 
@@ -83,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("action-conditional prior (defaults from --preset)")
     g.add_argument("--prior-context-frames", type=int, help=f"frames of codes the prior conditions on (<= {GIVEN})")
     training.add_prior_arguments(g)
+    g.add_argument("--prior-lr-schedule", choices=training.LR_SCHEDULES,
+                   help="as --lr-schedule, over --prior-steps")
     g.add_argument("--prior-context-channels", type=int, help="context network channels")
     g.add_argument("--prior-context-layers", type=int, help="context network residual blocks")
     g.add_argument("--prior-context-codebook", action=argparse.BooleanOptionalAction,
@@ -322,6 +324,7 @@ def train_prior(args, run: training.Run, env, model, vqvae_id, codes, actions):
     codes = codes.long()
 
     def loss_fn(ddp, step):
+        training.set_learning_rate(optimizer, args.prior_lr, args.prior_lr_schedule, step, args.prior_steps)
         e, t = pairs[training.batch_indices(step, len(pairs), args.prior_batch_size, args.seed + 1, env)].unbind(1)
         logits = ddp(codes[e, t + 1].to(env.device), context_of(codes, e, t, config.context_frames).to(env.device),
                      actions[e, t].to(env.device))
@@ -455,32 +458,42 @@ class InverseDynamics(nn.Module):
     (B, 2, 3, 84, 84) uint8.
 
     It reads a cost volume, as optical-flow networks do: for each horizontal shift s of up to
-    max_shift pixels (a turn moves the view about 11), the squared difference between x_t+1 and
-    x_t shifted by s, averaged over cells of 4x4 pixels and normalised per cell. A small CNN keeps
-    where in the frame each motion is, for a turn moves the whole view one way, while going forward
-    spreads the two halves apart.
+    max_shift pixels (a turn moves the view about 11) and each vertical shift of up to
+    max_vertical_shift (going forward moves the floor and the ceiling apart), the squared
+    difference between x_t+1 and x_t shifted by s, averaged over cells of 4x4 pixels and normalised
+    per cell. A small CNN keeps where in the frame each motion is, for a turn moves the whole view
+    one way, while going forward spreads the two halves apart.
     """
 
-    max_shift = 16
+    max_shift, max_vertical_shift = 16, 8
 
     def __init__(self, channels: int = 32):
         super().__init__()
-        c = channels
-        self.net = nn.Sequential(nn.Conv2d(2 * self.max_shift + 1, c, 3, padding=1), nn.ReLU(),
+        c, shifts = channels, 2 * (self.max_shift + self.max_vertical_shift + 1)
+        self.net = nn.Sequential(nn.Conv2d(shifts, c, 3, padding=1), nn.ReLU(),
                                  nn.Conv2d(c, c, 3, 2, 1), nn.ReLU(), nn.Conv2d(c, c, 3, 2, 1), nn.ReLU(),
                                  nn.AdaptiveAvgPool2d((2, 4)), nn.Flatten(), nn.Linear(8 * c, len(ACTIONS)))
 
     def cost_volume(self, pairs: torch.Tensor) -> torch.Tensor:
-        """(B, 2 max_shift + 1, H/4, W/4): how well x_t shifted by s pixels matches x_t+1, per cell."""
+        """(B, 2 max_shift + 1 + 2 max_vertical_shift + 1, H/4, W/4): how well x_t shifted by s
+        pixels matches x_t+1, per cell; the horizontal shifts -max_shift..max_shift first, then
+        the vertical ones."""
         gray = pairs.float().mean(2) / 255                                   # (B, 2, H, W)
-        m, width = self.max_shift, gray.shape[-1]
-        before = F.pad(gray[:, :1], (m, m, 0, 0), mode="replicate")         # x_t+1[x] ~ x_t[x + s]
-        cost = torch.cat([F.avg_pool2d((before[..., m + s:m + s + width] - gray[:, 1:]) ** 2, 4)
-                          for s in range(-m, m + 1)], 1)
-        return cost / (cost.mean(1, keepdim=True) + 1e-3)
+        return torch.cat([shift_costs(gray, self.max_shift, -1), shift_costs(gray, self.max_vertical_shift, -2)], 1)
 
     def forward(self, pairs: torch.Tensor) -> torch.Tensor:
         return self.net(self.cost_volume(pairs))
+
+
+def shift_costs(gray: torch.Tensor, max_shift: int, dim: int) -> torch.Tensor:
+    """(B, 2 max_shift + 1, H/4, W/4) of grayscale pairs (B, 2, H, W): for s = -max_shift..max_shift,
+    the mean over 4x4 cells of (x_t+1[i] - x_t[i + s])^2 along dim (-1: x, -2: y), x_t extended by
+    its edge, divided per cell by the mean over s."""
+    size, m = gray.shape[dim], max_shift
+    before = F.pad(gray[:, :1], (m, m, 0, 0) if dim == -1 else (0, 0, m, m), mode="replicate")
+    cost = torch.cat([F.avg_pool2d((before.narrow(dim, m + s, size) - gray[:, 1:]) ** 2, 4)
+                      for s in range(-m, m + 1)], 1)
+    return cost / (cost.mean(1, keepdim=True) + 1e-3)
 
 
 def frame_pairs(frames: torch.Tensor) -> torch.Tensor:

@@ -556,6 +556,7 @@ class Progress:
 RESUMABLE_OPTIONS = {"steps", "prior_steps", "clf_steps", "log_every", "checkpoint_every", "stages", "resume",
                      "out", "device", "data_dir", "max_test_images", "max_test_clips", "eval_clips", "wav_clips",
                      "temperature"}
+SCHEDULED_STEPS = {"lr_schedule": "steps", "prior_lr_schedule": "prior_steps"}   # schedule option: its length
 
 
 @dataclass
@@ -586,19 +587,22 @@ def run_settings(args: argparse.Namespace) -> Run:
 
 def check_resume_options(path: Path, saved: dict | None, options: dict) -> None:
     """Refuse to resume a checkpoint with options other than those it was trained with (except
-    RESUMABLE_OPTIONS), naming each difference; a schedule other than constant also fixes --steps."""
+    RESUMABLE_OPTIONS), naming each difference; a learning-rate schedule other than constant also
+    fixes the steps it spans (SCHEDULED_STEPS)."""
     if saved is None:
         raise SystemExit(f"--resume: {path} does not record the options it was trained with (an older "
                          "version wrote it): train into another --out")
     fixed = {k for k in saved.keys() | options.keys() if k not in RESUMABLE_OPTIONS}
-    steps_fixed = options.get("lr_schedule") not in (None, "constant")
-    if steps_fixed:
-        fixed.add("steps")
+    # A schedule other than constant fixes the number of steps it spans.
+    scheduled = {steps: schedule for schedule, steps in SCHEDULED_STEPS.items()
+                 if options.get(schedule) not in (None, "constant")}
+    fixed |= scheduled.keys()
     changed = sorted(k for k in fixed if saved.get(k) != options.get(k))
     if changed:
-        listed = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {options.get(k)})" for k in changed)
-        why = (f" (the --lr-schedule {options['lr_schedule']} rates depend on --steps)"
-               if steps_fixed and "steps" in changed and "lr_schedule" not in changed else "")
+        flag = lambda k: "--" + k.replace("_", "-")
+        listed = ", ".join(f"{flag(k)} {saved.get(k)} (now {options.get(k)})" for k in changed)
+        why = "".join(f" (the {flag(scheduled[k])} {options[scheduled[k]]} rates depend on {flag(k)})"
+                      for k in changed if k in scheduled and scheduled[k] not in changed)
         raise SystemExit(f"--resume: {path} was trained with {listed}{why}; resume with those values, or train "
                          "into another --out")
 

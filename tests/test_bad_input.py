@@ -278,6 +278,16 @@ def test_resume_may_not_lengthen_a_schedule_that_depends_on_the_length(schedule,
         run(out, data_dir, "--lr-schedule", schedule, "--resume", "--steps", "3")
 
 
+def test_a_prior_schedule_fixes_the_prior_steps_only():
+    saved = {"lr_schedule": "constant", "steps": 2, "prior_lr_schedule": "cooldown", "prior_steps": 6}
+    training.check_resume_options(Path("vqvae.pt"), saved, {**saved, "steps": 3})   # the VQ-VAE may lengthen
+    with pytest.raises(SystemExit, match=r"--prior-steps 6 \(now 7\) \(the --prior-lr-schedule cooldown rates "
+                                         r"depend on --prior-steps\)"):
+        training.check_resume_options(Path("prior.pt"), saved, {**saved, "prior_steps": 7})
+    constant = {**saved, "prior_lr_schedule": "constant"}
+    training.check_resume_options(Path("prior.pt"), constant, {**constant, "prior_steps": 7})
+
+
 def test_checkpoint_without_recorded_options_is_not_resumed(tmp_path, data_dir):
     out = tmp_path / "run"
     run(out, data_dir)

@@ -162,13 +162,26 @@ def test_cost_volume_of_real_turns_points_the_way_the_view_moved(tmp_path, vizdo
     frames = torch.from_numpy(data["train_frames"]).movedim(-1, -3)           # (E, T+1, 3, 84, 84)
     classifier = train_video.InverseDynamics()
     cost = classifier.cost_volume(train_video.frame_pairs(frames).flatten(0, 1))
-    assert cost.shape == (2 * 60, 2 * classifier.max_shift + 1, 21, 21)
-    best = cost.sum((2, 3)).argmin(1) - classifier.max_shift
+    horizontal = 2 * classifier.max_shift + 1
+    assert cost.shape == (2 * 60, horizontal + 2 * classifier.max_vertical_shift + 1, 21, 21)
+    best = cost[:, :horizontal].sum((2, 3)).argmin(1) - classifier.max_shift
     actions = torch.from_numpy(data["train_actions"]).flatten()
     left, right = best[actions == train_video.ACTIONS.index("turn_left")], best[actions == train_video.ACTIONS.index("turn_right")]
     assert len(left) > 20 and len(right) > 20
     assert (left < 0).float().mean() >= 0.9 and (right > 0).float().mean() >= 0.9
     assert -14 <= left.median() <= -8 and 8 <= right.median() <= 14
+
+
+@pytest.mark.parametrize("dim, shift", [(-1, 3), (-1, -5), (-2, 2), (-2, -4)])
+def test_shift_costs_are_lowest_at_the_shift_between_the_frames(dim, shift):
+    """x_t+1[i] = x_t[i + shift] along dim on a random texture: its costs are lowest at that shift,
+    away from the edges that the shift brings in."""
+    texture = torch.rand(1, 1, 120, 120, generator=torch.Generator().manual_seed(0))
+    dy, dx = (shift, 0) if dim == -2 else (0, shift)
+    gray = torch.cat([texture[..., 16:100, 16:100], texture[..., 16 + dy:100 + dy, 16 + dx:100 + dx]], 1)
+    cost = train_video.shift_costs(gray, 8, dim)
+    assert cost.shape == (1, 17, 21, 21)
+    assert int(cost[..., 3:-3, 3:-3].sum((2, 3)).argmin(1)) - 8 == shift
 
 
 class HeadingOracle(torch.nn.Module):
