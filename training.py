@@ -593,7 +593,6 @@ def check_resume_options(path: Path, saved: dict | None, options: dict) -> None:
         raise SystemExit(f"--resume: {path} does not record the options it was trained with (an older "
                          "version wrote it): train into another --out")
     fixed = {k for k in saved.keys() | options.keys() if k not in RESUMABLE_OPTIONS}
-    # A schedule other than constant fixes the number of steps it spans.
     scheduled = {steps: schedule for schedule, steps in SCHEDULED_STEPS.items()
                  if options.get(schedule) not in (None, "constant")}
     fixed |= scheduled.keys()
