@@ -120,7 +120,7 @@ def extension_setup():
              "vqvae.py uses PyTorch on the GPU. vqvae_ext.build_info() records this.")
 
     from torch.utils import cpp_extension
-    sources = ["csrc/bindings.cpp", "csrc/vq_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/vq_cpu.cpp", "csrc/vq_emulate.cpp"]
     # -fopenmp: at::parallel_for is a header template, serial unless compiled with OpenMP.
     # -Wno-psabi: as torch's own build, silences GCC's notes on vector-type ABI changes.
     args = {"cxx": ["-O3", "-fopenmp", "-Wno-psabi"]}

@@ -7,7 +7,8 @@ Prints a table and writes --out (JSON) with one entry per check:
   build      torch, CUDA, the GPU, vqvae_ext.build_info() and the backend vqvae.py chooses
   nearest    the extension's indices against a float64 brute force: random data in all four dtypes,
              exact ties, duplicated codes, sizes off the kernel's tile sizes, non-contiguous input,
-             a side stream, and N x D > 2^31 (GPU only)
+             a side stream, and N x D > 2^31 (GPU only); and the CUDA kernel's indices equal to those
+             of its CPU emulation (vqvae_ext.emulate_cuda_nearest_code), bit for bit
   ema_stats  counts and sums against bincount / index_add_; float64 stays float64; three runs under
              torch.use_deterministic_algorithms are bit-identical
   sanitizer  compute-sanitizer memcheck and racecheck on small shapes, when the tool is on PATH
@@ -95,6 +96,17 @@ def check_nearest(device, quick):
     record("duplicated codes", e[:100].to(device), e.to(device), torch.arange(100))
     z, e = torch.randn(64, 5000, generator=g).t(), torch.randn(512, 128, generator=g)[:, ::2]
     record("non-contiguous", z.to(device), e.to(device))
+    # The CUDA kernel's tiling run on the CPU thread by thread (csrc/vq_emulate.cpp): a GPU must
+    # return its indices bit for bit, given the same squared norms; on a CPU it meets the brute force.
+    for dtype in (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,):
+        z, e = torch.randn(3000, 64, generator=g).to(dtype), torch.randn(515, 64, generator=g).to(dtype)
+        norm_sq = e.to(device, torch.promote_types(dtype, torch.float32)).square().sum(1)
+        emulated = vqvae.vqvae_ext.emulate_cuda_nearest_code(z, e, norm_sq.cpu())
+        if device.type == "cuda":
+            cases[f"CUDA == CPU emulation {str(dtype)[6:]}"] = int((ops.nearest_code(z.cuda(), e.cuda()).cpu()
+                                                                   != emulated).sum())
+        else:
+            cases["CPU emulation of the CUDA tiling"] = wrong_rows(z, e, emulated)
     if device.type == "cuda":
         stream = torch.cuda.Stream(device)
         z, e = torch.randn(100_000, 64, generator=g).to(device), torch.randn(1024, 64, generator=g).to(device)

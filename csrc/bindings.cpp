@@ -21,11 +21,14 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <tuple>
 
 // Kernels: inputs already validated and contiguous (see the .cpp/.cu files).
 void nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& norm_sq, at::Tensor& out);
 void ema_stats_cpu(const at::Tensor& z, const at::Tensor& indices, at::Tensor& counts, at::Tensor& sums);
+void nearest_code_emulated_cuda(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& norm_sq,
+                                at::Tensor& out);
 #ifdef VQVAE_WITH_CUDA
 void nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& norm_sq, at::Tensor& out);
 void ema_stats_cuda(const at::Tensor& z, const at::Tensor& indices, at::Tensor& counts, at::Tensor& sums);
@@ -46,20 +49,20 @@ namespace {
 
 // Shape, dtype and device checks shared by every kernel, on symbolic sizes so that the Meta
 // kernel also serves torch.compile with dynamic shapes.
-void check_z(const at::Tensor& z, const char* fn) {
+void check_z(const at::Tensor& z, const char* fn, bool cpu_kernel = true) {
   TORCH_CHECK(z.dim() == 2, fn, ": z must be 2-D (N, D), got shape ", z.sym_sizes());
   TORCH_CHECK(z.sym_size(1) > 0, fn, ": z must have D >= 1, got shape ", z.sym_sizes());
   TORCH_CHECK(at::isFloatingType(z.scalar_type()), fn, ": z must be a floating-point tensor, got dtype ",
               z.scalar_type());
-  if (z.is_cpu()) {
+  if (cpu_kernel && z.is_cpu()) {
     TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, fn,
                 ": on CPU z must be float32 or float64, got dtype ", z.scalar_type());
   }
 }
 
-void check_nearest_code(const at::Tensor& z, const at::Tensor& codebook) {
+void check_nearest_code(const at::Tensor& z, const at::Tensor& codebook, bool cpu_kernel = true) {
   constexpr const char* fn = "nearest_code";
-  check_z(z, fn);
+  check_z(z, fn, cpu_kernel);
   TORCH_CHECK(codebook.dim() == 2, fn, ": codebook must be 2-D (K, D), got shape ", codebook.sym_sizes());
   TORCH_CHECK(codebook.sym_size(0) > 0, fn, ": codebook must have K >= 1 codes, got shape ", codebook.sym_sizes());
   TORCH_CHECK(codebook.sym_size(1) == z.sym_size(1), fn, ": codebook must be (K, D) with D = ", z.sym_size(1),
@@ -129,6 +132,26 @@ at::Tensor nearest_code_cuda_op(const at::Tensor& z_in, const at::Tensor& codebo
   return out;
 }
 #endif
+
+// The CUDA kernel's tiling run on the CPU, thread by thread (vq_emulate.cpp), for tests: the
+// indices nearest_code returns on a GPU for these inputs, any of the four dtypes, with -1 kept
+// where a row has no finite distance. norm_sq: the codes' squared norms the GPU used (default:
+// computed here), so that a GPU's answer can be compared bit for bit.
+at::Tensor emulate_cuda_nearest_code(const at::Tensor& z_in, const at::Tensor& codebook_in,
+                                     const std::optional<at::Tensor>& norm_sq_in) {
+  constexpr const char* fn = "emulate_cuda_nearest_code";
+  TORCH_CHECK(z_in.is_cpu(), fn, ": z must be on the CPU, got ", z_in.device());
+  check_nearest_code(z_in, codebook_in, /*cpu_kernel=*/false);
+  const at::Tensor z = z_in.detach().contiguous(), codebook = codebook_in.detach().contiguous();
+  const at::Tensor norm_sq = norm_sq_in ? norm_sq_in->detach().cpu().contiguous() : code_norms(codebook);
+  TORCH_CHECK(norm_sq.dim() == 1 && norm_sq.size(0) == codebook.size(0) &&
+                  norm_sq.scalar_type() == at::toOpMathType(z.scalar_type()),
+              fn, ": norm_sq must be (K,) = (", codebook.size(0), ",) of dtype ", at::toOpMathType(z.scalar_type()),
+              ", got shape ", norm_sq.sizes(), " and dtype ", norm_sq.scalar_type());
+  at::Tensor out = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+  if (z.size(0) > 0) nearest_code_emulated_cuda(z, codebook, norm_sq, out);
+  return out;
+}
 
 // ------------------------------------------------------------------ ema_stats
 
@@ -234,6 +257,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "||e_k||^2 - 2 <z, e_k> with ties to the lowest k (CPU: float32/float64; CUDA: also float16/bfloat16, "
       "fp32 accumulation), and torch.ops.vqvae_ext.ema_stats(z (N, D), indices (N,) int64, K) -> (counts (K,) "
       "int64, sums (K, D), float64 for float64 z, else float32).";
+  m.def("emulate_cuda_nearest_code", &emulate_cuda_nearest_code, py::arg("z"), py::arg("codebook"),
+        py::arg("norm_sq") = py::none(),
+        "(N,) int64: the CUDA kernel's tiling run on the CPU thread by thread (tests and gpu_check.py); any of the "
+        "four dtypes, -1 for a row with no finite distance; norm_sq (K,): the codes' squared norms to use.");
   m.def("build_info", &build_info,
         "dict: cuda (bool, CUDA kernels compiled in), cuda_archs (list of 'sm_XY' binaries and 'compute_XY' "
         "PTX), cuda_skipped (why setup.py left CUDA out, '' otherwise).");

@@ -13,16 +13,21 @@
 
 #include <c10/macros/Macros.h>  // C10_HOST_DEVICE: __host__ __device__ under nvcc, empty otherwise
 
-#include <cmath>  // INFINITY
+#include <cmath>  // INFINITY, std::fma
 #include <cstdint>
 
 namespace vq {
 
-// One step of the dot product <z, e_k>, accumulated in acc_t (fp32 for
-// fp16/bf16 inputs, so long rows do not lose precision).
+// One step of the dot product <z, e_k>, accumulated in acc_t (fp32 for fp16/bf16 inputs, so long
+// rows do not lose precision), as an explicit fused multiply-add: nvcc contracts z * e + acc to
+// one anyway, and the CPU emulation of the CUDA kernel (vq_tiling.h) then rounds as the GPU does.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t dot_step(acc_t acc, acc_t z, acc_t e) {
-  return acc + z * e;
+#if defined(__CUDA_ARCH__)
+  return fma(z, e, acc);
+#else
+  return std::fma(z, e, acc);
+#endif
 }
 
 // d_k from the code's squared norm and the dot product. dot + dot is exactly

@@ -233,6 +233,58 @@ def test_build_info_describes_the_build():
     assert not (info["cuda"] and info["cuda_skipped"])       # a reason only when CUDA was left out
 
 
+# ------------------------------------------ the CUDA kernel's tiling, emulated on the CPU
+# vqvae_ext.emulate_cuda_nearest_code runs the phases of csrc/vq_tiling.h for every block and thread
+# (blocks of 128 rows, tiles of 128 codes x 16 dims, 8 x 8 dot products per thread, 16 threads per
+# row merged by shuffles), so these tests check on a CPU the indexing and arithmetic a GPU runs.
+emulate = vqvae_ext.emulate_cuda_nearest_code
+ALL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (127, 129, 15), (128, 128, 16), (129, 127, 17), (300, 513, 70),
+                                   (257, 1000, 3)])
+def test_emulated_cuda_tiling_matches_float64_brute_force(n, k, d, dtype, assert_nearest):
+    # Sizes on, below and above the tile sizes; several blocks, the last one partly filled.
+    g = torch.Generator().manual_seed(n + k + d)
+    z, e = torch.randn(n, d, generator=g).to(dtype), torch.randn(k, d, generator=g).to(dtype)
+    eps = EPS64 if dtype == torch.float64 else EPS32            # fp16/bf16 accumulate in fp32
+    assert_nearest(emulate(z, e), z, e, eps, min_clear=0.97)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("p,q", [(0, 1), (0, 16), (3, 19), (15, 16), (5, 133), (127, 128), (0, 299), (256, 257)])
+def test_emulated_cuda_tiling_breaks_exact_ties_to_the_lowest_index(p, q, dtype):
+    # e_q = -e_p and z = 0: equal distances in any precision. Pairs held by one thread (0, 16: codes
+    # tx + 16 j), by neighbouring lanes (0, 1; 15, 16), across lanes and j (3, 19), across tiles of
+    # 128 codes (5, 133; 127, 128; 0, 299) and within the last, partial tile (256, 257).
+    g = torch.Generator().manual_seed(p * 300 + q)
+    e = 3.0 + torch.rand(300, 6, generator=g)                          # norms >= 3 sqrt(6)
+    e[p] = torch.tensor([0.5, -0.25, 0.0, 1.0, 0.5, 0.25])
+    e[q] = -e[p]
+    assert (emulate(torch.zeros(200, 6, dtype=dtype), e.to(dtype)) == p).all()
+
+
+def test_emulated_cuda_tiling_duplicated_codes_and_nan_rows(assert_nearest):
+    g = torch.Generator().manual_seed(9)
+    e = torch.randn(100, 20, generator=g).repeat(3, 1)                 # code j == j + 100 == j + 200
+    z = e[torch.randint(0, 300, (260,), generator=g)] + 0.01 * torch.randn(260, 20, generator=g)
+    z[[7, 200]] = torch.tensor([float("nan"), float("inf")])[:, None]  # one row in each of two blocks
+    idx = emulate(z, e)
+    finite = torch.ones(260, dtype=torch.bool)
+    finite[[7, 200]] = False
+    assert (idx[~finite] == -1).all() and (idx[finite] < 100).all()
+    assert_nearest(idx[finite], z[finite], e)
+
+
+def test_emulated_cuda_tiling_takes_the_given_norms():
+    z, e = torch.zeros(3, 2), torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert emulate(z, e).tolist() == [0, 0, 0]
+    assert emulate(z, e, torch.tensor([2.0, 1.0])).tolist() == [1, 1, 1]
+    with pytest.raises(RuntimeError, match=r"norm_sq must be \(K,\) = \(2,\) of dtype Float, got shape \[3\]"):
+        emulate(z, e, torch.ones(3))
+
+
 # ------------------------------------------------------------------- CUDA only
 
 cuda = pytest.mark.skipif(not (torch.cuda.is_available() and vqvae_ext.build_info()["cuda"]),
