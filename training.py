@@ -477,10 +477,25 @@ def write_json(path: str | Path, obj) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
 
 
+def checkpoint_options(out: Path, options: dict) -> dict:
+    """{checkpoint file name: the options it was trained with that differ from `options`} for each
+    checkpoint in `out` that records them ({} where all agree): a run that only evaluates models
+    trained by an earlier command records here what they were trained with."""
+    found = {}
+    for path in sorted(Path(out).glob("*.pt")):
+        saved = load_checkpoint(path).get("options")
+        if saved is not None:
+            found[path.name] = {k: saved.get(k) for k in sorted(saved.keys() | options.keys())
+                                if k not in ("stages", "resume") and saved.get(k) != options.get(k)}
+    return found
+
+
 def write_report(run: Run, metrics: dict, model_config, elapsed: float, timings: dict, env: Env, **extra) -> None:
-    """<out>/metrics.json: the metrics, the run's options and model config, timings."""
+    """<out>/metrics.json: the metrics, this command's options ("config") and, per checkpoint, the
+    options it was trained with where they differ (checkpoint_options), model config, timings."""
     write_json(run.out / "metrics.json", {
-        "metrics": metrics, "config": run.options, "model_config": dataclasses.asdict(model_config),
+        "metrics": metrics, "config": run.options, "checkpoint_options": checkpoint_options(run.out, run.options),
+        "model_config": dataclasses.asdict(model_config),
         "timings": {**timings, "total_seconds": elapsed}, "torch": torch.__version__,
         "quantizer_backend": vqvae.quantizer_backend(env.device), "world_size": env.world_size,
         "threads": torch.get_num_threads(), **extra})

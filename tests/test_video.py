@@ -280,9 +280,13 @@ def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vi
     assert report["timings"]["collect_seconds"] > 0
     with pytest.raises(SystemExit, match="exists: pass --resume"):
         train_video.main(argv)
-    train_video.main(argv + ["--resume", "--stages", "eval"])
+    assert report["checkpoint_options"] == {"prior.pt": {}, "vqvae.pt": {}}
+    train_video.main(argv + ["--resume", "--stages", "eval", "--prior-lr-schedule", "constant"])
     again = json.loads((out / "metrics.json").read_text())
     assert again["curves"] == curves
+    # The eval-only command's options in config; what the prior was trained with beside them.
+    assert again["config"]["prior_lr_schedule"] == "constant"
+    assert again["checkpoint_options"]["prior.pt"] == {"prior_lr_schedule": "cooldown"}
     model, prior = training.load_run(out)  # the one loader of any run
     assert isinstance(model, vqvae.VQVAE) and isinstance(prior, vqvae.ActionConditionalPrior)
     assert report["prior_config"] == dataclasses.asdict(prior.config)
