@@ -51,7 +51,7 @@ PRESETS = {
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
                   kmeans_init=True, dead_code_threshold=0.1, lr=1e-3, lr_schedule="constant", batch_size=16, steps=2000,
                   prior_context_frames=4, prior_channels=32, prior_num_layers=3, prior_context_channels=128,
-                  prior_context_layers=4, prior_context_codebook=True, prior_steps=3000, prior_batch_size=16,
+                  prior_context_layers=4, prior_context_codebook=True, prior_steps=4500, prior_batch_size=16,
                   prior_lr=1e-3, prior_lr_schedule="cooldown", clf_steps=1500),
     # Sec. 4.4 gives 84x84 frames -> 21x21 codes with K = 512; the rest is not given.
     "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden_channels=128, res_channels=64,
