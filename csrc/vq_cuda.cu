@@ -1,9 +1,9 @@
 // CUDA kernels of vqvae_ext: nearest-code search and the EMA statistics.
 //
 // nearest_code: register-blocked tiles of rows and codes (vq_tiling.h, which also describes the
-// layout); the kernel below only sequences the phases of that header with barriers and warp
-// shuffles, which is all that the CPU emulation of the tests (vq_emulate.cpp) models in another
-// way. fp16/bf16 inputs accumulate in fp32 (at::opmath_type).
+// layout). The kernel below only sequences the phases of that header, with barriers between them
+// and warp shuffles for the merge; the CPU emulation of the tests (vq_emulate.cpp) sequences the
+// same phases with loops over the threads. fp16/bf16 inputs accumulate in fp32 (at::opmath_type).
 //
 // Only c10/cuda headers are used on the host side (not ATen/cuda/CUDAContext.h,
 // which pulls in the cuBLAS/cuSPARSE headers).
