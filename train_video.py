@@ -52,7 +52,7 @@ PRESETS = {
                   kmeans_init=True, dead_code_threshold=0.1, lr=1e-3, lr_schedule="constant", batch_size=16, steps=2000,
                   prior_context_frames=4, prior_channels=32, prior_num_layers=3, prior_context_channels=128,
                   prior_context_layers=4, prior_context_codebook=True, prior_steps=4500, prior_batch_size=16,
-                  prior_lr=1e-3, prior_lr_schedule="cooldown", clf_steps=1500),
+                  prior_lr=1e-3, prior_lr_schedule="cooldown", clf_steps=3000),
     # Sec. 4.4 gives 84x84 frames -> 21x21 codes with K = 512; the rest is not given.
     "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden_channels=128, res_channels=64,
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
@@ -501,21 +501,39 @@ def frame_pairs(frames: torch.Tensor) -> torch.Tensor:
     return torch.stack([frames[..., :-1, :, :, :], frames[..., 1:, :, :, :]], -4)
 
 
+# The mirror image of a transition is one of the mirrored maze: `forward` stays forward and the
+# turns swap. The judge trains on both, so that it must tell a turn by the way the view moves.
+MIRRORED = torch.tensor([ACTIONS.index(a.replace("left", "?").replace("right", "left").replace("?", "right"))
+                         for a in ACTIONS])
+
+
+def mirror(pairs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (..., 2, 3, H, W) flipped left to right, and their actions (...) with the turns swapped."""
+    return pairs.flip(-1), MIRRORED[actions]
+
+
 @torch.enable_grad()   # evaluation runs under no_grad
 def train_action_classifier(frames: torch.Tensor, actions: torch.Tensor, steps: int, seed: int, device,
-                            batch_size: int = 64) -> InverseDynamics:
-    """Adam on seeded batches of every transition of frames (E, T+1, 3, 84, 84) uint8 under actions (E, T)."""
+                            batch_size: int = 64, lr: float = 1e-3) -> InverseDynamics:
+    """Adam on seeded batches of every transition of frames (E, T+1, 3, 84, 84) uint8 under actions
+    (E, T), each mirrored (mirror) with probability 1/2, the learning rate cooled down linearly
+    over the last 20% of steps."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         classifier = InverseDynamics().to(device)
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
     generator, (E, T) = torch.Generator().manual_seed(seed), actions.shape
     progress = training.Progress("classifier", steps)
     for step in range(1, steps + 1):
+        training.set_learning_rate(optimizer, lr, "cooldown", step - 1, steps)
         i = torch.randint(E * T, (batch_size,), generator=generator)
         e, t = i // T, i % T
-        pairs = torch.stack([frames[e, t], frames[e, t + 1]], 1)
-        loss = F.cross_entropy(classifier(pairs.to(device)), actions[e, t].to(device))
+        pairs, target = torch.stack([frames[e, t], frames[e, t + 1]], 1), actions[e, t]
+        flip = torch.rand(batch_size, generator=generator) < 0.5
+        flipped_pairs, flipped_target = mirror(pairs, target)
+        pairs = torch.where(flip[:, None, None, None, None], flipped_pairs, pairs)
+        target = torch.where(flip, flipped_target, target)
+        loss = F.cross_entropy(classifier(pairs.to(device)), target.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

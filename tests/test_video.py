@@ -155,21 +155,35 @@ def test_frame_pairs_put_each_frame_beside_the_next():
     assert pairs[..., 0, 0, 0].tolist() == [[[4 * e + t, 4 * e + t + 1] for t in range(3)] for e in range(2)]
 
 
+def best_horizontal_shifts(pairs: torch.Tensor) -> torch.Tensor:
+    """The shift (B,) of the classifier's cost volume that best matches x_t+1 to x_t, per pair."""
+    classifier = train_video.InverseDynamics()
+    cost = classifier.cost_volume(pairs)
+    assert cost.shape == (len(pairs), 2 * classifier.max_shift + 1 + 2 * classifier.max_vertical_shift + 1, 21, 21)
+    return cost[:, :2 * classifier.max_shift + 1].sum((2, 3)).argmin(1) - classifier.max_shift
+
+
+def turn_shifts(shifts: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shifts of the transitions labelled turn_left and of those labelled turn_right."""
+    return shifts[actions == train_video.ACTIONS.index("turn_left")], shifts[actions == train_video.ACTIONS.index("turn_right")]
+
+
 def test_cost_volume_of_real_turns_points_the_way_the_view_moved(tmp_path, vizdoom):
     """The classifier's features on real frames: the shift that best matches frame t+1 to frame t
-    is to the left after turn_left and to the right after turn_right, by about a turn (11 px)."""
+    is to the left after turn_left and to the right after turn_right, by about a turn (11 px); the
+    mirrored transitions the classifier also trains on (train_video.mirror) are labelled the
+    other turn and move the other way, and `forward` stays forward."""
     data = train_video.collect(collect_args(tmp_path, **{"--episodes": 2, "--episode-length": 60}))
     frames = torch.from_numpy(data["train_frames"]).movedim(-1, -3)           # (E, T+1, 3, 84, 84)
-    classifier = train_video.InverseDynamics()
-    cost = classifier.cost_volume(train_video.frame_pairs(frames).flatten(0, 1))
-    horizontal = 2 * classifier.max_shift + 1
-    assert cost.shape == (2 * 60, horizontal + 2 * classifier.max_vertical_shift + 1, 21, 21)
-    best = cost[:, :horizontal].sum((2, 3)).argmin(1) - classifier.max_shift
-    actions = torch.from_numpy(data["train_actions"]).flatten()
-    left, right = best[actions == train_video.ACTIONS.index("turn_left")], best[actions == train_video.ACTIONS.index("turn_right")]
-    assert len(left) > 20 and len(right) > 20
-    assert (left < 0).float().mean() >= 0.9 and (right > 0).float().mean() >= 0.9
-    assert -14 <= left.median() <= -8 and 8 <= right.median() <= 14
+    pairs, actions = train_video.frame_pairs(frames).flatten(0, 1), torch.from_numpy(data["train_actions"]).flatten()
+    mirrored_pairs, mirrored_actions = train_video.mirror(pairs, actions)
+    forward = train_video.ACTIONS.index("forward")
+    assert torch.equal(mirrored_actions == forward, actions == forward) and not torch.equal(mirrored_actions, actions)
+    for shifts, acts in ((best_horizontal_shifts(pairs), actions), (best_horizontal_shifts(mirrored_pairs), mirrored_actions)):
+        left, right = turn_shifts(shifts, acts)
+        assert len(left) > 20 and len(right) > 20
+        assert (left < 0).float().mean() >= 0.9 and (right > 0).float().mean() >= 0.9
+        assert -14 <= left.median() <= -8 and 8 <= right.median() <= 14
 
 
 @pytest.mark.parametrize("dim, shift", [(-1, 3), (-1, -5), (-2, 2), (-2, -4)])
