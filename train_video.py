@@ -52,14 +52,14 @@ PRESETS = {
                   kmeans_init=True, dead_code_threshold=0.1, lr=1e-3, lr_schedule="constant", batch_size=16, steps=2000,
                   prior_context_frames=4, prior_channels=32, prior_num_layers=3, prior_context_channels=128,
                   prior_context_layers=4, prior_context_codebook=True, prior_steps=4500, prior_batch_size=16,
-                  prior_lr=1e-3, prior_lr_schedule="cooldown", prior_scheduled_sampling=0.0, clf_steps=3000),
+                  prior_lr=1e-3, prior_lr_schedule="cooldown", clf_steps=3000),
     # Sec. 4.4 gives 84x84 frames -> 21x21 codes with K = 512; the rest is not given.
     "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden_channels=128, res_channels=64,
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
                   kmeans_init=False, dead_code_threshold=None, lr=3e-4, lr_schedule="constant", batch_size=64, steps=100_000,
                   prior_context_frames=4, prior_channels=128, prior_num_layers=8, prior_context_channels=256,
                   prior_context_layers=8, prior_context_codebook=True, prior_steps=200_000, prior_batch_size=64,
-                  prior_lr=3e-4, prior_lr_schedule="constant", prior_scheduled_sampling=0.0, clf_steps=3000),
+                  prior_lr=3e-4, prior_lr_schedule="constant", clf_steps=3000),
 }
 
 
@@ -90,9 +90,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prior-context-codebook", action=argparse.BooleanOptionalAction,
                    help="the context network reads the earlier frames as z_q (the VQ-VAE's codebook vectors) "
                         "instead of a learned embedding of their codes")
-    g.add_argument("--prior-scheduled-sampling", type=float,
-                   help="parallel scheduled sampling: the probability that each code of the last context frame is "
-                        "replaced in training by the prior's own sample of it (0: always the true codes)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the prior")
     g.add_argument("--seeds", type=int, nargs="+", metavar="N",
@@ -101,8 +98,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--clf-steps", type=int, help="steps of the inverse-dynamics classifier that names the action "
                                                  "between two frames (batch 64; defaults from --preset)")
     args = training.parse_with_presets(p, PRESETS, argv, "video")
-    if not 0 <= args.prior_scheduled_sampling <= 1:
-        p.error(f"--prior-scheduled-sampling: expected a probability in [0, 1]; got {args.prior_scheduled_sampling}")
     if not 1 <= args.prior_context_frames <= GIVEN:
         p.error(f"--prior-context-frames: expected 1..{GIVEN} (the given frames); got {args.prior_context_frames}")
     if args.seeds and len(set(args.seeds)) < len(args.seeds):
@@ -331,36 +326,13 @@ def train_prior(args, run: training.Run, env, model, vqvae_id, codes, actions):
     def loss_fn(ddp, step):
         training.set_learning_rate(optimizer, args.prior_lr, args.prior_lr_schedule, step, args.prior_steps)
         e, t = pairs[training.batch_indices(step, len(pairs), args.prior_batch_size, args.seed + 1, env)].unbind(1)
-        context = context_of(codes, e, t, config.context_frames).to(env.device)
-        if args.prior_scheduled_sampling:
-            generator = torch.Generator(env.device).manual_seed(args.seed * 1_000_003 + step)  # exact on resume
-            context = sampled_context(prior, codes, actions, e, t, context, args.prior_scheduled_sampling, generator)
-        logits = ddp(codes[e, t + 1].to(env.device), context, actions[e, t].to(env.device))
+        logits = ddp(codes[e, t + 1].to(env.device), context_of(codes, e, t, config.context_frames).to(env.device),
+                     actions[e, t].to(env.device))
         loss = F.cross_entropy(logits, codes[e, t + 1].to(env.device))   # nats per latent
         return loss, {"prior_loss": loss.detach()}
 
     history = training.run_loop("prior", prior, optimizer, loss_fn, args.prior_steps, run, env, {"vqvae_id": vqvae_id})
     return prior, history
-
-
-@torch.no_grad()
-def sampled_context(prior, codes, actions, e, t, context: torch.Tensor, rate: float, generator) -> torch.Tensor:
-    """Parallel scheduled sampling (Duckworth et al. 2019, "Parallel Scheduled Sampling"): the
-    context (B, F, 21, 21) of transitions (e, t) with each code of its last frame, frame t,
-    replaced with probability `rate` by the prior's own sample of it given frames t-F..t-1 and
-    action t-1, all positions drawn at once from one teacher-forced pass. In generation every
-    context frame after the real ones is a sample; trained on true frames only, the prior never
-    sees its own mistakes. Transitions with t < F keep their true context."""
-    F_, device = prior.context_frames, context.device
-    has_past = (t >= F_).to(device)
-    e, t = e[t >= F_], t[t >= F_]
-    logits = prior(codes[e, t].to(device), context_of(codes, e, t - 1, F_).to(device), actions[e, t - 1].to(device))
-    gumbel = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator, device=device).clamp_min(1e-20)))
-    sample = (logits.float() + gumbel).argmax(1)                               # (B', 21, 21)
-    replace = torch.rand(sample.shape, generator=generator, device=device) < rate
-    context = context.clone()
-    context[has_past, -1] = torch.where(replace, sample, context[has_past, -1])
-    return context
 
 
 @torch.no_grad()

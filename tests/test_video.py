@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train_video
 import training
@@ -50,38 +49,6 @@ def test_transitions_pair_each_next_frame_with_its_context_and_action():
     e, t = pairs.unbind(1)
     context = train_video.context_of(codes, e, t, 3)[:, :, 0, 0]
     assert context.tolist() == [[100 * e_ + t_ - 2, 100 * e_ + t_ - 1, 100 * e_ + t_] for e_, t_ in pairs.tolist()]
-
-
-def test_scheduled_sampling_swaps_codes_of_the_last_context_frame_for_draws_of_the_prior():
-    K, F_, T = 4, 2, 7
-    config = vqvae.ActionConditionalPriorConfig(num_embeddings=K, context_frames=F_, channels=8, num_layers=1,
-                                                kernel_size=3, context_channels=8, context_layers=1)
-    prior = vqvae.ActionConditionalPrior(config)
-    with torch.no_grad():   # peaked, uneven probabilities, so that a draw of the wrong ones shows
-        for w in prior.parameters():
-            w.add_(0.3 * torch.randn(w.shape, generator=torch.Generator().manual_seed(w.numel())))
-    codes, actions = torch.randint(K, (3, T + 1, 5, 5)), torch.randint(3, (3, T))
-    e, t = train_video.transitions(3, T, F_).unbind(1)
-    context = train_video.context_of(codes, e, t, F_)
-
-    def draw(rate, seed=0):
-        return train_video.sampled_context(prior, codes, actions, e, t, context, rate, torch.Generator().manual_seed(seed))
-
-    assert torch.equal(draw(0.0), context)
-    full, half = draw(1.0), draw(0.5)
-    has_past = t >= F_    # frame t is drawn from frames t-F..t-1 and action t-1
-    for new in (full, half):
-        assert torch.equal(new[:, :-1], context[:, :-1]) and torch.equal(new[~has_past], context[~has_past])
-    # At rate 0.5 each code is the true one or the rate-1 draw (the same stream), about half of them swapped.
-    assert ((half == context) | (half == full)).all()
-    differ = full[:, -1] != context[:, -1]
-    assert 0.4 < (half[:, -1] != context[:, -1])[differ].float().mean() < 0.6
-    # The draws follow the teacher-forced probabilities p(z_t,i | z_t-F..t-1, a_t-1) (float64 reference):
-    # per code, the frequency over 400 draws is off by 0.017 on average by chance, an argmax by 0.3.
-    probs = prior(codes[e, t], train_video.context_of(codes, e, t - 1, F_), actions[e, t - 1]).double().softmax(1)
-    probs = probs[has_past].detach()                                       # (B', K, 5, 5)
-    counts = sum(F.one_hot(draw(1.0, seed)[has_past, -1], K).movedim(-1, 1).double() for seed in range(400))
-    assert 0.4 < probs.max(1).values.mean() < 0.8 and (counts / 400 - probs).abs().mean() < 0.025
 
 
 def test_missing_vizdoom_says_how_to_install_it(monkeypatch):
