@@ -570,7 +570,7 @@ class Progress:
 # and those that only shape the evaluation. Any other change would silently mix two runs.
 RESUMABLE_OPTIONS = {"steps", "prior_steps", "clf_steps", "log_every", "checkpoint_every", "stages", "resume",
                      "out", "device", "data_dir", "max_test_images", "max_test_clips", "eval_clips", "wav_clips",
-                     "temperature"}
+                     "temperature", "guidance"}
 SCHEDULED_STEPS = {"lr_schedule": "steps", "prior_lr_schedule": "prior_steps"}   # schedule option: its length
 
 

@@ -633,7 +633,7 @@ class GatedPixelCNN(nn.Module):
     @torch.no_grad()
     def sample(self, shape: tuple[int, int], label: torch.Tensor | None = None, batch_size: int | None = None,
                cond: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               temperature: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, guidance: float = 0.0, unconditioned: int = 1) -> torch.Tensor:
         """Draw codes (B, H, W) (or (B, G, H, W)) position by position, in raster order.
 
         B is len(label) when the model is class-conditional, else batch_size. Pass a seeded
@@ -641,11 +641,24 @@ class GatedPixelCNN(nn.Module):
         logits at each position would draw, computed without recomputing what cannot change (in
         the spirit of P. Ramachandran et al., "Fast Generation for Convolutional Autoregressive
         Models", 2017): the vertical stack once per row, the horizontal stack on the current row.
+
+        guidance = w > 0 (classifier-free guidance, J. Ho and T. Salimans, arXiv:2207.12598): the
+        batch is (1 + M) B rows, M = unconditioned: B conditioned rows (label, cond), then M blocks
+        of B whose mean distribution stands for the unconditioned one (M = 1: a null label or map;
+        M > 1: the conditions to average over). Each position is drawn from
+        log p_cond + w (log p_cond - log p_uncond), written to every block, and the B codes are
+        returned.
         """
         _check_temperature(temperature)
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise ValueError(f"guidance: expected a finite number >= 0; got {guidance}")
         B = len(label) if label is not None else batch_size
         if label is not None:
             _check_ids(label, "label", self.num_classes, B)
+        blocks = 1 + unconditioned if guidance else 1
+        if B % blocks:
+            raise ValueError(f"{'batch_size' if label is None else 'label'}: expected a batch of {blocks} blocks for "
+                             f"guidance (B conditioned rows, then {unconditioned} x B unconditioned); got {B}")
         H, W, G = *shape, self.num_groups
         offsets = torch.arange(G, device=self.embedding.weight.device)[None, :, None, None] * self.num_embeddings
         grouped = torch.zeros(B, G, H, W, dtype=torch.long, device=offsets.device) + offsets
@@ -666,10 +679,14 @@ class GatedPixelCNN(nn.Module):
                     h = self._embed(row)
                     for layer, a in zip(self.layers, above):
                         h = layer.horizontal_step(h, a, label, cond_row)
-                    logits = self._head(h[..., j:j + 1], row[..., j:j + 1])[:, :, g, 0, 0]  # (B, K)
-                    probs = (logits.float() / temperature).softmax(1)
-                    grouped[:, g, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0] + offsets[0, g, 0, 0]
-        codes = grouped - offsets
+                    logits = self._head(h[..., j:j + 1], row[..., j:j + 1])[:, :, g, 0, 0].float()  # (B, K)
+                    if guidance:
+                        log_p = logits.log_softmax(1).unflatten(0, (blocks, -1))       # (1 + M, B, K)
+                        log_uncond = log_p[1:].logsumexp(0) - math.log(unconditioned)
+                        logits = log_p[0] + guidance * (log_p[0] - log_uncond)
+                    drawn = torch.multinomial((logits / temperature).softmax(1), 1, generator=generator)[:, 0]
+                    grouped[:, g, i, j] = drawn.repeat(blocks) + offsets[0, g, 0, 0]
+        codes = (grouped - offsets)[:B // blocks]
         return codes if G > 1 else codes[:, 0]
 
 
@@ -918,6 +935,7 @@ class ActionConditionalPriorConfig:
     context_channels: int = 128          # the context network: 3x3 convolutions, residual blocks
     context_layers: int = 4
     codebook_dim: int = 0                # D > 0: context frames enter as the VQ-VAE's z_q (set_codebook)
+    null_action: bool = False            # action id num_actions means "no action" (for guidance in sample)
 
 
 class ActionConditionalPrior(nn.Module):
@@ -932,7 +950,12 @@ class ActionConditionalPrior(nn.Module):
     Its receptive field is +-(1 + context_layers) positions, which bounds the motion it can
     follow per frame.
 
-    Shapes: codes (B, H, W), context (B, F, H, W), both int64 in [0, K); action (B,) in [0, A).
+    With null_action, the action id A = num_actions stands for "no action": trained on it for a
+    share of the transitions (action dropout), the prior also models p(z_t+1 | z_t-F+1..t), and
+    sample(guidance=w) can push its draws towards the action (classifier-free guidance).
+
+    Shapes: codes (B, H, W), context (B, F, H, W), both int64 in [0, K); action (B,) in [0, A),
+    or [0, A] with null_action.
     """
 
     def __init__(self, config: ActionConditionalPriorConfig):
@@ -943,7 +966,7 @@ class ActionConditionalPrior(nn.Module):
             self.register_buffer("codebook", torch.zeros(c.num_embeddings, c.codebook_dim))
         else:
             self.code_embedding = nn.Embedding(c.num_embeddings, c.channels)
-        self.action_embedding = nn.Embedding(c.num_actions, c.channels)
+        self.action_embedding = nn.Embedding(c.num_actions + c.null_action, c.channels)
         frame_width = c.codebook_dim or c.channels
         self.context = nn.Sequential(nn.Conv2d(c.context_frames * frame_width + c.channels, c.context_channels, 3,
                                                padding=1),
@@ -955,7 +978,7 @@ class ActionConditionalPrior(nn.Module):
         """The conditioning map (B, context_channels, H, W) of the context frames and action."""
         _check(context.dim() == 4 and context.shape[1] == self.context_frames and not context.is_floating_point(),
                "context", f"an integer (B, {self.context_frames}, H, W) tensor of codes", context)
-        _check_ids(action, "action", self.num_actions, len(context))
+        _check_ids(action, "action", self.num_actions + self.config.null_action, len(context))
         _check_range(context, "context", self.num_embeddings)
         embedded = (F.embedding(context.long(), self.codebook) if self.config.codebook_dim
                     else self.code_embedding(context.long()))
@@ -981,17 +1004,26 @@ class ActionConditionalPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, context: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
-               temperature: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, guidance: float = 0.0) -> torch.Tensor:
         """Roll out T frames of codes (B, T, H, W) from the context (B, F, H, W) and actions (B, T):
-        each sampled frame joins the context of the next; nothing is decoded."""
+        each sampled frame joins the context of the next; nothing is decoded. guidance = w > 0
+        draws each code from log p(z | a) + w (log p(z | a) - log p(z)), p(z) being the prior with
+        the null action if it has one, else the mean over all actions, as for a random agent
+        (GatedPixelCNN.sample)."""
         _check(actions.dim() == 2 and actions.shape[0] == context.shape[0], "actions",
                f"a ({context.shape[0]}, T) tensor", actions)
         _check_temperature(temperature)
+        B, others = len(context), [self.num_actions] if self.config.null_action else range(self.num_actions)
         frames = []
         for t in range(actions.shape[1]):
-            cond = self.condition(context, actions[:, t])
-            frames.append(self.pixelcnn.sample(tuple(context.shape[2:]), batch_size=len(context), cond=cond,
-                                               generator=generator, temperature=temperature))
+            if guidance:   # each context with its action, then with the null action or with each action
+                cond = self.condition(context.repeat(1 + len(others), 1, 1, 1),
+                                      torch.cat([actions[:, t], *(actions.new_full((B,), a) for a in others)]))
+            else:
+                cond = self.condition(context, actions[:, t])
+            frames.append(self.pixelcnn.sample(tuple(context.shape[2:]), batch_size=len(cond), cond=cond,
+                                               generator=generator, temperature=temperature, guidance=guidance,
+                                               unconditioned=len(others)))
             context = torch.cat([context[:, 1:], frames[-1][:, None]], 1)
         return torch.stack(frames, 1)
 

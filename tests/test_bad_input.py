@@ -51,6 +51,8 @@ OPTION_CASES = [
     ("video", ["--episodes", "0"], r"--episodes: expected an integer >= 1 .*got 0"),
     ("video", ["--episode-length", "0"], r"--episode-length: expected an integer >= 1 .*got 0"),
     ("video", ["--prior-context-frames", "0"], r"--prior-context-frames: expected an integer >= 1 .*got 0"),
+    ("video", ["--prior-action-dropout", "1"], r"--prior-action-dropout: expected a share in \[0, 1\); got 1.0"),
+    ("video", ["--guidance=-1"], r"--guidance: expected a finite number >= 0; got -1.0"),
 ]
 
 
@@ -202,6 +204,10 @@ API_CASES = {
     "video-temperature-nan": (lambda: video_prior.sample(torch.zeros(1, 2, 3, 3, dtype=torch.long),
                                                            torch.zeros(1, 2, dtype=torch.long), temperature=math.nan),
                               r"temperature: expected a finite number > 0; got nan"),
+    "sample-guidance-negative": (lambda: pixelcnn.sample((2, 2), torch.tensor([0, 1]), guidance=-1.0),
+                                 r"guidance: expected a finite number >= 0; got -1.0"),
+    "sample-guidance-odd-batch": (lambda: pixelcnn.sample((2, 2), torch.tensor([0, 1, 2]), guidance=1.0),
+                                  r"label: expected a batch of 2 blocks for guidance .*got 3"),
     "label-out-of-range": (lambda: pixelcnn(codes, torch.tensor([0, 3])),
                            r"label: values must lie in \[0, 3\); got range \[0, 3\]"),
     "label-negative": (lambda: pixelcnn(codes, torch.tensor([-1, 0])), r"label: values must lie in \[0, 3\)"),

@@ -89,6 +89,44 @@ def test_sampling_on_the_rows_so_far_equals_sampling_on_the_whole_map(G):
     assert torch.equal(fast, ref if G > 1 else ref[:, 0])
 
 
+@pytest.mark.parametrize("G, M", [(1, 3), (2, 1)])
+def test_guided_sampling_draws_from_the_guided_logits_of_the_whole_map(G, M):
+    """Classifier-free guidance: each code is drawn from log p_c + w (log p_c - log p_u), p_c from
+    forward()'s logits over the whole map with the conditioned map and p_u the mean of the M
+    unconditioned blocks' distributions; every block carries the same codes."""
+    model = vqvae.GatedPixelCNN(vqvae.GatedPixelCNNConfig(5, num_groups=G, channels=8, num_layers=3, kernel_size=3,
+                                                          cond_channels=2))
+    B, shape, w = 3, (4, 5), 1.5
+    cond = torch.randn((1 + M) * B, 2, 4, 5)               # B conditioned rows, then M blocks of B
+    fast = model.sample(shape, batch_size=(1 + M) * B, cond=cond, generator=torch.Generator().manual_seed(1),
+                        temperature=0.9, guidance=w, unconditioned=M)
+    gen, ref = torch.Generator().manual_seed(1), torch.zeros(B, G, *shape, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(shape[0]):
+            for j in range(shape[1]):
+                for g in range(G):
+                    blocks = ref.repeat(1 + M, 1, 1, 1)
+                    logits = model(blocks if G > 1 else blocks[:, 0], cond=cond).reshape(1 + M, B, 5, G, *shape)
+                    p = logits[..., g, i, j].double().softmax(-1)                      # (1 + M, B, 5)
+                    guided = p[0].log() + w * (p[0].log() - p[1:].mean(0).log())
+                    ref[:, g, i, j] = torch.multinomial((guided / 0.9).softmax(1).float(), 1, generator=gen)[:, 0]
+    assert fast.shape[0] == B and torch.equal(fast, ref if G > 1 else ref[:, 0])
+    assert not torch.equal(fast, model.sample(shape, batch_size=B, cond=cond[:B], temperature=0.9,
+                                              generator=torch.Generator().manual_seed(1)))
+
+
+def test_guided_prior_contrasts_each_action_with_the_mean_over_all_actions():
+    model = tiny_prior().eval()
+    context, actions = torch.randint(0, 6, (2, 2, 4, 4)), torch.tensor([[0, 2], [1, 1]])
+    video = model.sample(context, actions, generator=torch.Generator().manual_seed(0), guidance=2.0)
+    gen, blocks = torch.Generator().manual_seed(0), context.repeat(4, 1, 1, 1)
+    first = model.pixelcnn.sample((4, 4), batch_size=8, generator=gen, guidance=2.0, unconditioned=3,
+                                  cond=model.condition(blocks, torch.tensor([0, 1, 0, 0, 1, 1, 2, 2])))
+    assert torch.equal(video[:, 0], first)
+    assert torch.equal(model.sample(context, actions, generator=torch.Generator().manual_seed(0)),
+                       model.sample(context, actions, generator=torch.Generator().manual_seed(0), guidance=0.0))
+
+
 def test_sample_feeds_each_sampled_frame_into_the_next_context():
     model = tiny_prior().eval()
     context, actions = torch.randint(0, 6, (3, 2, 4, 4)), torch.tensor([[0, 2], [1, 1], [2, 0]])
