@@ -4,9 +4,10 @@ Stages, each resumable: (1) collect: episodes of a random agent (each action hel
 steps) in the scenario `my_way_home`, 84x84 RGB, seeded, repeatable and cached in --data-dir;
 (2) vqvae: a frame VQ-VAE, 84x84x3 -> 21x21 codes with K = 512; (3) prior: the codes of frame t+1
 given those of the frames before it and the action (vqvae.ActionConditionalPrior); (4) eval:
-from 6 real frames of held-out episodes, 10 frames are generated in latent space while the agent
-goes "forward", "turn_right" or keeps its random actions, decoded only at the end, and compared
-per step with the truth, replayed in the deterministic engine with the same seed: the model with
+from 6 real frames of held-out episodes, 10 frames are generated in latent space (with
+classifier-free guidance toward the action, --guidance) while the agent goes "forward",
+"turn_right" or keeps its random actions, decoded only at the end, and compared per step with
+the truth, replayed in the deterministic engine with the same seed: the model with
 the true actions, with shuffled actions (another sequence's), and copying the last real frame; an
 inverse-dynamics classifier, trained on real transitions passed through the VQ-VAE, says whether
 the generated transitions show the action they were given. Everything lands in --out: vqvae.pt,
@@ -46,22 +47,20 @@ GIVEN, GENERATED = 6, 10                        # the paper's protocol: 6 real f
 PRESETS = {
     # The whole pipeline on a CPU: 9.6k training frames, a small frame VQ-VAE, and a prior whose
     # autoregressive part (441 passes per frame) is small, so that sampling the eval videos stays
-    # affordable.
+    # affordable; sampled with guidance toward the action (not in the paper).
     "quick": dict(episodes=48, episode_length=200, test_episodes=16, hidden_channels=64, res_channels=32,
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
                   kmeans_init=True, dead_code_threshold=0.1, lr=1e-3, lr_schedule="constant", batch_size=16, steps=2000,
                   prior_context_frames=4, prior_channels=32, prior_num_layers=3, prior_context_channels=128,
                   prior_context_layers=4, prior_context_codebook=True, prior_steps=4500, prior_batch_size=16,
-                  prior_lr=1e-3, prior_lr_schedule="cooldown", prior_action_dropout=0.0, guidance=0.0,
-                  clf_steps=3000),
+                  prior_lr=1e-3, prior_lr_schedule="cooldown", guidance=0.25, clf_steps=3000),
     # Sec. 4.4 gives 84x84 frames -> 21x21 codes with K = 512; the rest is not given.
     "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden_channels=128, res_channels=64,
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
                   kmeans_init=False, dead_code_threshold=None, lr=3e-4, lr_schedule="constant", batch_size=64, steps=100_000,
                   prior_context_frames=4, prior_channels=128, prior_num_layers=8, prior_context_channels=256,
                   prior_context_layers=8, prior_context_codebook=True, prior_steps=200_000, prior_batch_size=64,
-                  prior_lr=3e-4, prior_lr_schedule="constant", prior_action_dropout=0.0, guidance=0.0,
-                  clf_steps=3000),
+                  prior_lr=3e-4, prior_lr_schedule="constant", guidance=0.0, clf_steps=3000),
 }
 
 
@@ -92,22 +91,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prior-context-codebook", action=argparse.BooleanOptionalAction,
                    help="the context network reads the earlier frames as z_q (the VQ-VAE's codebook vectors) "
                         "instead of a learned embedding of their codes")
-    g.add_argument("--prior-action-dropout", type=float,
-                   help="share of training transitions whose action is replaced by a null action, so that the "
-                        "prior also learns p(next frame | earlier frames), which --guidance needs (0: none)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the prior")
     g.add_argument("--guidance", type=float,
-                   help="classifier-free guidance weight w of sampling: logits l_action + w (l_action - l_no_action); "
-                        "needs a prior trained with --prior-action-dropout (0: none)")
+                   help="classifier-free guidance of sampling: each code drawn from log p(z|a) + w (log p(z|a) - "
+                        "log p(z)), p(z) the mean over actions; 0 samples the prior as it is")
     g.add_argument("--seeds", type=int, nargs="+", metavar="N",
                    help="run the pipeline once per seed (collection, training, sampling), each into <out>/seed_<N>, "
                         "then write their mean and spread to <out>/metrics.json and <out>/error_curves.png")
     g.add_argument("--clf-steps", type=int, help="steps of the inverse-dynamics classifier that names the action "
                                                  "between two frames (batch 64; defaults from --preset)")
     args = training.parse_with_presets(p, PRESETS, argv, "video")
-    if not 0 <= args.prior_action_dropout < 1:
-        p.error(f"--prior-action-dropout: expected a share in [0, 1); got {args.prior_action_dropout}")
     if not (np.isfinite(args.guidance) and args.guidance >= 0):
         p.error(f"--guidance: expected a finite number >= 0; got {args.guidance}")
     if not 1 <= args.prior_context_frames <= GIVEN:
@@ -327,8 +321,7 @@ def train_prior(args, run: training.Run, env, model, vqvae_id, codes, actions):
         training.check_prior_matches(training.load_checkpoint(run.out / "prior.pt"), vqvae_id)
     config = training.config_from_args(vqvae.ActionConditionalPriorConfig, args, "prior_",
                                        num_embeddings=model.config.num_embeddings, num_actions=len(ACTIONS),
-                                       codebook_dim=model.config.embedding_dim if args.prior_context_codebook else 0,
-                                       null_action=args.prior_action_dropout > 0)
+                                       codebook_dim=model.config.embedding_dim if args.prior_context_codebook else 0)
     prior = vqvae.ActionConditionalPrior(config).to(env.device)
     if config.codebook_dim:
         prior.set_codebook(model.quantizer.codebook)
@@ -339,23 +332,13 @@ def train_prior(args, run: training.Run, env, model, vqvae_id, codes, actions):
     def loss_fn(ddp, step):
         training.set_learning_rate(optimizer, args.prior_lr, args.prior_lr_schedule, step, args.prior_steps)
         e, t = pairs[training.batch_indices(step, len(pairs), args.prior_batch_size, args.seed + 1, env)].unbind(1)
-        action = drop_actions(actions[e, t], args.prior_action_dropout, args.seed * 1_000_003 + step)
         logits = ddp(codes[e, t + 1].to(env.device), context_of(codes, e, t, config.context_frames).to(env.device),
-                     action.to(env.device))
+                     actions[e, t].to(env.device))
         loss = F.cross_entropy(logits, codes[e, t + 1].to(env.device))   # nats per latent
         return loss, {"prior_loss": loss.detach()}
 
     history = training.run_loop("prior", prior, optimizer, loss_fn, args.prior_steps, run, env, {"vqvae_id": vqvae_id})
     return prior, history
-
-
-def drop_actions(actions: torch.Tensor, rate: float, seed: int) -> torch.Tensor:
-    """Action dropout for classifier-free guidance: each action id (B,) replaced with probability
-    `rate` by the null action, id len(ACTIONS), the draw seeded (by the step: a resumed run is exact)."""
-    if not rate:
-        return actions
-    dropped = torch.rand(actions.shape, generator=torch.Generator().manual_seed(seed)) < rate
-    return torch.where(dropped, len(ACTIONS), actions)
 
 
 @torch.no_grad()

@@ -656,6 +656,8 @@ class GatedPixelCNN(nn.Module):
         if label is not None:
             _check_ids(label, "label", self.num_classes, B)
         blocks = 1 + unconditioned if guidance else 1
+        if guidance and unconditioned < 1:
+            raise ValueError(f"unconditioned: expected a number of blocks >= 1 for guidance; got {unconditioned}")
         if B % blocks:
             raise ValueError(f"{'batch_size' if label is None else 'label'}: expected a batch of {blocks} blocks for "
                              f"guidance (B conditioned rows, then {unconditioned} x B unconditioned); got {B}")
@@ -935,7 +937,6 @@ class ActionConditionalPriorConfig:
     context_channels: int = 128          # the context network: 3x3 convolutions, residual blocks
     context_layers: int = 4
     codebook_dim: int = 0                # D > 0: context frames enter as the VQ-VAE's z_q (set_codebook)
-    null_action: bool = False            # action id num_actions means "no action" (for guidance in sample)
 
 
 class ActionConditionalPrior(nn.Module):
@@ -950,12 +951,7 @@ class ActionConditionalPrior(nn.Module):
     Its receptive field is +-(1 + context_layers) positions, which bounds the motion it can
     follow per frame.
 
-    With null_action, the action id A = num_actions stands for "no action": trained on it for a
-    share of the transitions (action dropout), the prior also models p(z_t+1 | z_t-F+1..t), and
-    sample(guidance=w) can push its draws towards the action (classifier-free guidance).
-
-    Shapes: codes (B, H, W), context (B, F, H, W), both int64 in [0, K); action (B,) in [0, A),
-    or [0, A] with null_action.
+    Shapes: codes (B, H, W), context (B, F, H, W), both int64 in [0, K); action (B,) in [0, A).
     """
 
     def __init__(self, config: ActionConditionalPriorConfig):
@@ -966,7 +962,7 @@ class ActionConditionalPrior(nn.Module):
             self.register_buffer("codebook", torch.zeros(c.num_embeddings, c.codebook_dim))
         else:
             self.code_embedding = nn.Embedding(c.num_embeddings, c.channels)
-        self.action_embedding = nn.Embedding(c.num_actions + c.null_action, c.channels)
+        self.action_embedding = nn.Embedding(c.num_actions, c.channels)
         frame_width = c.codebook_dim or c.channels
         self.context = nn.Sequential(nn.Conv2d(c.context_frames * frame_width + c.channels, c.context_channels, 3,
                                                padding=1),
@@ -978,7 +974,7 @@ class ActionConditionalPrior(nn.Module):
         """The conditioning map (B, context_channels, H, W) of the context frames and action."""
         _check(context.dim() == 4 and context.shape[1] == self.context_frames and not context.is_floating_point(),
                "context", f"an integer (B, {self.context_frames}, H, W) tensor of codes", context)
-        _check_ids(action, "action", self.num_actions + self.config.null_action, len(context))
+        _check_ids(action, "action", self.num_actions, len(context))
         _check_range(context, "context", self.num_embeddings)
         embedded = (F.embedding(context.long(), self.codebook) if self.config.codebook_dim
                     else self.code_embedding(context.long()))
@@ -1006,24 +1002,25 @@ class ActionConditionalPrior(nn.Module):
     def sample(self, context: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
                temperature: float = 1.0, guidance: float = 0.0) -> torch.Tensor:
         """Roll out T frames of codes (B, T, H, W) from the context (B, F, H, W) and actions (B, T):
-        each sampled frame joins the context of the next; nothing is decoded. guidance = w > 0
-        draws each code from log p(z | a) + w (log p(z | a) - log p(z)), p(z) being the prior with
-        the null action if it has one, else the mean over all actions, as for a random agent
-        (GatedPixelCNN.sample)."""
+        each sampled frame joins the context of the next; nothing is decoded.
+
+        guidance = w > 0 draws each code from log p(z | a) + w (log p(z | a) - log p(z)), with
+        p(z) = mean over actions a' of p(z | a'), the prior without an action for an agent that
+        picks each alike (classifier-free guidance, GatedPixelCNN.sample; no training of its own).
+        It costs 1 + A passes per position instead of one."""
         _check(actions.dim() == 2 and actions.shape[0] == context.shape[0], "actions",
                f"a ({context.shape[0]}, T) tensor", actions)
         _check_temperature(temperature)
-        B, others = len(context), [self.num_actions] if self.config.null_action else range(self.num_actions)
-        frames = []
+        B, A, frames = len(context), self.num_actions, []
+        every_action = torch.arange(A, device=actions.device).repeat_interleave(B)
         for t in range(actions.shape[1]):
-            if guidance:   # each context with its action, then with the null action or with each action
-                cond = self.condition(context.repeat(1 + len(others), 1, 1, 1),
-                                      torch.cat([actions[:, t], *(actions.new_full((B,), a) for a in others)]))
+            if guidance:   # each context with its action, then with each of the A actions
+                cond = self.condition(context.repeat(1 + A, 1, 1, 1), torch.cat([actions[:, t], every_action]))
             else:
                 cond = self.condition(context, actions[:, t])
             frames.append(self.pixelcnn.sample(tuple(context.shape[2:]), batch_size=len(cond), cond=cond,
                                                generator=generator, temperature=temperature, guidance=guidance,
-                                               unconditioned=len(others)))
+                                               unconditioned=A))
             context = torch.cat([context[:, 1:], frames[-1][:, None]], 1)
         return torch.stack(frames, 1)
 

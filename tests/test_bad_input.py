@@ -51,7 +51,6 @@ OPTION_CASES = [
     ("video", ["--episodes", "0"], r"--episodes: expected an integer >= 1 .*got 0"),
     ("video", ["--episode-length", "0"], r"--episode-length: expected an integer >= 1 .*got 0"),
     ("video", ["--prior-context-frames", "0"], r"--prior-context-frames: expected an integer >= 1 .*got 0"),
-    ("video", ["--prior-action-dropout", "1"], r"--prior-action-dropout: expected a share in \[0, 1\); got 1.0"),
     ("video", ["--guidance=-1"], r"--guidance: expected a finite number >= 0; got -1.0"),
 ]
 

@@ -51,16 +51,6 @@ def test_transitions_pair_each_next_frame_with_its_context_and_action():
     assert context.tolist() == [[100 * e_ + t_ - 2, 100 * e_ + t_ - 1, 100 * e_ + t_] for e_, t_ in pairs.tolist()]
 
 
-def test_action_dropout_replaces_a_share_of_the_actions_by_the_null_action_repeatably():
-    actions = torch.randint(3, (4000,), generator=torch.Generator().manual_seed(0))
-    assert train_video.drop_actions(actions, 0.0, seed=5) is actions
-    dropped = train_video.drop_actions(actions, 0.2, seed=5)
-    null = dropped == len(train_video.ACTIONS)
-    assert torch.equal(dropped[~null], actions[~null]) and 0.18 < null.float().mean() < 0.22
-    assert torch.equal(train_video.drop_actions(actions, 0.2, seed=5), dropped)
-    assert not torch.equal(train_video.drop_actions(actions, 0.2, seed=6), dropped)
-
-
 def test_missing_vizdoom_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "vizdoom", None)
     with pytest.raises(SystemExit, match=r"pip install vizdoom==1\.3\.2"):
