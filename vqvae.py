@@ -655,9 +655,9 @@ class GatedPixelCNN(nn.Module):
         B = len(label) if label is not None else batch_size
         if label is not None:
             _check_ids(label, "label", self.num_classes, B)
-        blocks = 1 + unconditioned if guidance else 1
         if guidance and unconditioned < 1:
             raise ValueError(f"unconditioned: expected a number of blocks >= 1 for guidance; got {unconditioned}")
+        blocks = 1 + unconditioned if guidance else 1
         if B % blocks:
             raise ValueError(f"{'batch_size' if label is None else 'label'}: expected a batch of {blocks} blocks for "
                              f"guidance (B conditioned rows, then {unconditioned} x B unconditioned); got {B}")
