@@ -219,7 +219,7 @@ AT_LEAST_ONE = {"batch_size", "prior_batch_size", "steps", "prior_steps", "clf_s
                 "episodes", "test_episodes", "episode_length", "frame_skip", "max_hold", "prior_context_frames",
                 "prior_context_channels", "prior_context_layers", "wavenet_channels", "skip_channels",
                 "wavenet_layers", "dilation_cycle", "sample_rate", "max_train_images", "max_test_images",
-                "max_train_clips", "max_test_clips", "max_clips_per_speaker", "eval_clips"}
+                "max_train_clips", "max_test_clips", "max_clips_per_speaker", "eval_clips", "eval_draws"}
 AT_LEAST_ZERO = {"num_res_layers", "wav_clips"}
 POSITIVE = {"lr", "prior_lr", "temperature", "clip_seconds", "dead_code_threshold"}
 NON_NEGATIVE = {"commitment_cost"}
@@ -570,7 +570,7 @@ class Progress:
 # and those that only shape the evaluation. Any other change would silently mix two runs.
 RESUMABLE_OPTIONS = {"steps", "prior_steps", "clf_steps", "log_every", "checkpoint_every", "stages", "resume",
                      "out", "device", "data_dir", "max_test_images", "max_test_clips", "eval_clips", "wav_clips",
-                     "temperature", "guidance"}
+                     "temperature", "guidance", "eval_draws"}
 SCHEDULED_STEPS = {"lr_schedule": "steps", "prior_lr_schedule": "prior_steps"}   # schedule option: its length
 
 

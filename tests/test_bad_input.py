@@ -52,6 +52,7 @@ OPTION_CASES = [
     ("video", ["--episode-length", "0"], r"--episode-length: expected an integer >= 1 .*got 0"),
     ("video", ["--prior-context-frames", "0"], r"--prior-context-frames: expected an integer >= 1 .*got 0"),
     ("video", ["--guidance=-1"], r"--guidance: expected a finite number >= 0; got -1.0"),
+    ("video", ["--eval-draws", "0"], r"--eval-draws: expected an integer >= 1 .*got 0"),
 ]
 
 

@@ -245,11 +245,12 @@ def test_runs_of_several_seeds_are_summarized_by_their_mean_and_spread(tmp_path)
     for seed, (true, shuffled) in enumerate([(0.010, 0.014), (0.020, 0.018), (0.012, 0.016)]):
         runs.append(tmp_path / f"seed_{seed}")
         runs[-1].mkdir()
-        curves = {f"mse_per_step_{v}": [x * (1 + k / 10) for k in range(10)]
-                  for v, x in (("true_actions", true), ("shuffled_actions", shuffled), ("copy_last_frame", 0.015))}
+        mse = {"true_actions": true, "shuffled_actions": shuffled, "copy_last_frame": 0.015,
+               "mean_of_draws_true_actions": true / 2, "mean_of_draws_shuffled_actions": 0.016 - seed / 1000}
+        curves = {f"mse_per_step_{v}": [x * (1 + k / 10) for k in range(10)] for v, x in mse.items()}
         training.write_json(runs[-1] / "metrics.json", {
             "config": {"seed": seed}, "threads": 1, "curves": curves,
-            "metrics": {"mse_true_actions": true, "mse_shuffled_actions": shuffled, "mse_copy_last_frame": 0.015,
+            "metrics": {**{f"mse_{v}": x for v, x in mse.items()},
                         "action_accuracy_real_test": 0.9, "action_accuracy_true_actions": 0.5 + seed / 10,
                         "action_accuracy_shuffled_actions": 0.4, "backend": "PyTorch"}})
     means = train_video.summarize(tmp_path, runs)
@@ -259,6 +260,8 @@ def test_runs_of_several_seeds_are_summarized_by_their_mean_and_spread(tmp_path)
     assert report["std"]["action_accuracy_true_actions"] == pytest.approx(np.std([0.5, 0.6, 0.7]))
     assert report["per_seed"]["mse_shuffled_actions"] == [0.014, 0.018, 0.016]
     assert report["true_actions_beat"] == {"shuffled_actions": [True, False, True], "copy_last_frame": [True, False, True]}
+    assert report["mean_of_draws_true_actions_beat"] == {"mean_of_draws_shuffled_actions": [True, True, True],
+                                                         "copy_last_frame": [True, True, True]}
     assert report["curves_max"]["mse_per_step_true_actions"][9] == pytest.approx(0.020 * 1.9)
     assert report["curves"]["mse_per_step_copy_last_frame"][0] == pytest.approx(0.015)
     assert (tmp_path / "error_curves.png").stat().st_size > 0
@@ -288,7 +291,7 @@ def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vi
         assert (out / name).exists(), name
     report = json.loads((out / "metrics.json").read_text())
     metrics, curves = report["metrics"], report["curves"]
-    for variant in ("true_actions", "shuffled_actions", "copy_last_frame", "vqvae_reconstruction"):
+    for variant in (*train_video.MODEL_PREDICTIONS, "copy_last_frame", "vqvae_reconstruction"):
         assert len(curves[f"mse_per_step_{variant}"]) == 10
         assert metrics[f"mse_{variant}"] == pytest.approx(np.mean(curves[f"mse_per_step_{variant}"]))
     assert report["timings"]["collect_seconds"] > 0
@@ -301,6 +304,13 @@ def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vi
     # The eval-only command's options in config; what the prior was trained with beside them.
     assert again["config"]["prior_lr_schedule"] == "constant"
     assert again["checkpoint_options"]["prior.pt"] == {"prior_lr_schedule": "cooldown"}
+    # Draw 0 does not depend on how many draws follow it; the mean of one draw is that draw.
+    train_video.main(argv + ["--resume", "--stages", "eval", "--eval-draws", "1"])
+    one = json.loads((out / "metrics.json").read_text())["curves"]
+    for variant in ("true_actions", "shuffled_actions"):
+        assert one[f"mse_per_step_{variant}"] == curves[f"mse_per_step_{variant}"]
+        assert one[f"mse_per_step_mean_of_draws_{variant}"] == pytest.approx(one[f"mse_per_step_{variant}"], rel=1e-6)
+        assert curves[f"mse_per_step_mean_of_draws_{variant}"] != curves[f"mse_per_step_{variant}"]
     model, prior = training.load_run(out)  # the one loader of any run
     assert isinstance(model, vqvae.VQVAE) and isinstance(prior, vqvae.ActionConditionalPrior)
     assert report["prior_config"] == dataclasses.asdict(prior.config)
