@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "log p(z)), p(z) the mean over actions; 0 samples the prior as it is")
     g.add_argument("--eval-draws", type=int, default=4,
                    help="continuations drawn per sequence; the first is judged and shown, the mean of all "
-                        "estimates the model's prediction in pixel MSE")
+                        "estimates the model's prediction in pixel MSE (default 4)")
     g.add_argument("--seeds", type=int, nargs="+", metavar="N",
                    help="run the pipeline once per seed (collection, training, sampling), each into <out>/seed_<N>, "
                         "then write their mean and spread to <out>/metrics.json and <out>/error_curves.png")
