@@ -11,8 +11,8 @@ the truth, replayed in the deterministic engine with the same seed: the model wi
 the true actions, with shuffled actions (another sequence's), and copying the last real frame; an
 inverse-dynamics classifier, trained on real transitions passed through the VQ-VAE, says whether
 the generated transitions show the action they were given. Everything lands in --out: vqvae.pt,
-prior.pt, codes.pt, metrics.json, *.png and *.gif; with --seeds, one such folder per seed and
-their mean and spread.
+prior.pt, codes.pt, judge.pt (the classifier), metrics.json, *.png and *.gif; with --seeds, one
+such folder per seed and their mean and spread.
 
     pip install vizdoom==1.3.2          # optional dependency: the engine, Freedoom and the scenarios
     python train_video.py               # quick preset: the whole pipeline on a CPU
@@ -53,7 +53,7 @@ PRESETS = {
                   kmeans_init=True, dead_code_threshold=0.1, lr=1e-3, lr_schedule="constant", batch_size=16, steps=2000,
                   prior_context_frames=4, prior_channels=32, prior_num_layers=3, prior_context_channels=128,
                   prior_context_layers=4, prior_context_codebook=True, prior_steps=4500, prior_batch_size=16,
-                  prior_lr=1e-3, prior_lr_schedule="cooldown", guidance=0.25, clf_steps=9000),
+                  prior_lr=1e-3, prior_lr_schedule="cooldown", guidance=0.5, clf_steps=9000),
     # Sec. 4.4 gives 84x84 frames -> 21x21 codes with K = 512; the rest is not given.
     "paper": dict(episodes=1000, episode_length=500, test_episodes=32, hidden_channels=128, res_channels=64,
                   num_res_layers=2, embedding_dim=64, num_embeddings=512, decay=0.99, commitment_cost=0.25,
@@ -97,7 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="classifier-free guidance of sampling: each code drawn from log p(z|a) + w (log p(z|a) - "
                         "log p(z)), p(z) the mean over actions; 0 samples the prior as it is")
     g.add_argument("--eval-draws", type=int, default=4,
-                   help="continuations drawn per sequence; the first is judged and shown, the mean of all "
+                   help="continuations drawn per sequence: all are judged, the first is shown, their mean "
                         "estimates the model's prediction in pixel MSE (default 4)")
     g.add_argument("--seeds", type=int, nargs="+", metavar="N",
                    help="run the pipeline once per seed (collection, training, sampling), each into <out>/seed_<N>, "
@@ -385,9 +385,10 @@ def evaluate_video(args, env, model, prior, data) -> tuple[dict, dict]:
     the model with the true actions, with shuffled actions (each sequence takes another
     continuation's actions: forward <- turn_right <- random <- forward), and of copying the last
     real frame; the VQ-VAE's reconstruction of the truth is the floor of what codes can reach.
-    The videos are draw 0 of sample_continuations; the mean of all draws ("mean_of_draws_...")
-    estimates the model's mean prediction, the one that minimises the expected pixel MSE: a single
-    draw x~ of an exact model costs E|x~ - x|^2 = 2 tr Var(x | past), its mean tr Var (1 + 1/N).
+    The videos are draw 0 of sample_continuations, and "draws_..." all N of them (uint8, for the
+    judge); the mean of the draws ("mean_of_draws_...") estimates the model's mean prediction, the
+    one that minimises the expected pixel MSE: a single draw x~ of an exact model costs
+    E|x~ - x|^2 = 2 tr Var(x | past), the mean of N draws tr Var (1 + 1/N).
     """
     frames, actions = data["eval_frames"], data["eval_actions"]         # (S, 3, 16, 84, 84, 3), (S, 3, 10)
     codes = encode(model, frames, env.device)                            # (S, 3, 16, 21, 21)
@@ -397,6 +398,7 @@ def evaluate_video(args, env, model, prior, data) -> tuple[dict, dict]:
     for name, z in draws.items():
         decoded = torch.stack([decode(model, z_k) for z_k in z])
         videos[name], videos[f"mean_of_draws_{name}"] = decoded[0], decoded.mean(0)
+        videos[f"draws_{name}"] = to_uint8(decoded)                      # for the judge: every draw
     generated = {name: z[0] for name, z in draws.items()}
     return video_metrics(frames, codes, generated, videos), videos
 
@@ -533,15 +535,20 @@ def mirror(pairs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, to
     return pairs.flip(-1), MIRRORED[actions]
 
 
+# How the judge is trained besides its steps and seed: part of its cache key (cached_judge).
+JUDGE = dict(channels=64, batch_size=64, lr=1e-3, max_shift=InverseDynamics.max_shift,
+             max_vertical_shift=InverseDynamics.max_vertical_shift)
+
+
 @torch.enable_grad()   # evaluation runs under no_grad
 def train_action_classifier(frames: torch.Tensor, actions: torch.Tensor, steps: int, seed: int, device,
-                            batch_size: int = 64, lr: float = 1e-3) -> InverseDynamics:
+                            batch_size: int = JUDGE["batch_size"], lr: float = JUDGE["lr"]) -> InverseDynamics:
     """Adam on seeded batches of every transition of frames (E, T+1, 3, 84, 84) uint8 under actions
     (E, T), each mirrored (mirror) with probability 1/2, the learning rate cooled down linearly
     over the last 20% of steps."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        classifier = InverseDynamics().to(device)
+        classifier = InverseDynamics(JUDGE["channels"]).to(device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
     generator, (E, T) = torch.Generator().manual_seed(seed), actions.shape
     progress = training.Progress("classifier", steps)
@@ -571,13 +578,33 @@ def predict_actions(classifier: InverseDynamics, pairs: torch.Tensor, batch_size
     return torch.cat(out).reshape(pairs.shape[:-4])
 
 
-@torch.no_grad()
-def action_following(args, env, model, data, codes, videos: dict) -> dict:
-    """Train the classifier on the training episodes' frames decoded from their codes, then score
-    it (action_accuracies) on the held-out episodes and the eval videos, all decoded likewise."""
-    t0 = time.perf_counter()
+def cached_judge(args, env, model, data, codes) -> InverseDynamics:
+    """The classifier trained on the training episodes' frames decoded from their codes, cached in
+    <out>/judge.pt for what it is made from: the VQ-VAE and the episodes (those of the codes),
+    --clf-steps, --seed and JUDGE. It does not depend on the prior, so an evaluation of another
+    prior or sampler (--guidance, --eval-draws, a new prior stage) judges with the same one."""
+    path = args.out / "judge.pt"
+    made_from = {"vqvae_id": codes["vqvae_id"], "train_seeds": torch.as_tensor(codes["train_seeds"]).tolist(),
+                 "frames_per_episode": int(codes["frames_per_episode"]), "steps": args.clf_steps, "seed": args.seed,
+                 **JUDGE}
+    cached = training.load_checkpoint(path) if path.exists() else None
+    if cached is not None and cached.get("made_from") == made_from:
+        classifier = InverseDynamics(JUDGE["channels"]).to(env.device)
+        classifier.load_state_dict(cached["model"])
+        print(f"[eval] action classifier read from {path}", flush=True)
+        return classifier.eval()
     classifier = train_action_classifier(to_uint8(decode(model, codes["train"].long())), data["train_actions"],
                                          args.clf_steps, args.seed, env.device)
+    training.save_checkpoint(path, {"model": classifier.state_dict(), "made_from": made_from})
+    return classifier
+
+
+@torch.no_grad()
+def action_following(args, env, model, data, codes, videos: dict) -> dict:
+    """Score the classifier (cached_judge; action_accuracies) on the held-out episodes and the eval
+    videos, all decoded from their codes."""
+    t0 = time.perf_counter()
+    classifier = cached_judge(args, env, model, data, codes)
     last = decode(model, encode(model, data["eval_frames"][:, :, GIVEN - 1:GIVEN], env.device))
     metrics = action_accuracies(classifier, to_uint8(decode(model, codes["test"].long())), data["test_actions"],
                                 last, videos, data["eval_actions"])
@@ -596,19 +623,22 @@ def action_accuracies(classifier, test_frames: torch.Tensor, test_actions: torch
     (E, T); and on the eval videos (S, 3, 10, 3, 84, 84) in [0, 1], from the last real frame `last`
     (S, 3, 1, 3, 84, 84) on: the VQ-VAE reconstruction of the truth and the videos generated with
     the true actions (S, 3, 10), both scored against those, and with shuffled actions, scored
-    against the shuffled actions they were given. Returns the accuracies overall, per continuation
-    and per generated step.
+    against the shuffled actions they were given. A generated variant is scored on every draw
+    (videos["draws_" + variant], (N, S, 3, 10, 3, 84, 84) uint8) where there are several. Returns
+    the accuracies overall, per continuation and per generated step.
     """
     metrics = {"action_accuracy_real_test":
                (predict_actions(classifier, frame_pairs(test_frames)) == test_actions).float().mean().item()}
     commanded = {"vqvae_reconstruction": actions, "true_actions": actions, "shuffled_actions": shuffle_actions(actions)}
+    start = to_uint8(last)
     for variant, acts in commanded.items():
-        pairs = frame_pairs(to_uint8(torch.cat([last, videos[variant]], 2)))
-        correct = (predict_actions(classifier, pairs) == acts).float()             # (S, 3, 10)
+        clips = videos[f"draws_{variant}"] if f"draws_{variant}" in videos else to_uint8(videos[variant])[None]
+        pairs = frame_pairs(torch.cat([start.expand(len(clips), *start.shape), clips], 3))
+        correct = (predict_actions(classifier, pairs) == acts).float()             # (N, S, 3, 10)
         metrics[f"action_accuracy_{variant}"] = correct.mean().item()
-        metrics[f"action_accuracy_per_step_{variant}"] = correct.mean((0, 1)).tolist()
+        metrics[f"action_accuracy_per_step_{variant}"] = correct.mean((0, 1, 2)).tolist()
         for v, name in enumerate(SCRIPTS):
-            metrics[f"action_accuracy_{name}_{variant}"] = correct[:, v].mean().item()
+            metrics[f"action_accuracy_{name}_{variant}"] = correct[:, :, v].mean().item()
     return metrics
 
 

@@ -238,6 +238,16 @@ def test_each_generated_transition_is_scored_against_the_action_it_was_given():
     assert metrics["action_accuracy_per_step_shuffled_actions"] == pytest.approx(agree.mean((0, 1)).tolist())
     for v, name in enumerate(train_video.SCRIPTS):
         assert metrics[f"action_accuracy_{name}_shuffled_actions"] == pytest.approx(agree[:, v].mean().item())
+    # With several draws every one is judged: here draw 0 follows the actions and draw 1 stands still.
+    still = frames_of_headings(start.expand(2, 3, 10))
+    videos["draws_true_actions"] = train_video.to_uint8(torch.stack([videos["true_actions"], still]))
+    metrics = train_video.action_accuracies(HeadingOracle(), test_frames, test_actions,
+                                            frames_of_headings(start), videos, actions)
+    forward = (actions == train_video.ACTIONS.index("forward")).float()
+    assert 0 < forward.mean() < 1
+    assert metrics["action_accuracy_true_actions"] == pytest.approx((1 + forward.mean().item()) / 2)
+    assert metrics["action_accuracy_per_step_true_actions"] == pytest.approx(((1 + forward.mean((0, 1))) / 2).tolist())
+    assert metrics["action_accuracy_forward_true_actions"] == pytest.approx((1 + forward[:, 0].mean().item()) / 2)
 
 
 def test_runs_of_several_seeds_are_summarized_by_their_mean_and_spread(tmp_path):
@@ -277,7 +287,7 @@ def test_seeds_run_the_pipeline_once_per_seed_into_its_own_folder(tmp_path, monk
     assert seen[2] == (tmp_path, [tmp_path / "seed_3", tmp_path / "seed_5"])
 
 
-def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vizdoom):
+def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vizdoom, monkeypatch):
     out = tmp_path / "run"
     argv = ["--data-dir", str(tmp_path / "data"), "--out", str(out), "--episodes", "2", "--test-episodes", "2",
             "--episode-length", "20", "--hidden-channels", "16", "--res-channels", "8", "--num-res-layers", "1",
@@ -298,6 +308,11 @@ def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vi
     with pytest.raises(SystemExit, match="exists: pass --resume"):
         train_video.main(argv)
     assert report["checkpoint_options"] == {"prior.pt": {}, "vqvae.pt": {}}
+    # The judge is cached for what it was made from: read back by the evaluations below, which
+    # would fail if they trained one.
+    assert training.load_checkpoint(out / "judge.pt")["made_from"]["steps"] == 4
+    trainer = train_video.train_action_classifier
+    monkeypatch.setattr(train_video, "train_action_classifier", lambda *a, **k: pytest.fail("judge not cached"))
     train_video.main(argv + ["--resume", "--stages", "eval", "--prior-lr-schedule", "constant"])
     again = json.loads((out / "metrics.json").read_text())
     assert again["curves"] == curves
@@ -328,3 +343,10 @@ def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vi
     fresh = train_video.episode_codes(args.out, env, model, vqvae_id, data)
     assert torch.equal(fresh["test"], train_video.encode(model, data["test_frames"], "cpu").to(torch.int16))
     assert torch.equal(training.load_checkpoint(out / "codes.pt")["test_seeds"], data["train_seeds"][:1])
+
+    # A judge of another VQ-VAE, seed or --clf-steps is trained anew.
+    judge = training.load_checkpoint(out / "judge.pt")
+    assert judge["made_from"]["vqvae_id"] == vqvae_id and judge["made_from"]["seed"] == args.seed
+    monkeypatch.setattr(train_video, "train_action_classifier", trainer)
+    train_video.main(argv + ["--resume", "--stages", "eval", "--clf-steps", "3"])
+    assert training.load_checkpoint(out / "judge.pt")["made_from"]["steps"] == 3
