@@ -490,7 +490,7 @@ class InverseDynamics(nn.Module):
 
     max_shift, max_vertical_shift = 16, 8
 
-    def __init__(self, channels: int = 64):
+    def __init__(self, channels: int):
         super().__init__()
         c, shifts = channels, 2 * (self.max_shift + self.max_vertical_shift + 1)
         self.net = nn.Sequential(nn.Conv2d(shifts, c, 3, padding=1), nn.ReLU(),

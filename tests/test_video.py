@@ -157,7 +157,7 @@ def test_frame_pairs_put_each_frame_beside_the_next():
 
 def best_horizontal_shifts(pairs: torch.Tensor) -> torch.Tensor:
     """The shift (B,) of the classifier's cost volume that best matches x_t+1 to x_t, per pair."""
-    classifier = train_video.InverseDynamics()
+    classifier = train_video.InverseDynamics(channels=8)   # the cost volume has no weights
     cost = classifier.cost_volume(pairs)
     assert cost.shape == (len(pairs), 2 * classifier.max_shift + 1 + 2 * classifier.max_vertical_shift + 1, 21, 21)
     return cost[:, :2 * classifier.max_shift + 1].sum((2, 3)).argmin(1) - classifier.max_shift
@@ -344,7 +344,7 @@ def test_all_stages_run_and_eval_is_repeatable_from_the_checkpoints(tmp_path, vi
     assert torch.equal(fresh["test"], train_video.encode(model, data["test_frames"], "cpu").to(torch.int16))
     assert torch.equal(training.load_checkpoint(out / "codes.pt")["test_seeds"], data["train_seeds"][:1])
 
-    # A judge of another VQ-VAE, seed or --clf-steps is trained anew.
+    # The judge was made for this VQ-VAE and seed; one for other --clf-steps is trained anew.
     judge = training.load_checkpoint(out / "judge.pt")
     assert judge["made_from"]["vqvae_id"] == vqvae_id and judge["made_from"]["seed"] == args.seed
     monkeypatch.setattr(train_video, "train_action_classifier", trainer)
