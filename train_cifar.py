@@ -436,4 +436,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    training.run_main(main)

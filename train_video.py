@@ -822,4 +822,4 @@ def run_pipeline(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    training.run_main(main)

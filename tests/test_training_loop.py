@@ -1,11 +1,17 @@
 """training.py's numerics: run_loop reads metrics back only at log steps; pixel_variance is exact;
-the learning-rate schedule."""
+the learning-rate schedule; run_main ends a torchrun process with main's status."""
+import os
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
 
 import training
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_metrics_are_read_back_once_per_log_step_and_averaged_exactly(tmp_path, monkeypatch):
@@ -48,3 +54,34 @@ def test_cosine_learning_rate_falls_from_lr_to_zero_as_hand_computed():
     assert lrs == pytest.approx([1e-3] * 9 + [5e-4, 0.0], rel=1e-12, abs=1e-18)
     with pytest.raises(ValueError, match="schedule"):
         training.learning_rate(1e-3, "linear", 0, 4)
+
+
+EXITING_SCRIPT = """
+import atexit, sys, training
+atexit.register(lambda: print("atexit ran", flush=True))
+
+class Finalized:
+    def __del__(self):
+        print("finalized", file=sys.stderr, flush=True)
+
+kept = Finalized()  # collected when Python finalizes, which a torchrun process skips
+
+def main():
+    print("partial line", end="")  # unflushed: run_main must flush it
+    if sys.argv[1] != "return":
+        raise SystemExit(eval(sys.argv[1]))
+
+training.run_main(main)
+"""
+
+
+@pytest.mark.parametrize("ending", ["return", "None", "3", "130", "'--data x: no such file'"])
+def test_run_main_under_torchrun_exits_with_mains_status_and_output_but_skips_finalization(ending):
+    def run(world_size):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": world_size}
+        r = subprocess.run([sys.executable, "-c", EXITING_SCRIPT, ending], capture_output=True, text=True, env=env, timeout=120)
+        return r.returncode, r.stdout, r.stderr
+    alone, torchrun = run("1"), run("2")  # Python's own exit is the reference
+    assert alone[2].endswith("finalized\n") and "finalized" not in torchrun[2]
+    assert torchrun == (alone[0], alone[1], alone[2].removesuffix("finalized\n"))
+    assert torchrun[:2] == ({"return": 0, "None": 0, "3": 3, "130": 130}.get(ending, 1), "partial lineatexit ran\n")
