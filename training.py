@@ -76,14 +76,13 @@ def stopped() -> NoReturn:
 
 def run_main(main: Callable[[], None]) -> None:
     """Run a script's main(). Under torchrun the process then ends as multiprocessing's children
-    do: atexit handlers, a flush, and os._exit with main's status (SystemExit's code, 0 on return).
+    do: the atexit handlers, a flush, and os._exit with main's status (0 on return, else SystemExit's).
 
-    Why: DDP keeps the gloo process group, and its worker threads, alive past
-    destroy_process_group. A worker still releasing the tensors of the last collective when Python
-    finalizes waits for a GIL that finalization never gives back, and the process aborts
-    ("terminate called without an active exception"): a process that leaves right after the
-    training stages did so about one exit in 20 on two busy cores (tests/stress_distributed_exit.py).
-    os._exit skips finalization. An uncaught exception still propagates as usual."""
+    Why: DDP leaves references to the gloo process group behind, so destroy_process_group does not
+    stop its worker threads. A worker that releases the last collective's tensors after Python has
+    begun to finalize asks for the GIL, Python ends that thread, and the unwinding aborts the
+    process ("terminate called without an active exception"). os._exit never finalizes. An
+    uncaught exception still propagates as usual. tests/stress_distributed_exit.py checks the exits."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return main()
     try:

@@ -4,7 +4,7 @@ Each round starts two processes that do what a script's training stages do at th
 steps, a metrics all-reduce, training.teardown) and leave at once, the main one after a short
 solo computation, as evaluation does. With `training.run_main` (the scripts' way) every exit
 should be clean; a plain return from main() lets Python finalize while a gloo worker may still
-hold the last collective's tensors, which aborted about one exit in 20 here.
+hold the last collective's tensors, which can abort the process (README gives the rates measured).
 
     OMP_NUM_THREADS=1 python tests/stress_distributed_exit.py --rounds 100 --exit both
 """
