@@ -56,8 +56,8 @@ def rounds(n: int, exit_mode: str) -> int:
         codes = [p.returncode for p in procs]
         if any(codes):
             failures += 1
-            last = [o.strip().splitlines()[:1] for o in outputs]
-            print(f"  {exit_mode} round {i}: exit status {codes}, first lines {last}", flush=True)
+            first = [o.strip().splitlines()[:1] for o in outputs]
+            print(f"  {exit_mode} round {i}: exit status {codes}, first lines {first}", flush=True)
     return failures
 
 
