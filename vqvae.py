@@ -1,38 +1,23 @@
-"""VQ-VAE: the whole model in one file.
+"""VQ-VAE: the whole model in one file. "Neural Discrete Representation Learning", A. van den Oord,
+O. Vinyals, K. Kavukcuoglu, NeurIPS 2017, arXiv:1711.00937; the prior: "Conditional Image Generation with
+PixelCNN Decoders", A. van den Oord et al., NeurIPS 2016, arXiv:1606.05328.
 
-"Neural Discrete Representation Learning", A. van den Oord, O. Vinyals, K. Kavukcuoglu,
-NeurIPS 2017, arXiv:1711.00937. Prior: "Conditional Image Generation with PixelCNN Decoders",
-A. van den Oord et al., NeurIPS 2016, arXiv:1606.05328.
-
-An encoder maps x to continuous latents z_e(x); each latent vector is replaced by its nearest
-entry of a learnt codebook e (Eq. 1), the decoder reconstructs x from z_q(x) = e_k (Eq. 2), and
-the loss (Eq. 3) trains decoder, encoder and codebook:
-
+An encoder maps x to latents z_e(x); each latent vector is replaced by its nearest entry of a learnt
+codebook e (Eq. 1); the decoder reconstructs x from z_q(x) = e_k (Eq. 2); the loss (Eq. 3) trains all three:
     L = log p(x|z_q(x)) + ||sg[z_e(x)] - e||^2 + beta * ||z_e(x) - sg[e]||^2
-
-Reading order, smallest part first. The image model, complete: nearest_code (Eq. 1),
-VectorQuantizer (Eq. 2, 3 and the EMA codebook of Appendix A.1), Encoder/Decoder, VQVAE,
-GatedPixelCNN (the prior over the codes), bits_per_dim. Then what builds on it: the speech model
-(Sec. 4.3: mu-law, the WaveNet decoder, also the prior over speech codes, AudioVQVAE) and video
-(Sec. 4.4: ActionConditionalPrior). Last, which code runs the quantizer: everything runs in pure
-PyTorch; when the optional compiled extension `vqvae_ext` (built from csrc/ by setup.py) is
-importable and runs on the tensors' device (quantizer_backend), the nearest-neighbour search and
-the EMA statistics use its operators instead and give the same results. This file imports nothing
-else of the project.
-
-One pattern for every model: it is built from one dataclass config (VQVAE(VQVAEConfig(...)),
-GatedPixelCNN(GatedPixelCNNConfig(...)), ...) and keeps it as `.config`, so that a checkpoint of
-{class name, config, weights} restores any of them; every prior has `log_prob` (nats) and
-`sample`.
-
-Layout conventions: tensors are channel-first, (B, C, *spatial) with 1, 2 or 3 spatial dims
-(audio, images, video); the codebook is (K, D) as in nn.Embedding; K = num_embeddings,
-D = embedding_dim.
+First the image model, complete: nearest_code, VectorQuantizer (with the EMA codebook of App. A.1),
+Encoder/Decoder, VQVAE, GatedPixelCNN (the prior), bits_per_dim; then speech (Sec. 4.3: mu-law, WaveNet,
+AudioVQVAE) and video (Sec. 4.4: ActionConditionalPrior). A model is built from one dataclass config, kept
+as `.config` ({class name, config, weights} restores it); a prior has `log_prob` (nats) and `sample`.
+Tensors are channel-first, (B, C, *spatial) with 1, 2 or 3 spatial dims; the codebook is (K, D) as in
+nn.Embedding. All runs in pure PyTorch; where the optional compiled extension vqvae_ext (csrc/) runs on a
+tensor (vqvae_ext.supports), the nearest-code search and EMA statistics use its operators, with the same
+results. No other file of the project is imported.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -41,109 +26,78 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # optional accelerator, see csrc/ and setup.py; importing it registers torch.ops.vqvae_ext
+try:  # optional: importing it registers torch.ops.vqvae_ext (see csrc/vqvae_ext/__init__.py)
     import vqvae_ext
 except ImportError:
     vqvae_ext = None
 
 
-def _check(cond: bool, name: str, expected: str, x: torch.Tensor) -> None:
-    if not cond:
-        raise ValueError(f"{name}: expected {expected}; got shape {tuple(x.shape)}, dtype {x.dtype}")
+# ---- Eq. 1: the posterior is a one-hot on the nearest codebook entry ---------------------------------
+#     q(z = k | x) = 1 if k = argmin_j ||z_e(x) - e_j||_2, else 0
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Codes (N,) int64: the index of the nearest codebook row to each row of z (Eq. 1), ties to the lowest.
+
+    z: (N, D) floating; codebook: (K, D), same dtype and device; backend: "auto" (the extension where
+    vqvae_ext.supports(z)), "torch" or "extension". Raises ValueError on bad shapes or dtypes, NaN/Inf in z
+    or the codebook or overflowing squared distances (on a GPU or compiled: an asynchronous assert, see
+    _require); RuntimeError if backend="extension" cannot run for z."""
+    _require(z.dim() == 2 and z.is_floating_point(), "z: expected a floating (N, D) tensor", z)
+    _require(codebook.dim() == 2 and codebook.shape[1] == z.shape[1] and codebook.shape[0] > 0
+             and codebook.dtype == z.dtype, f"codebook: expected a (K, {z.shape[1]}) {z.dtype} tensor, K > 0", codebook)
+    use_ext = backend != "torch" and vqvae_ext is not None and vqvae_ext.supports(z)
+    if backend == "extension" and not use_ext:
+        raise RuntimeError(f"nearest_code: vqvae_ext is not installed or does not run on {z.device} for {z.dtype}")
+    norms = (codebook * codebook).sum(1)                                         # ||e_k||^2, (K,)
+    message = "nearest_code: z or codebook contains NaN or Inf (or their squared distances overflow)"
+    if use_ext:
+        _require(torch.isfinite(z).all() & torch.isfinite(norms).all(), message)
+        return torch.ops.vqvae_ext.nearest_code(z.detach(), codebook.detach())
+    # ||z - e_k||^2 = ||z||^2 - 2 <z, e_k> + ||e_k||^2, where ||z||^2 is the same for every k
+    distances = torch.addmm(norms, z, codebook.t(), alpha=-2)                   # (N, K)
+    codes = distances.argmin(1)
+    _require(torch.isfinite(norms).all() & torch.isfinite(distances.gather(1, codes[:, None])).all(), message)
+    return codes
 
 
-def _host_checks(x: torch.Tensor) -> bool:
-    """Whether value checks of x may read it on the host: in eager CPU code. On a GPU or under
-    torch.compile they are asynchronous asserts instead, which never make the host wait for the
-    device and fail at the next synchronisation."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+def _require(ok, message: str, got=None) -> None:
+    """The argument check of every public entry point: ValueError(message) unless ok. got: the tensor
+    received (the message gives its shape and dtype) or a function giving the message's end on failure.
+    A tensor `ok` (a check of values) is read at once in eager CPU code; on a GPU or under torch.compile it
+    is an asynchronous assert, which never makes the host wait for the device and fails at the next sync."""
+    if isinstance(ok, torch.Tensor) and (ok.device.type != "cpu" or torch.compiler.is_compiling()):
+        torch._assert_async(ok, message)
+    elif not ok:
+        if isinstance(got, torch.Tensor):
+            message += f"; got shape {tuple(got.shape)}, dtype {got.dtype}"
+        raise ValueError(message + (got() if callable(got) else ""))
 
 
 def _check_range(x: torch.Tensor, name: str, count: int) -> None:
-    """x must hold integers in [0, count) (codes, class labels, speaker ids); ValueError otherwise."""
-    if x.numel() == 0:
-        return
-    if not _host_checks(x):
-        torch._assert_async((x.min() >= 0) & (x.max() < count), f"{name}: values must lie in [0, {count})")
-    elif x.min() < 0 or x.max() >= count:
-        raise ValueError(f"{name}: values must lie in [0, {count}); got range [{int(x.min())}, {int(x.max())}]")
+    """x must hold integers in [0, count): codes, class labels, speaker ids."""
+    _require(not x.is_floating_point() and not x.is_complex(), f"{name}: expected an integer tensor", x)
+    if x.numel():
+        _require((x.min() >= 0) & (x.max() < count), f"{name}: values must lie in [0, {count})",
+                 lambda: f"; got range [{int(x.min())}, {int(x.max())}]")
 
 
-def _check_ids(ids: torch.Tensor, name: str, count: int, batch: int) -> None:
-    """ids must be an integer (batch,) tensor of values in [0, count): class labels, speaker ids."""
-    _check(ids.dim() == 1 and not ids.is_floating_point() and not ids.is_complex() and len(ids) == batch,
-           name, f"an integer ({batch},) tensor, one id per example", ids)
-    _check_range(ids, name, count)
-
-
-def _check_temperature(temperature: float) -> None:
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature: expected a finite number > 0; got {temperature}")
+def _code_statistics(z: torch.Tensor, codes: torch.Tensor, num_embeddings: int):
+    """Per-code counts (K,) int64 and sums of z (K, D), without a one-hot (N, K) matrix."""
+    if vqvae_ext is not None and vqvae_ext.supports(z):
+        return torch.ops.vqvae_ext.ema_stats(z, codes, num_embeddings)
+    counts = torch.bincount(codes, minlength=num_embeddings)
+    return counts, z.new_zeros(num_embeddings, z.shape[1]).index_add_(0, codes, z)
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _check_finite(z: torch.Tensor, codebook: torch.Tensor) -> None:
-    """ValueError for NaN/Inf (an asynchronous assert where _host_checks says no)."""
-    finite = torch.isfinite(z).all() & torch.isfinite(codebook).all()
-    if not _host_checks(z):
-        torch._assert_async(finite, "nearest_code: z or codebook contains NaN or Inf")
-    elif not finite:
-        raise ValueError("nearest_code: z or codebook contains NaN or Inf")
-
-
-# --------------------------------------------------------------------------------------------
-# Eq. 1: the posterior is a one-hot on the nearest codebook entry
-#     q(z = k | x) = 1 if k = argmin_j ||z_e(x) - e_j||_2, else 0
-# --------------------------------------------------------------------------------------------
-def nearest_code(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Index of the nearest codebook entry of each row of z (Eq. 1), by squared L2 distance.
-
-    Args:
-        z: (N, D) floating latents. codebook: (K, D), same dtype and device.
-        backend: "auto" (the compiled extension where it runs on z's device, see
-            quantizer_backend, else PyTorch), "torch" or "extension".
-    Returns:
-        (N,) int64 indices. Ties go to the lowest index, as torch.argmin. Distances are computed as
-        ||e_k||^2 - 2 <z, e_k> (||z||^2 is the same for every k), in z's precision.
-    Raises:
-        ValueError on wrong ranks, a D mismatch or integer dtypes, and on NaN/Inf in eager CPU code
-        (on a GPU or compiled, NaN/Inf fail an asynchronous assert instead, see _host_checks);
-        RuntimeError if backend="extension" and the extension does not run on z's device.
-    """
-    _check(z.dim() == 2 and z.is_floating_point(), "z", "a floating (N, D) tensor", z)
-    _check(codebook.dim() == 2 and codebook.shape[1] == z.shape[1] and codebook.shape[0] > 0
-           and codebook.dtype == z.dtype, "codebook", f"a (K, {z.shape[1]}) {z.dtype} tensor, K > 0", codebook)
-    use_ext = backend != "torch" and _extension_supports(z)
-    if backend == "extension" and not use_ext:
-        raise RuntimeError(f"nearest_code: the vqvae_ext extension does not run on {z.device} for {z.dtype} "
-                           f"(backend {quantizer_backend(z.device)!r}; pip install --no-build-isolation -e .)")
-    _check_finite(z, codebook)
-    if not use_ext:
-        distances = torch.addmm((codebook * codebook).sum(1), z, codebook.t(), alpha=-2)  # (N, K)
-        return distances.argmin(1)
-    return torch.ops.vqvae_ext.nearest_code(z.detach(), codebook.detach())
-
-
-def _code_statistics(z: torch.Tensor, indices: torch.Tensor, num_embeddings: int):
-    """Per-code counts (K,) int64 and sums of z (K, D), without a one-hot (N, K) matrix."""
-    if _extension_supports(z):
-        return torch.ops.vqvae_ext.ema_stats(z, indices, num_embeddings)
-    counts = torch.bincount(indices, minlength=num_embeddings)
-    sums = z.new_zeros(num_embeddings, z.shape[1]).index_add_(0, indices, z)
-    return counts, sums
-
-
-# Without the EMA codebook, code usage is still averaged (ema_cluster_size, for dead-code restarts)
-# with this decay, the paper's EMA decay.
-USAGE_DECAY = 0.99
+USAGE_DECAY = 0.99  # the paper's EMA decay, also of code usage without the EMA codebook (dead-code restarts)
 
 
 class VQOutput(NamedTuple):
     z_q: torch.Tensor              # (B, D, *S) quantized latents, straight-through gradient to z_e
-    indices: torch.Tensor          # (B, *S) int64 code indices
+    codes: torch.Tensor            # (B, *S) int64
     codebook_loss: torch.Tensor    # scalar, ||sg[z_e] - e||^2 (zero with the EMA codebook)
     commitment_loss: torch.Tensor  # scalar, beta * ||z_e - sg[e]||^2
     perplexity: torch.Tensor       # scalar, exp(entropy of code usage in this batch)
@@ -151,117 +105,98 @@ class VQOutput(NamedTuple):
 
 
 class VectorQuantizer(nn.Module):
-    """Vector quantization layer with straight-through gradient (Sec. 3.1, Eq. 1-3, App. A.1).
-
-    Example: z_e of shape (16, 64, 8, 8) with D = 64 is flattened to (1024, 64) latents, each
-    replaced by the nearest of K codebook rows; z_q has shape (16, 64, 8, 8), indices (16, 8, 8).
-
-    Args:
-        num_embeddings: K, the codebook size.
-        embedding_dim: D, the dimension of each codebook vector and of z_e's channel axis.
-        commitment_cost: beta of Eq. 3, on the commitment term (paper: 0.25).
-        decay: if set (paper: 0.99), the codebook is the exponential moving average of Appendix
-            A.1 (a buffer, not a parameter) and the codebook loss term is dropped.
-        epsilon: Laplace smoothing of the EMA cluster sizes.
-        kmeans_init: initialise the codebook by k-means on the first training batch (not in the
-            paper; off by default).
-        dead_code_threshold: if set, codes whose moving-average usage (expected count per batch)
-            falls below it are restarted from random encoder outputs (not in the paper).
-    """
-
+    """Vector quantization with a straight-through gradient (Sec. 3.1, Eq. 1-3, App. A.1). Example: z_e (16, 64, 8, 8)
+    with D = 64 is flattened to (1024, 64) latents, each replaced by the nearest of the K codebook rows: z_q (16, 64,
+    8, 8), codes (16, 8, 8). Args: num_embeddings K; embedding_dim D (z_e's channels); commitment_cost: beta of Eq. 3
+    (paper: 0.25); decay: if set (paper: 0.99), the codebook is the moving average of App. A.1 (a buffer, no codebook
+    loss); epsilon: Laplace smoothing of the EMA cluster sizes. Not in the paper: kmeans_init (k-means on the first
+    training batch) and dead_code_threshold (codes whose average usage per batch falls below it restart from random
+    encoder outputs). Raises ValueError for arguments out of range."""
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  decay: float | None = None, epsilon: float = 1e-5, kmeans_init: bool = False,
                  dead_code_threshold: float | None = None):
         super().__init__()
-        if num_embeddings < 1 or embedding_dim < 1:
-            raise ValueError(f"num_embeddings and embedding_dim must be >= 1; got {num_embeddings}, {embedding_dim}")
-        if decay is not None and not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1) or None; got {decay}")
+        _check_fields("VectorQuantizer", num_embeddings=num_embeddings, embedding_dim=embedding_dim, epsilon=epsilon,
+                      commitment_cost=commitment_cost, decay=decay, dead_code_threshold=dead_code_threshold)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon
         self.kmeans_init, self.dead_code_threshold = kmeans_init, dead_code_threshold
         if decay is None:
-            codebook = torch.empty(num_embeddings, embedding_dim).uniform_(-1 / num_embeddings, 1 / num_embeddings)
-            self.codebook = nn.Parameter(codebook)
+            bound = 1 / num_embeddings
+            self.codebook = nn.Parameter(torch.empty(num_embeddings, embedding_dim).uniform_(-bound, bound))
         else:
             self.register_buffer("codebook", torch.randn(num_embeddings, embedding_dim))
-            # The averages start as if each code had been chosen once with its own value, so that
-            # m / N = e at step 0. A code never chosen does not stay put: both averages decay by
-            # gamma per step and, smoothed, e_i = gamma^t e0 / (gamma^t + ~epsilon) shrinks towards
-            # the origin once gamma^t nears epsilon (~1,100 steps at gamma = 0.99, epsilon = 1e-5).
+            # As if each code had been chosen once with its own value: m / N = e at step 0. A code never
+            # chosen then shrinks towards the origin, e_i = gamma^t e0 / (gamma^t + ~epsilon), once
+            # gamma^t nears epsilon (~1,100 steps at gamma = 0.99, epsilon = 1e-5).
             self.register_buffer("ema_embed_sum", self.codebook.clone())
         # Moving average of code usage N_i (Eq. 6); also serves dead-code detection.
         self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
 
     def forward(self, z_e: torch.Tensor) -> VQOutput:
-        """Quantize z_e of shape (B, D, *spatial); see VQOutput for the returned fields.
-
-        Runs in float32 whatever the autocast state or input dtype (z_q is returned in z_e's dtype).
-        Raises ValueError for a wrong channel count or rank, integer dtype, empty batch, NaN/Inf.
-        """
+        """Quantize z_e (B, D, *spatial), in float32 whatever the autocast state (z_q comes back in
+        z_e's dtype). Raises ValueError for a wrong shape or dtype, NaN/Inf, and in training for an EMA
+        update that would leave non-finite codes (see _update_codebook)."""
         D, K = self.embedding_dim, self.num_embeddings
-        _check(z_e.dim() >= 3 and z_e.shape[1] == D and z_e.is_floating_point() and z_e.shape[0] > 0
-               and z_e.numel() > 0, "z_e", f"a floating (B, {D}, *spatial) tensor with B > 0", z_e)
+        _require(z_e.dim() >= 3 and z_e.shape[1] == D and z_e.is_floating_point() and z_e.numel() > 0,
+                 f"z_e: expected a floating (B, {D}, *spatial) tensor with B > 0", z_e)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
             z = z_e.float().movedim(1, -1)                             # (B, *S, D)
             flat = z.reshape(-1, D)                                    # (N, D), N = B * prod(S)
             if self.kmeans_init and self.training and not self.initialized:
                 self._kmeans_init(flat.detach())
             codebook = self.codebook.float()
-            indices = nearest_code(flat.detach(), codebook.detach())   # Eq. 1, (N,)
-            e = F.embedding(indices, codebook)                         # (N, D), e_k
-
-            # Eq. 2 with the straight-through estimator: the forward value is e_k, the backward
-            # pass copies the gradient at z_q unchanged to z_e.
+            codes = nearest_code(flat.detach(), codebook.detach())     # Eq. 1, (N,)
+            e = F.embedding(codes, codebook)                           # (N, D), e_k
+            # Eq. 2, z_q(x) = e_k, with the straight-through estimator: the forward value is e_k,
+            # the backward pass copies the gradient at z_q unchanged to z_e.
             z_q = flat + (e - flat).detach()
-
-            # Eq. 3, each term averaged over latents and their D components (as the authors'
-            # Sonnet code), so that its scale matches a per-pixel mean reconstruction error.
-            # The codebook term moves e towards sg[z_e]; the commitment term (beta) moves z_e
-            # towards sg[e]. beta belongs to the commitment term, not to the codebook term.
-            if self.decay is None:
-                codebook_loss = F.mse_loss(e, flat.detach())
-            else:
-                codebook_loss = flat.new_zeros(())  # the EMA of App. A.1 replaces this term
+            # Eq. 3, ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2: the codebook term moves e, the commitment
+            # term moves z_e (beta belongs to it alone). Means over latents and D, as the authors' Sonnet
+            # code, so that the scale matches a per-pixel mean reconstruction error.
+            codebook_loss = F.mse_loss(e, flat.detach()) if self.decay is None else flat.new_zeros(())
             commitment_loss = self.commitment_cost * F.mse_loss(flat, e.detach())
-
-            counts, sums = _code_statistics(flat.detach(), indices, K)
-            probs = counts / counts.sum()
-            perplexity = torch.exp(torch.special.entr(probs).sum())
+            counts, sums = _code_statistics(flat.detach(), codes, K)
+            perplexity = torch.exp(torch.special.entr(counts / counts.sum()).sum())
             if self.training:
                 self._update_codebook(counts, sums, flat.detach())
         z_q = z_q.reshape(z.shape).movedim(-1, 1).to(z_e.dtype)        # (B, D, *S)
-        return VQOutput(z_q, indices.reshape(z.shape[:-1]), codebook_loss, commitment_loss, perplexity, counts)
+        return VQOutput(z_q, codes.reshape(z.shape[:-1]), codebook_loss, commitment_loss, perplexity, counts)
 
     @torch.no_grad()
     def _update_codebook(self, counts: torch.Tensor, sums: torch.Tensor, flat: torch.Tensor) -> None:
-        """Appendix A.1 (Eq. 6-8) and the dead-code restart; identical on every process."""
-        if _distributed():  # the statistics of the whole global batch, so codebooks stay equal
+        """App. A.1 (Eq. 6-8) and the dead-code restart, identical on every process. A new EMA codebook with
+        a non-finite squared norm, which no search can use, is refused (ValueError, state unchanged)."""
+        if _distributed():  # the statistics of the whole global batch, so that codebooks stay equal
             counts, sums = counts.clone(), sums.clone()
             dist.all_reduce(counts)
             dist.all_reduce(sums)
         gamma = USAGE_DECAY if self.decay is None else self.decay
-        self.ema_cluster_size.mul_(gamma).add_(counts, alpha=1 - gamma)     # Eq. 6: N_i
+        cluster_size = torch.add(self.ema_cluster_size * gamma, counts, alpha=1 - gamma)  # Eq. 6: N_i
         if self.decay is not None:
-            self.ema_embed_sum.mul_(gamma).add_(sums, alpha=1 - gamma)      # Eq. 7: m_i
-            n = self.ema_cluster_size.sum()
+            embed_sum = torch.add(self.ema_embed_sum * gamma, sums, alpha=1 - gamma)      # Eq. 7: m_i
+            n = cluster_size.sum()
             # Laplace smoothing keeps N_i > 0 for codes that have not been chosen lately.
-            cluster_size = (self.ema_cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
-            self.codebook.copy_(self.ema_embed_sum / cluster_size[:, None])  # Eq. 8: e_i = m_i / N_i
+            smoothed = (cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
+            codebook = embed_sum / smoothed[:, None]                                     # Eq. 8: e_i = m_i / N_i
+            _require(torch.isfinite((codebook * codebook).sum(1)).all(),
+                     "z_e: the EMA codebook update would leave non-finite codes (inputs too large)")
+            self.ema_embed_sum.copy_(embed_sum)
+            self.codebook.copy_(codebook)
+        self.ema_cluster_size.copy_(cluster_size)
         if self.dead_code_threshold is not None:
             dead = self.ema_cluster_size < self.dead_code_threshold
             if dead.any():  # the same decision on every process: the counts were all-reduced
-                replacement = flat[torch.randint(len(flat), (int(dead.sum()),), device=flat.device)]
-                self._broadcast_assign(dead, replacement)
+                self._broadcast_assign(dead, flat[torch.randint(len(flat), (int(dead.sum()),), device=flat.device)])
 
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor, iterations: int = 10) -> None:
         """Codebook from k-means on the first batch (process 0's), broadcast to all processes."""
         K = self.num_embeddings
-        # k-means++ seeding: each next centroid is a latent drawn with probability proportional to
-        # its squared distance to the nearest centroid so far, so that separate clusters get one each
-        # (uniform seeding often puts two in one cluster, a local minimum Lloyd's steps never leave).
+        # k-means++ seeding: each next centroid is a latent drawn with probability proportional to its squared
+        # distance to the nearest centroid so far, so that separate clusters get one each (uniform seeding
+        # often puts two in one cluster, a local minimum that Lloyd's steps never leave).
         centroids = flat[torch.randint(len(flat), (1,), device=flat.device)]
         d2 = ((flat - centroids) ** 2).sum(1)                                      # (N,)
         for _ in range(1, K):
@@ -286,37 +221,27 @@ class VectorQuantizer(nn.Module):
         if self.decay is not None:
             self.ema_embed_sum[mask] = self.codebook[mask]
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codebook vectors for integer indices of shape (B, *S): z_q of shape (B, D, *S).
-
-        Raises ValueError for non-integer indices or values outside [0, K).
-        """
-        _check(not indices.is_floating_point() and not indices.is_complex() and indices.dim() >= 2,
-               "indices", "an integer (B, *spatial) tensor", indices)
-        _check_range(indices, "indices", self.num_embeddings)
-        return F.embedding(indices.long(), self.codebook).movedim(-1, 1)
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Integer codes (B, *S) -> z_q (B, D, *S). Raises ValueError for values outside [0, K)."""
+        _require(codes.dim() >= 2, "codes: expected an integer (B, *spatial) tensor", codes)
+        _check_range(codes, "codes", self.num_embeddings)
+        return F.embedding(codes.long(), self.codebook).movedim(-1, 1)
 
 
-# --------------------------------------------------------------------------------------------
-# Encoder and decoder (Sec. 4.1): strided 4x4 convolutions and residual blocks
-# (ReLU, 3x3 conv, ReLU, 1x1 conv), for 1-D (audio), 2-D (images) or 3-D (video) inputs.
-# --------------------------------------------------------------------------------------------
+# ---- Encoder and decoder (Sec. 4.1): strided 4x4 convolutions and residual blocks ------------------
 def _conv(dims: int, transposed: bool = False):
-    if dims not in (1, 2, 3):
-        raise ValueError(f"dims must be 1, 2 or 3; got {dims}")
-    return [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d][dims - 1] if transposed \
-        else [nn.Conv1d, nn.Conv2d, nn.Conv3d][dims - 1]
+    _require(dims in (1, 2, 3), f"dims: expected 1, 2 or 3; got {dims}")
+    return (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv1d, nn.Conv2d, nn.Conv3d)[
+        dims - 1 + (0 if transposed else 3)]
 
 
 class ResidualStack(nn.Module):
     """num_layers residual blocks x + conv1x1(relu(conv3x3(relu(x)))), then a ReLU. Keeps shape."""
-
     def __init__(self, channels: int, res_channels: int, num_layers: int, dims: int = 2):
         super().__init__()
         conv = _conv(dims)
-        self.blocks = nn.ModuleList(nn.Sequential(
-            nn.ReLU(), conv(channels, res_channels, 3, padding=1),
-            nn.ReLU(), conv(res_channels, channels, 1)) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), conv(channels, res_channels, 3, padding=1), nn.ReLU(),
+                                                  conv(res_channels, channels, 1)) for _ in range(num_layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
@@ -325,14 +250,9 @@ class ResidualStack(nn.Module):
 
 
 class Encoder(nn.Module):
-    """x (B, C, *S) -> features (B, hidden, *S / 2**num_downsamples).
-
-    num_downsamples stride-2 convolutions with window 4 (paper: 2 for 32x32 images -> 8x8,
-    6 for audio -> 64x fewer steps), a 3x3 convolution, then the residual stack. The strided
-    convolutions before the last have outer_channels (default hidden_channels; Sonnet's example:
-    hidden_channels // 2).
-    """
-
+    """x (B, C, *S) -> (B, hidden, *S / 2**num_downsamples): num_downsamples stride-2 convolutions of
+    window 4 (paper: 2 for 32x32 images, 6 for audio), a 3x3 convolution, the residual stack. Strided
+    convolutions before the last have outer_channels (default hidden; Sonnet's example: hidden / 2)."""
     def __init__(self, in_channels: int, hidden_channels: int = 256, res_channels: int = 256,
                  num_res_layers: int = 2, num_downsamples: int = 2, dims: int = 2, outer_channels: int | None = None):
         super().__init__()
@@ -349,34 +269,53 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """z_q (B, D, *S) -> (B, out_channels, *S * 2**num_upsamples): the encoder mirrored,
-    with transposed stride-2 convolutions of window 4 (those before the last: outer_channels out)."""
-
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 256,
-                 res_channels: int = 256, num_res_layers: int = 2, num_upsamples: int = 2, dims: int = 2,
-                 outer_channels: int | None = None):
+    """z_q (B, D, *S) -> (B, out_channels, *S * 2**num_upsamples): the encoder mirrored, with transposed
+    stride-2 convolutions of window 4 (those before the last: outer_channels out)."""
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 256, res_channels: int = 256,
+                 num_res_layers: int = 2, num_upsamples: int = 2, dims: int = 2, outer_channels: int | None = None):
         super().__init__()
         conv, conv_t, outer = _conv(dims), _conv(dims, transposed=True), outer_channels or hidden_channels
         layers = [conv(in_channels, hidden_channels, 3, padding=1),
                   ResidualStack(hidden_channels, res_channels, num_res_layers, dims)]
         for i in range(num_upsamples):
             last = i == num_upsamples - 1
-            layers += [conv_t(hidden_channels if i == 0 else outer, out_channels if last else outer, 4, stride=2,
-                              padding=1)]
+            layers.append(conv_t(hidden_channels if i == 0 else outer, out_channels if last else outer, 4, 2, 1))
             layers += [] if last else [nn.ReLU()]
-        if not num_upsamples:
-            layers += [conv(hidden_channels, out_channels, 1)]
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers, *([] if num_upsamples else [conv(hidden_channels, out_channels, 1)]))
 
     def forward(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.net(z_q)
 
 
-# --------------------------------------------------------------------------------------------
-# The VQ-VAE: encoder, 1x1 projection to D, quantizer, decoder, and the loss of Eq. 3.
-# --------------------------------------------------------------------------------------------
+# ---- The VQ-VAE: encoder, 1x1 projection to D, quantizer, decoder, and the loss of Eq. 3 -----------
+_RULES = {  # what config fields must hold, by name; any other field: an integer >= 1 or None
+    "commitment_cost": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "decay": (lambda v: v is None or 0 <= v < 1, "in [0, 1) or None"),
+    "dead_code_threshold": (lambda v: v is None or 0 < v < math.inf, "> 0 or None"),
+    **dict.fromkeys(("epsilon", "data_variance"), (lambda v: 0 < v < math.inf, "> 0")),
+    "likelihood": (lambda v: v in ("gaussian", "categorical"), "'gaussian' or 'categorical'"),
+    "dims": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
+    "kernel_size": (lambda v: isinstance(v, int) and v >= 3 and v % 2 == 1, "odd and >= 3"),
+    "kmeans_init": (lambda v: isinstance(v, bool), "a bool"),
+    **dict.fromkeys(("num_res_layers", "num_downsamples", "cond_channels", "codebook_dim"),
+                    (lambda v: isinstance(v, int) and v >= 0, ">= 0")),
+}
+
+
+def _check_fields(owner: str, **fields) -> None:
+    """ValueError naming the first field of `owner` that breaks its rule in _RULES."""
+    for name, value in fields.items():
+        test, expected = _RULES.get(name, (lambda v: v is None or isinstance(v, int) and v >= 1, "an integer >= 1"))
+        _require(test(value), f"{owner}.{name}: expected {expected}; got {value!r}")
+
+
+class _Config:
+    def __post_init__(self):  # every config checks its fields when made
+        _check_fields(type(self).__name__, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
 @dataclass
-class VQVAEConfig:
+class VQVAEConfig(_Config):
     in_channels: int = 3
     hidden_channels: int = 256           # paper, Sec. 4.1: "all having 256 hidden units"
     outer_channels: int | None = None    # the outer strided convolutions; None: hidden (Sonnet: hidden / 2)
@@ -401,7 +340,7 @@ class VQVAEOutput(NamedTuple):
     logits: torch.Tensor | None         # (B, C, *S, 256) for the categorical decoder, else None
     z_e: torch.Tensor                   # (B, G*D, *S') encoder output
     z_q: torch.Tensor                   # (B, G*D, *S') quantized
-    indices: torch.Tensor               # (B, *S') if G == 1 else (B, G, *S')
+    codes: torch.Tensor                 # (B, *S') if G == 1 else (B, G, *S'), int64
     recon_loss: torch.Tensor            # -log p(x|z_q) per dim: MSE / data_variance, or nats
     codebook_loss: torch.Tensor
     commitment_loss: torch.Tensor
@@ -411,17 +350,11 @@ class VQVAEOutput(NamedTuple):
 
 
 class VQVAE(nn.Module):
-    """The VQ-VAE of Sec. 3 with the architecture of Sec. 4.1.
-
-    Input x: float (B, C, *S) scaled to [-0.5, 0.5] (x_uint8 / 255 - 0.5), each spatial size a
-    multiple of 2**num_downsamples. With num_groups = G > 1 each latent position holds G codes
-    from one shared codebook (z_e has G*D channels).
-    """
-
+    """The VQ-VAE of Sec. 3 with the architecture of Sec. 4.1. x: float (B, C, *S) in [-0.5, 0.5] (x_uint8 /
+    255 - 0.5), each spatial size a multiple of 2**num_downsamples. With num_groups = G > 1 each latent
+    position holds G codes of the one codebook (z_e has G*D channels)."""
     def __init__(self, config: VQVAEConfig):
         super().__init__()
-        if config.likelihood not in ("gaussian", "categorical"):
-            raise ValueError(f"likelihood must be 'gaussian' or 'categorical'; got {config.likelihood!r}")
         self.config = c = config
         categorical = c.likelihood == "categorical"
         self.encoder = Encoder(c.in_channels, c.hidden_channels, c.res_channels, c.num_res_layers, c.num_downsamples,
@@ -439,10 +372,10 @@ class VQVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, C, *S) -> z_e (B, G*D, *S / 2**num_downsamples). Raises ValueError on bad x."""
         c, dtype = self.config, self.pre_quantize.weight.dtype
-        _check(x.dim() == c.dims + 2 and x.shape[1] == c.in_channels and x.dtype == dtype
-               and x.shape[0] > 0 and all(s > 0 and s % 2 ** c.num_downsamples == 0 for s in x.shape[2:]),
-               "x", f"a (B, {c.in_channels}, *S) tensor of the model's dtype {dtype} with {c.dims} spatial dims, "
-               f"B > 0 and each spatial size a multiple of {2 ** c.num_downsamples}", x)
+        _require(x.dim() == c.dims + 2 and x.shape[1] == c.in_channels and x.dtype == dtype and x.shape[0] > 0
+                 and all(s > 0 and s % 2 ** c.num_downsamples == 0 for s in x.shape[2:]),
+                 f"x: expected a (B, {c.in_channels}, *S) tensor of the model's dtype {dtype} with {c.dims} spatial "
+                 f"dims, B > 0 and each spatial size a multiple of {2 ** c.num_downsamples}", x)
         return self.pre_quantize(self.encoder(x))
 
     def quantize(self, z_e: torch.Tensor) -> VQOutput:
@@ -453,17 +386,16 @@ class VQVAE(nn.Module):
         out = self.quantizer(z_e.unflatten(1, (G, D)).transpose(1, 2))  # (B, D, G, *S)
         return out._replace(z_q=out.z_q.transpose(1, 2).flatten(1, 2))
 
-    def decode(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes (B, *S') if G == 1 else (B, G, *S') -> decoder output (see decode_latents)."""
-        c = self.config
-        expected = c.dims + (1 if c.num_groups == 1 else 2)
-        _check(indices.dim() == expected and (c.num_groups == 1 or indices.shape[1] == c.num_groups),
-               "indices", f"a tensor with {expected} dims" + ("" if c.num_groups == 1 else f", shape[1] == {c.num_groups}"), indices)
-        z_q = self.quantizer.lookup(indices)
-        # (B, D, G, *S') -> (B, G*D, *S'), group-major channels as in quantize
-        return self.decode_latents(z_q if c.num_groups == 1 else z_q.transpose(1, 2).flatten(1, 2))
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, *S') if G == 1 else (B, G, *S') -> images (B, C, *S) in [-0.5, 0.5], the mean of
+        p(x|z_q). Raises ValueError for a wrong rank or codes outside [0, K)."""
+        G, rank = self.config.num_groups, self.config.dims + (1 if self.config.num_groups == 1 else 2)
+        _require(codes.dim() == rank and (G == 1 or codes.shape[1] == G),
+                 f"codes: expected a tensor with {rank} dims" + ("" if G == 1 else f", shape[1] == {G}"), codes)
+        z_q = self.quantizer.lookup(codes)  # (B, D, [G,] *S') -> (B, G*D, *S'), group-major as in quantize
+        return self.to_image(self.decoder_output(z_q if G == 1 else z_q.transpose(1, 2).flatten(1, 2)))
 
-    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+    def decoder_output(self, z_q: torch.Tensor) -> torch.Tensor:
         """z_q (B, G*D, *S') -> Gaussian mean (B, C, *S) or categorical logits (B, C, *S, 256)."""
         out = self.decoder(z_q)
         if self.logits is not None:
@@ -474,41 +406,37 @@ class VQVAE(nn.Module):
             out = out.unflatten(-1, (self.config.in_channels, 256)).movedim(-2, 1)
         return out
 
-    def reconstruction(self, decoded: torch.Tensor) -> torch.Tensor:
+    def to_image(self, decoder_output: torch.Tensor) -> torch.Tensor:
         """Decoder output -> image in [-0.5, 0.5]: the mean (the categorical's expected value)."""
         if self.config.likelihood == "gaussian":
-            return decoded
-        levels = torch.arange(256, device=decoded.device, dtype=torch.float32) / 255 - 0.5
-        return (decoded.movedim(1, -2).float().softmax(-1) @ levels).movedim(-1, 1)
+            return decoder_output
+        levels = torch.arange(256, device=decoder_output.device, dtype=torch.float32) / 255 - 0.5
+        return (decoder_output.movedim(1, -2).float().softmax(-1) @ levels).movedim(-1, 1)
 
-    def log_likelihood(self, x: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
+    def log_likelihood(self, x: torch.Tensor, decoder_output: torch.Tensor) -> torch.Tensor:
         """log p(x|z_q) in nats per example, (B,): the categorical decoder only (discrete x)."""
-        if self.config.likelihood != "categorical":
-            raise ValueError("log_likelihood needs likelihood='categorical' (a discrete p(x|z))")
+        _require(self.config.likelihood == "categorical", "log_likelihood needs likelihood='categorical'")
         target = ((x.float() + 0.5) * 255).round().clamp(0, 255).long()    # (B, C, *S) in 0..255
-        log_probs = decoded.movedim(1, -2).float().log_softmax(-1)          # (B, *S, C, 256)
+        log_probs = decoder_output.movedim(1, -2).float().log_softmax(-1)   # (B, *S, C, 256)
         return log_probs.gather(-1, target.movedim(1, -1).unsqueeze(-1)).flatten(1).sum(1)
 
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         z_e = self.encode(x)
         vq = self.quantize(z_e)
-        decoded = self.decode_latents(vq.z_q)
-        if self.config.likelihood == "gaussian":
-            recon_loss = F.mse_loss(decoded.float(), x.float()) / self.config.data_variance
+        out = self.decoder_output(vq.z_q)
+        if self.logits is None:
+            recon_loss = F.mse_loss(out.float(), x.float()) / self.config.data_variance
         else:
-            recon_loss = -self.log_likelihood(x, decoded).mean() / x[0].numel()
+            recon_loss = -self.log_likelihood(x, out).mean() / x[0].numel()
         loss = recon_loss + vq.codebook_loss + vq.commitment_loss   # Eq. 3 (recon is -log p(x|z_q))
-        logits = decoded if self.config.likelihood == "categorical" else None
-        return VQVAEOutput(self.reconstruction(decoded), logits, z_e, vq.z_q, vq.indices, recon_loss,
-                           vq.codebook_loss, vq.commitment_loss, loss, vq.perplexity, vq.counts)
+        return VQVAEOutput(self.to_image(out), None if self.logits is None else out, z_e, vq.z_q, vq.codes,
+                           recon_loss, vq.codebook_loss, vq.commitment_loss, loss, vq.perplexity, vq.counts)
 
 
-# --------------------------------------------------------------------------------------------
-# The prior (Sec. 3.2, 4.2): a gated PixelCNN over the map of codes, trained after the VQ-VAE.
-# Gated activation y = tanh(W_f * x + V_f h) . sigmoid(W_g * x + V_g h), where h is a class (or a
-# conditioning map); a vertical stack sees the rows above, a horizontal stack the pixels to the
-# left, which together cover everything before a pixel in raster order (no blind spot).
-# --------------------------------------------------------------------------------------------
+# ---- The prior (Sec. 3.2, 4.2): a gated PixelCNN over the map of codes, trained after the VQ-VAE ----
+# y = tanh(W_f * x + V_f h) . sigmoid(W_g * x + V_g h), h a class (or a conditioning map); a vertical
+# stack sees the rows above, a horizontal stack the pixels to the left: together everything before a
+# pixel in raster order (no blind spot).
 def _gate(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=1)
     return torch.tanh(a) * torch.sigmoid(b)
@@ -516,7 +444,6 @@ def _gate(x: torch.Tensor) -> torch.Tensor:
 
 class GatedLayer(nn.Module):
     """One gated layer of both stacks; `first` masks the current pixel (mask A, no residual)."""
-
     def __init__(self, channels: int, kernel_size: int, first: bool, num_classes: int | None, cond_channels: int):
         super().__init__()
         k, self.first = kernel_size, first
@@ -542,9 +469,7 @@ class GatedLayer(nn.Module):
     def add_biases(self, x, label, cond):
         if self.class_bias is not None:
             x = x + self.class_bias(label)[:, :, None, None]
-        if self.cond_bias is not None:
-            x = x + self.cond_bias(cond)
-        return x
+        return x if self.cond_bias is None else x + self.cond_bias(cond)
 
     def horizontal_step(self, h, above, label, cond):
         """Horizontal stack on rows h (B, c, R, W), given vertical_pre of the row above each, above
@@ -556,7 +481,7 @@ class GatedLayer(nn.Module):
 
 
 @dataclass
-class GatedPixelCNNConfig:
+class GatedPixelCNNConfig(_Config):
     num_embeddings: int = 512            # K of the VQ-VAE whose codes it models
     num_groups: int = 1                  # G, the VQ-VAE's codes per latent position
     channels: int = 128
@@ -567,21 +492,12 @@ class GatedPixelCNNConfig:
 
 
 class GatedPixelCNN(nn.Module):
-    """Autoregressive prior p(z) = prod_i p(z_i | z_<i, class) over maps of codes (raster order).
-
-    With num_groups = G > 1 each position holds G codes (VQVAE's groups), ordered within the
-    position: the stacks see all codes of earlier positions, and a head adds the embeddings of the
-    same position's earlier groups.
-
-    Input codes: (B, H, W) if G == 1 else (B, G, H, W), int64 in [0, K).
-    Raises ValueError for an even kernel_size or one below 3.
-    """
-
+    """Autoregressive prior p(z) = prod_i p(z_i | z_<i, class) over maps of codes (raster order); codes
+    (B, H, W) if G == 1 else (B, G, H, W), int64 in [0, K). With num_groups = G > 1 the stacks see all codes
+    of earlier positions, and a head adds the embeddings of the same position's earlier groups."""
     def __init__(self, config: GatedPixelCNNConfig):
         super().__init__()
         self.config = c = config
-        if c.kernel_size < 3 or c.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and >= 3; got {c.kernel_size}")
         self.num_embeddings, self.num_groups, self.num_classes = c.num_embeddings, c.num_groups, c.num_classes
         self.embedding = nn.Embedding(c.num_embeddings * c.num_groups, c.channels)
         self.layers = nn.ModuleList(GatedLayer(c.channels, c.kernel_size, i == 0, c.num_classes, c.cond_channels)
@@ -592,22 +508,26 @@ class GatedPixelCNN(nn.Module):
                                   nn.Conv3d(c.channels, c.num_embeddings, 1))
 
     def _grouped(self, codes: torch.Tensor) -> torch.Tensor:
-        received, codes = codes, codes[:, None] if self.num_groups == 1 else codes  # report the shape passed
-        _check(codes.dim() == 4 and codes.shape[1] == self.num_groups and not codes.is_floating_point()
-               and codes.shape[0] > 0, "codes", "an integer (B, H, W) tensor" if self.num_groups == 1
-               else f"an integer (B, {self.num_groups}, H, W) tensor", received)
+        """(B, G, H, W) ids into the embeddings, a separate range of K per group."""
+        grouped, G = (codes[:, None] if self.num_groups == 1 else codes), self.num_groups
+        _require(grouped.dim() == 4 and grouped.shape[1] == G and not codes.is_floating_point() and len(codes) > 0,
+                 "codes: expected an integer " + ("(B, H, W)" if G == 1 else f"(B, {G}, H, W)") + " tensor", codes)
         _check_range(codes, "codes", self.num_embeddings)
-        offsets = torch.arange(self.num_groups, device=codes.device)[None, :, None, None]
-        return codes.long() + offsets * self.num_embeddings  # a separate embedding per group
+        return grouped.long() + torch.arange(G, device=codes.device)[None, :, None, None] * self.num_embeddings
+
+    def _check_label(self, label: torch.Tensor | None, batch: int) -> None:
+        _require((self.num_classes is None) == (label is None),
+                 "label: pass class labels (B,) exactly when the model has num_classes")
+        if label is not None:
+            _require(label.dim() == 1 and not label.is_floating_point() and len(label) == batch,
+                     f"label: expected an integer ({batch},) tensor, one id per example", label)
+            _check_range(label, "label", self.num_classes)
 
     def forward(self, codes: torch.Tensor, label: torch.Tensor | None = None,
                 cond: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, K, H, W) if G == 1 else (B, K, G, H, W), for p(z_i | z_<i)."""
-        if (self.num_classes is None) != (label is None):
-            raise ValueError("label: pass class labels (B,) exactly when the model has num_classes")
         grouped = self._grouped(codes)                                      # (B, G, H, W)
-        if label is not None:
-            _check_ids(label, "label", self.num_classes, len(codes))
+        self._check_label(label, len(codes))
         v = h = self._embed(grouped)                                        # (B, c, H, W)
         for layer in self.layers:
             v, h = layer(v, h, label, cond)
@@ -627,97 +547,88 @@ class GatedPixelCNN(nn.Module):
     def log_prob(self, codes: torch.Tensor, label: torch.Tensor | None = None,
                  cond: torch.Tensor | None = None) -> torch.Tensor:
         """log p(z) in nats, (B,)."""
-        logits = self(codes, label, cond)
-        return -F.cross_entropy(logits, codes.long(), reduction="none").flatten(1).sum(1)
+        return -F.cross_entropy(self(codes, label, cond), codes.long(), reduction="none").flatten(1).sum(1)
 
     @torch.no_grad()
     def sample(self, shape: tuple[int, int], label: torch.Tensor | None = None, batch_size: int | None = None,
                cond: torch.Tensor | None = None, generator: torch.Generator | None = None,
                temperature: float = 1.0, guidance: float = 0.0, unconditioned: int = 1) -> torch.Tensor:
-        """Draw codes (B, H, W) (or (B, G, H, W)) position by position, in raster order.
-
-        B is len(label) when the model is class-conditional, else batch_size. Pass a seeded
-        torch.Generator for repeatable samples: they are the codes that sampling from forward()'s
-        logits at each position would draw, computed without recomputing what cannot change (in
-        the spirit of P. Ramachandran et al., "Fast Generation for Convolutional Autoregressive
-        Models", 2017): the vertical stack once per row, the horizontal stack on the current row.
-
-        guidance = w > 0 (classifier-free guidance, J. Ho and T. Salimans, arXiv:2207.12598): the
-        batch is (1 + M) B rows, M = unconditioned: B conditioned rows (label, cond), then M blocks
-        of B whose mean distribution stands for the unconditioned one (M = 1: a null label or map;
-        M > 1: the conditions to average over). Each position is drawn from
-        log p_cond + w (log p_cond - log p_uncond), written to every block, and the B codes are
-        returned.
-        """
-        _check_temperature(temperature)
-        if not (math.isfinite(guidance) and guidance >= 0):
-            raise ValueError(f"guidance: expected a finite number >= 0; got {guidance}")
-        B = len(label) if label is not None else batch_size
-        if label is not None:
-            _check_ids(label, "label", self.num_classes, B)
-        if guidance and unconditioned < 1:
-            raise ValueError(f"unconditioned: expected a number of blocks >= 1 for guidance; got {unconditioned}")
-        blocks = 1 + unconditioned if guidance else 1
-        if B % blocks:
-            raise ValueError(f"{'batch_size' if label is None else 'label'}: expected a batch of {blocks} blocks for "
-                             f"guidance (B conditioned rows, then {unconditioned} x B unconditioned); got {B}")
-        H, W, G = *shape, self.num_groups
-        offsets = torch.arange(G, device=self.embedding.weight.device)[None, :, None, None] * self.num_embeddings
-        grouped = torch.zeros(B, G, H, W, dtype=torch.long, device=offsets.device) + offsets
-        for i in range(H):
-            # All that row i sees of the rows above: each layer's vertical_pre of row i - 1.
-            above, v = [], self._embed(grouped[:, :, :i]) if i > 0 else None
-            for layer in self.layers:
-                if v is None:  # row 0: as forward()'s zero padding above the map
-                    above.append(layer.vertical_to_horizontal.weight.new_zeros(B, layer.vertical.out_channels, 1, W))
-                    continue
-                v_pre = layer.vertical_pre(v)
-                above.append(v_pre[:, :, -1:])
-                v = _gate(layer.add_biases(v_pre, label, None if cond is None else cond[:, :, :i]))
-            cond_row = None if cond is None else cond[:, :, i:i + 1]
-            for j in range(W):
-                for g in range(G):
-                    row = grouped[:, :, i:i + 1]                            # (B, G, 1, W)
-                    h = self._embed(row)
-                    for layer, a in zip(self.layers, above):
-                        h = layer.horizontal_step(h, a, label, cond_row)
-                    logits = self._head(h[..., j:j + 1], row[..., j:j + 1])[:, :, g, 0, 0].float()  # (B, K)
+        """Draw codes (B, H, W) (or (B, G, H, W)) for shape = (H, W) in raster order; B = len(label) for a
+        class-conditional model, else batch_size. ValueError names a bad argument. With a seeded generator, the codes
+        that sampling forward()'s logits draws, without recomputing what cannot change (as P. Ramachandran et al.,
+        "Fast Generation for Convolutional Autoregressive Models", 2017): the vertical stack once per row, the
+        horizontal stack on the current row. guidance = w > 0 (classifier- free guidance, arXiv:2207.12598): B
+        conditioned rows (label, cond) then M = unconditioned blocks of B whose mean distribution stands for the
+        unconditioned one (M = 1: a null label or map; M > 1: the conditions to average over); each code is drawn from
+        log p_cond + w (log p_cond - log p_uncond) and written to every block; the B conditioned codes are returned."""
+        _require(len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape),
+                 f"shape: expected (H, W), two integers > 0; got {shape!r}")
+        B = batch_size if label is None else len(label)
+        self._check_label(label, B)
+        _require(isinstance(B, int) and B > 0, f"{'batch_size' if label is None else 'label'}: expected a batch of "
+                 f"B > 0 (batch_size for a model without classes, else len(label)); got {B!r}")
+        _require(math.isfinite(temperature) and temperature > 0,
+                 f"temperature: expected a finite number > 0; got {temperature}")
+        _require(math.isfinite(guidance) and guidance >= 0, f"guidance: expected a finite number >= 0; got {guidance}")
+        _require(not guidance or unconditioned >= 1,
+                 f"unconditioned: expected >= 1 blocks for guidance; got {unconditioned}")
+        blocks, K = 1 + unconditioned if guidance else 1, self.num_embeddings
+        _require(B % blocks == 0, f"{'batch_size' if label is None else 'label'}: expected a batch of {blocks} blocks "
+                 f"for guidance (B conditioned rows, then {unconditioned} x B unconditioned); got {B}")
+        offsets = torch.arange(self.num_groups, device=self.embedding.weight.device)[None, :, None, None] * K
+        grouped = offsets + torch.zeros(B, self.num_groups, *shape, dtype=torch.long, device=offsets.device)
+        for i in range(shape[0]):
+            above, cond_row = self._rows_above(grouped, i, label, cond), None if cond is None else cond[:, :, i:i + 1]
+            for j in range(shape[1]):
+                for g in range(self.num_groups):
+                    logits = self._logits_at(grouped, above, i, j, g, label, cond_row)   # (B, K)
                     if guidance:
                         log_p = logits.log_softmax(1).unflatten(0, (blocks, -1))       # (1 + M, B, K)
                         log_uncond = log_p[1:].logsumexp(0) - math.log(unconditioned)
                         logits = log_p[0] + guidance * (log_p[0] - log_uncond)
                     drawn = torch.multinomial((logits / temperature).softmax(1), 1, generator=generator)[:, 0]
-                    grouped[:, g, i, j] = drawn.repeat(blocks) + offsets[0, g, 0, 0]
+                    grouped[:, g, i, j] = drawn.repeat(blocks) + g * K
         codes = (grouped - offsets)[:B // blocks]
-        return codes if G > 1 else codes[:, 0]
+        return codes if self.num_groups > 1 else codes[:, 0]
+
+    def _rows_above(self, grouped, i, label, cond) -> list[torch.Tensor]:
+        """All that row i sees of the rows above: each layer's vertical_pre of row i - 1."""
+        above, v = [], self._embed(grouped[:, :, :i]) if i > 0 else None
+        for layer in self.layers:
+            if v is None:  # row 0: as forward()'s zero padding above the map
+                above.append(layer.vertical.weight.new_zeros(len(grouped), layer.vertical.out_channels, 1,
+                                                             grouped.shape[3]))
+                continue
+            v_pre = layer.vertical_pre(v)
+            above.append(v_pre[:, :, -1:])
+            v = _gate(layer.add_biases(v_pre, label, None if cond is None else cond[:, :, :i]))
+        return above
+
+    def _logits_at(self, grouped, above, i, j, g, label, cond_row) -> torch.Tensor:
+        """float32 logits (B, K) of code g at position (i, j), the horizontal stack run on row i."""
+        row = grouped[:, :, i:i + 1]                                         # (B, G, 1, W)
+        h = self._embed(row)
+        for layer, a in zip(self.layers, above):
+            h = layer.horizontal_step(h, a, label, cond_row)
+        return self._head(h[..., j:j + 1], row[..., j:j + 1])[:, :, g, 0, 0].float()
 
 
-# --------------------------------------------------------------------------------------------
-# Sec. 4.1: the log-likelihood bound log p(x) >= log p(x|z_q(x)) + log p(z_q(x)), in bits/dim.
-# --------------------------------------------------------------------------------------------
+# ---- Sec. 4.1: the bound log p(x) >= log p(x|z_q(x)) + log p(z_q(x)), in bits per dimension ----------
 def bits_per_dim(log_px_given_z: torch.Tensor, num_dims: int, log_pz: torch.Tensor | None = None,
                  num_latents: int | None = None, num_embeddings: int | None = None) -> torch.Tensor:
-    """-(log p(x|z_q) + log p(z)) / (num_dims * ln 2), per example.
-
-    Args:
-        log_px_given_z: (B,) nats. num_dims: dimensions of one x (3072 for a 32x32x3 image).
-        log_pz: (B,) nats from a prior; if None, the uniform prior of training is used,
-            log p(z) = -num_latents * log K (the constant KL of Sec. 3.1).
-    Returns: (B,) bits per dimension.
-    """
+    """-(log p(x|z_q) + log p(z)) / (num_dims * ln 2), (B,): log_px_given_z (B,) nats; num_dims of one x
+    (3072 for a 32x32x3 image); log_pz (B,) nats from a prior, or None for the uniform prior of training,
+    log p(z) = -num_latents * log num_embeddings (the constant KL of Sec. 3.1)."""
     if log_pz is None:
-        if num_latents is None or num_embeddings is None:
-            raise ValueError("bits_per_dim: pass log_pz, or num_latents and num_embeddings for the uniform prior")
+        _require(num_latents is not None and num_embeddings is not None,
+                 "bits_per_dim: pass log_pz, or num_latents and num_embeddings for the uniform prior")
         log_pz = torch.full_like(log_px_given_z, -num_latents * math.log(num_embeddings))
     return -(log_px_given_z + log_pz) / (num_dims * math.log(2))
 
 
-# --------------------------------------------------------------------------------------------
-# Speech (Sec. 4.3): an encoder of 6 stride-2 convolutions of window 4 (latents 64x fewer than
-# samples), K = 512, and a WaveNet decoder (A. van den Oord et al., arXiv:1609.03499) conditioned
-# on the latents and on a speaker embedding. Samples are mu-law companded to 256 levels (WaveNet
-# Sec. 2.2), a categorical per sample: F(x) = sign(x) ln(1 + mu |x|) / ln(1 + mu), mu = 255.
-# --------------------------------------------------------------------------------------------
+# ---- Speech (Sec. 4.3): an encoder of 6 stride-2 convolutions of window 4 (64x fewer latents than ---
+# samples), K = 512, and a WaveNet decoder (arXiv:1609.03499) conditioned on z_q and a speaker. Samples
+# are mu-law companded to 256 levels (WaveNet Sec. 2.2): F(x) = sign(x) ln(1 + mu |x|) / ln(1 + mu).
 def mu_law_encode(x: torch.Tensor, mu: int = 255) -> torch.Tensor:
     """Waveform in [-1, 1] (any shape) -> int64 levels in [0, mu]; 0.0 maps to level 128."""
     y = torch.sign(x) * torch.log1p(mu * x.abs().clamp(max=1)) / math.log1p(mu)
@@ -731,8 +642,8 @@ def mu_law_decode(levels: torch.Tensor, mu: int = 255) -> torch.Tensor:
 
 
 @dataclass
-class WaveNetConfig:
-    num_classes: int = 256               # 256 mu-law levels (decoder), or K (prior over codes)
+class WaveNetConfig(_Config):
+    num_categories: int = 256            # the categorical output: 256 mu-law levels (decoder), or K codes (prior)
     cond_channels: int = 0               # D of z_q (decoder); 0: no local conditioning (prior)
     num_speakers: int = 109              # VCTK
     hop: int = 64                        # steps per conditioning frame: 2 ** the encoder's downsamplings
@@ -743,58 +654,52 @@ class WaveNetConfig:
 
 
 class WaveNet(nn.Module):
-    """p(x_t | x_<t, z_q, s): num_classes logits per step (WaveNet, Sec. 2).
-
-    Layer i (WaveNet Eq. 2 with local and global conditioning):
-        z = tanh(W_f * x + V_f c + U_f s) . sigmoid(W_g * x + V_g c + U_g s)
-        x <- x + 1x1(z) (residual), skip <- skip + 1x1(z)
-    where W * x is a causal convolution of window 2 and dilation 2^(i mod cycle), c is z_q repeated
-    `hop` times along time (each code covers hop samples) and s a learnt speaker embedding.
-    The decoder: 256 mu-law levels, conditioned on z_q. Example: levels (4, 4096), z_q (4, 64, 64),
-    speaker (4,) -> logits (4, 256, 4096).
-    The prior over speech codes ("another WaveNet on top of these latents", the authors' samples
-    page for Sec. 4.3): num_classes = K and cond_channels = 0, no local conditioning (z_q = None).
-    Example: codes (4, 125), speaker (4,) -> logits (4, 512, 125).
-    The input before the first step is class num_classes // 2 (level 128: silence).
-    """
-
+    """p(x_t | x_<t, z_q, s): num_categories logits per step (WaveNet, Sec. 2). Layer i (WaveNet Eq. 2):
+        z = tanh(W_f * x + V_f c + U_f s) . sigmoid(W_g * x + V_g c + U_g s); x <- x + 1x1(z), skip += 1x1(z)
+    W * x: causal, window 2, dilation 2^(i mod cycle); c: z_q repeated `hop` times along time; s: a learnt
+    speaker embedding; before the first step: category num_categories // 2 (level 128: silence). Decoder:
+    levels (4, 4096), z_q (4, 64, 64), speaker (4,) -> logits (4, 256, 4096). Prior over speech codes
+    ("another WaveNet on top of these latents", the authors' samples page): num_categories = K,
+    cond_channels = 0, z_q = None: codes (4, 125) -> logits (4, 512, 125)."""
     def __init__(self, config: WaveNetConfig):
         super().__init__()
         self.config = c = config
         self.hop = c.hop if c.cond_channels else 1
-        self.channels, self.skip_channels, self.num_classes = c.channels, c.skip_channels, c.num_classes
+        self.channels, self.skip_channels, self.num_categories = c.channels, c.skip_channels, c.num_categories
         self.dilations = [2 ** (i % c.cycle) for i in range(c.num_layers)]
-        self.embed = nn.Embedding(c.num_classes, c.channels)                     # x_{t-1}
+        self.embed = nn.Embedding(c.num_categories, c.channels)                  # x_{t-1}
         self.dilated = nn.ModuleList(nn.Conv1d(c.channels, 2 * c.channels, 2, dilation=d) for d in self.dilations)
         self.cond = nn.Conv1d(c.cond_channels, c.num_layers * 2 * c.channels, 1) if c.cond_channels else None
         self.speaker = nn.Embedding(c.num_speakers, c.num_layers * 2 * c.channels)  # U_f s, U_g s
         self.res_skip = nn.ModuleList(nn.Conv1d(c.channels, c.channels + c.skip_channels, 1) for _ in self.dilations)
         self.head = nn.Sequential(nn.ReLU(), nn.Conv1d(c.skip_channels, c.skip_channels, 1), nn.ReLU(),
-                                  nn.Conv1d(c.skip_channels, c.num_classes, 1))
+                                  nn.Conv1d(c.skip_channels, c.num_categories, 1))
 
     def _conditioning(self, z_q: torch.Tensor | None, speaker: torch.Tensor, frames: int) -> torch.Tensor:
         """(B, L, 2C, frames): V c + U s of every layer at the rate of the codes (hop steps each)."""
         batch = len(speaker) if z_q is None else len(z_q)
-        _check_ids(speaker, "speaker", self.speaker.num_embeddings, batch)
+        _require(speaker.dim() == 1 and not speaker.is_floating_point() and len(speaker) == batch,
+                 f"speaker: expected an integer ({batch},) tensor, one id per example", speaker)
+        _check_range(speaker, "speaker", self.speaker.num_embeddings)
+        _require((z_q is None) == (self.cond is None),
+                 "z_q: pass it exactly when the WaveNet has local conditioning (cond_channels > 0)")
         c = self.speaker(speaker)[:, :, None]                                  # (B, L*2C, 1)
-        if (z_q is None) != (self.cond is None):
-            raise ValueError("z_q: pass it exactly when the WaveNet has local conditioning (cond_channels > 0)")
         if z_q is None:
             c = c.expand(-1, -1, frames)
         else:
-            _check(z_q.dim() == 3 and z_q.shape[1] == self.cond.in_channels, "z_q",
-                   f"a (B, {self.cond.in_channels}, T') tensor", z_q)
+            _require(z_q.dim() == 3 and z_q.shape[1] == self.cond.in_channels,
+                     f"z_q: expected a (B, {self.cond.in_channels}, T') tensor", z_q)
             c = c + self.cond(z_q)
         return c.unflatten(1, (len(self.dilations), 2 * self.channels))       # (B, L, 2C, frames)
 
     def forward(self, x: torch.Tensor, z_q: torch.Tensor | None, speaker: torch.Tensor) -> torch.Tensor:
-        """x (B, T) int64 in [0, num_classes), z_q (B, D, T / hop) or None, speaker (B,)
-        -> logits (B, num_classes, T)."""
+        """x (B, T) int64 in [0, num_categories), z_q (B, D, T / hop) or None, speaker (B,)
+        -> logits (B, num_categories, T)."""
         cond = self._conditioning(z_q, speaker, x.shape[-1] if z_q is None else z_q.shape[-1])
-        _check(x.dim() == 2 and not x.is_floating_point() and x.shape == (len(speaker), cond.shape[-1] * self.hop),
-               "x", f"an integer (B, T) tensor with B = {len(speaker)} speakers and T = {self.hop} x "
-               f"{cond.shape[-1]} conditioning steps", x)
-        h = self.embed(F.pad(x, (1, -1), value=self.num_classes // 2)).transpose(1, 2)  # (B, C, T), x_{t-1}
+        _require(x.dim() == 2 and not x.is_floating_point() and x.shape == (len(speaker), cond.shape[-1] * self.hop),
+                 f"x: expected an integer (B, T) tensor with B = {len(speaker)} speakers and T = {self.hop} x "
+                 f"{cond.shape[-1]} conditioning steps", x)
+        h = self.embed(F.pad(x, (1, -1), value=self.num_categories // 2)).transpose(1, 2)  # (B, C, T), x_{t-1}
         skip = 0
         for i, d in enumerate(self.dilations):
             a = self.dilated[i](F.pad(h, (d, 0))) + cond[:, i].repeat_interleave(self.hop, -1)
@@ -804,23 +709,19 @@ class WaveNet(nn.Module):
 
     def log_prob(self, x: torch.Tensor, z_q: torch.Tensor | None, speaker: torch.Tensor) -> torch.Tensor:
         """log p(x | z_q, speaker) in nats, (B,): the sum over the T steps of forward()'s logits."""
-        logits = self(x, z_q, speaker)
-        return -F.cross_entropy(logits, x.long(), reduction="none").sum(1)
+        return -F.cross_entropy(self(x, z_q, speaker), x.long(), reduction="none").sum(1)
 
     @torch.inference_mode()
     def sample(self, z_q: torch.Tensor | None, speaker: torch.Tensor, generator: torch.Generator | None = None,
                greedy: bool = False, temperature: float = 1.0, return_logits: bool = False,
                length: int | None = None):
-        """Sample x (B, T) one step at a time, the forward pass computed step by step; T = hop * T'
-        with z_q (B, D, T'), else `length`.
-
-        Fast WaveNet (T. L. Paine et al., arXiv:1611.09482): layer i keeps its last d_i inputs in a
-        ring buffer, so a step costs one matrix product per layer instead of a pass over the whole
-        receptive field. Teacher-forcing the samples through forward() gives the same logits.
-        """
-        if z_q is None and length is None:
-            raise ValueError("length: needed when there is no z_q to give the number of steps")
-        _check_temperature(temperature)
+        """Sample x (B, T) int64 step by step; T = hop * T' with z_q (B, D, T'), else `length`. With return_logits also
+        the (B, num_categories, T) logits. Fast WaveNet (T. L. Paine et al., arXiv:1611.09482): layer i keeps its last
+        d_i inputs in a ring buffer, so a step costs one matrix product per layer, not a pass over the receptive field;
+        teacher-forcing the samples through forward() gives the same logits."""
+        _require(z_q is not None or length is not None, "length: needed when there is no z_q to give the steps")
+        _require(math.isfinite(temperature) and temperature > 0,
+                 f"temperature: expected a finite number > 0; got {temperature}")
         frames = length if z_q is None else z_q.shape[2]
         B, T, C, device = speaker.shape[0], frames * self.hop, self.channels, speaker.device
         biases = torch.stack([conv.bias for conv in self.dilated])[None, :, :, None]
@@ -832,8 +733,8 @@ class WaveNet(nn.Module):
         skip_b = sum(conv.bias[C:] for conv in self.res_skip)
         buffers = [cond.new_zeros(d, B, C) for d in self.dilations]           # x_{t-d} .. x_{t-1}
         out = torch.empty(B, T, dtype=torch.long, device=device)
-        logits_all = cond.new_empty(B, self.num_classes, T) if return_logits else None
-        x = torch.full((B,), self.num_classes // 2, dtype=torch.long, device=device)
+        logits_all = cond.new_empty(B, self.num_categories, T) if return_logits else None
+        x = torch.full((B,), self.num_categories // 2, dtype=torch.long, device=device)
         for t in range(T):
             h, gated, c = self.embed(x), [], cond[:, :, :, t // self.hop].unbind(1)  # (B, C), L x (B, 2C)
             for i, d in enumerate(self.dilations):
@@ -842,7 +743,7 @@ class WaveNet(nn.Module):
                 gated.append(torch.tanh(a[:, :C]) * torch.sigmoid(a[:, C:]))
                 h = torch.addmm(h + res[i][1], gated[-1], res[i][0])
             skip = torch.addmm(skip_b, torch.cat(gated, 1), skip_w)            # sum of all skips
-            logits = self.head(skip[:, :, None])[:, :, 0]                     # (B, num_classes)
+            logits = self.head(skip[:, :, None])[:, :, 0]                     # (B, num_categories)
             probs = (logits.float() / temperature).softmax(1)
             x = logits.argmax(1) if greedy else torch.multinomial(probs, 1, generator=generator)[:, 0]
             out[:, t] = x
@@ -852,7 +753,7 @@ class WaveNet(nn.Module):
 
 
 @dataclass
-class AudioVQVAEConfig:
+class AudioVQVAEConfig(_Config):
     num_speakers: int = 109              # VCTK
     hidden_channels: int = 128           # encoder; the paper gives no layer sizes for speech
     res_channels: int = 64
@@ -872,7 +773,7 @@ class AudioVQVAEConfig:
 
 class AudioVQVAEOutput(NamedTuple):
     logits: torch.Tensor                # (B, 256, T) p(x_t | x_<t, z_q, speaker)
-    indices: torch.Tensor               # (B, T / 64)
+    codes: torch.Tensor                 # (B, T / 64) int64
     recon_loss: torch.Tensor            # -log p(x|z_q) in nats per sample
     codebook_loss: torch.Tensor
     commitment_loss: torch.Tensor
@@ -882,11 +783,8 @@ class AudioVQVAEOutput(NamedTuple):
 
 
 class AudioVQVAE(nn.Module):
-    """Encoder (dims=1) -> 1x1 conv to D -> VectorQuantizer -> WaveNet(z_q, speaker).
-
-    Example: mu-law levels (8, 4096) int64 and speaker ids (8,) -> codes (8, 64), logits (8, 256, 4096).
-    """
-
+    """Encoder (dims=1) -> 1x1 conv to D -> VectorQuantizer -> WaveNet(z_q, speaker). Example: mu-law
+    levels (8, 4096) int64 and speaker ids (8,) -> codes (8, 64), logits (8, 256, 4096)."""
     def __init__(self, config: AudioVQVAEConfig):
         super().__init__()
         self.config = c = config
@@ -894,16 +792,14 @@ class AudioVQVAE(nn.Module):
         self.pre_quantize = nn.Conv1d(c.hidden_channels, c.embedding_dim, 1)
         self.quantizer = VectorQuantizer(c.num_embeddings, c.embedding_dim, c.commitment_cost, c.decay,
                                          kmeans_init=c.kmeans_init, dead_code_threshold=c.dead_code_threshold)
-        self.decoder = WaveNet(WaveNetConfig(
-            num_classes=256, cond_channels=c.embedding_dim, num_speakers=c.num_speakers, hop=2 ** c.num_downsamples,
-            channels=c.wavenet_channels, skip_channels=c.skip_channels, num_layers=c.wavenet_layers,
-            cycle=c.dilation_cycle))
+        self.decoder = WaveNet(WaveNetConfig(256, c.embedding_dim, c.num_speakers, 2 ** c.num_downsamples,
+                                             c.wavenet_channels, c.skip_channels, c.wavenet_layers, c.dilation_cycle))
 
     def encode(self, levels: torch.Tensor) -> torch.Tensor:
         """Levels (B, T) -> z_e (B, D, T / 64); the encoder sees 2 * level / 255 - 1 in [-1, 1]."""
         hop = 2 ** self.config.num_downsamples
-        _check(levels.dim() == 2 and not levels.is_floating_point() and levels.shape[1] % hop == 0
-               and levels.shape[1] > 0, "levels", f"an integer (B, T) tensor, T a multiple of {hop}", levels)
+        _require(levels.dim() == 2 and not levels.is_floating_point() and levels.shape[1] % hop == 0
+                 and levels.shape[1] > 0, f"levels: expected an integer (B, T) tensor, T a multiple of {hop}", levels)
         return self.pre_quantize(self.encoder((2 * levels.float() / 255 - 1)[:, None]))
 
     def forward(self, levels: torch.Tensor, speaker: torch.Tensor) -> AudioVQVAEOutput:
@@ -911,23 +807,20 @@ class AudioVQVAE(nn.Module):
         logits = self.decoder(levels, vq.z_q, speaker)
         recon_loss = F.cross_entropy(logits.float(), levels)                  # nats per sample
         loss = recon_loss + vq.codebook_loss + vq.commitment_loss             # Eq. 3
-        return AudioVQVAEOutput(logits, vq.indices, recon_loss, vq.codebook_loss, vq.commitment_loss,
+        return AudioVQVAEOutput(logits, vq.codes, recon_loss, vq.codebook_loss, vq.commitment_loss,
                                 loss, vq.perplexity, vq.counts)
 
-    def decode(self, indices: torch.Tensor, speaker: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Codes (B, T') decoded as speaker (B,): levels (B, 64 * T'), sampled from the WaveNet
-        decoder (keyword arguments: see WaveNet.sample). Speaker conversion is the codes of one
-        speaker's clip decoded with another's id."""
-        return self.decoder.sample(self.quantizer.lookup(indices), speaker, **kwargs)
+    def decode(self, codes: torch.Tensor, speaker: torch.Tensor, **sample_kwargs) -> torch.Tensor:
+        """Codes (B, T') decoded as speaker (B,): the waveform (B, 64 T') in [-1, 1], of mu-law levels
+        sampled from the WaveNet decoder (sample_kwargs: WaveNet.sample's, but return_logits). Speaker
+        conversion is the codes of one speaker's clip decoded with another's id."""
+        return mu_law_decode(self.decoder.sample(self.quantizer.lookup(codes), speaker, **sample_kwargs))
 
 
-# --------------------------------------------------------------------------------------------
-# Sec. 4.4: video in latent space. The prior over the codes of frame t+1 is conditioned on the
-# codes of the frames before it and on the action; whole videos are sampled as codes and decoded
-# only at the end.
-# --------------------------------------------------------------------------------------------
+# ---- Sec. 4.4: video in latent space. The prior over the codes of frame t+1 is conditioned on the ---
+# codes of the frames before it and on the action; videos are sampled as codes, decoded at the end.
 @dataclass
-class ActionConditionalPriorConfig:
+class ActionConditionalPriorConfig(_Config):
     num_embeddings: int = 512            # K of the frame VQ-VAE
     num_actions: int = 3                 # size of the discrete action set
     context_frames: int = 4              # F
@@ -940,20 +833,12 @@ class ActionConditionalPriorConfig:
 
 
 class ActionConditionalPrior(nn.Module):
-    """p(z_t+1 | z_t-F+1..t, a_t) = prod_i p(z_t+1,i | z_t+1,<i, z_t-F+1..t, a_t), over the grid.
-
-    A convolutional context network reads the last F = context_frames frames, as a learned
-    embedding of their codes or, with codebook_dim = D, as their codebook vectors z_q (fixed, given
-    by set_codebook), and the embedded action; its output map conditions every layer of a gated
-    PixelCNN over the new frame (GatedPixelCNN's cond_channels). The context network runs once
-    per frame and carries the motion, so the autoregressive part, run once per position, can stay
-    small.
-    Its receptive field is +-(1 + context_layers) positions, which bounds the motion it can
-    follow per frame.
-
-    Shapes: codes (B, H, W), context (B, F, H, W), both int64 in [0, K); action (B,) in [0, A).
-    """
-
+    """p(z_t+1 | z_t-F+1..t, a_t) = prod_i p(z_t+1,i | z_t+1,<i, z_t-F+1..t, a_t), over the grid. A context
+    network reads the last F = context_frames frames (a learned embedding of their codes or, codebook_dim =
+    D, their z_q) and the action; its map conditions every layer of a gated PixelCNN over the new frame. It
+    runs once per frame and carries the motion, so the part run per position stays small; its receptive
+    field, +-(1 + context_layers) positions, bounds the motion per frame. codes (B, H, W), context
+    (B, F, H, W): int64 in [0, K); action (B,) in [0, A)."""
     def __init__(self, config: ActionConditionalPriorConfig):
         super().__init__()
         self.config = c = config
@@ -963,18 +848,19 @@ class ActionConditionalPrior(nn.Module):
         else:
             self.code_embedding = nn.Embedding(c.num_embeddings, c.channels)
         self.action_embedding = nn.Embedding(c.num_actions, c.channels)
-        frame_width = c.codebook_dim or c.channels
-        self.context = nn.Sequential(nn.Conv2d(c.context_frames * frame_width + c.channels, c.context_channels, 3,
-                                               padding=1),
+        width = c.context_frames * (c.codebook_dim or c.channels) + c.channels
+        self.context = nn.Sequential(nn.Conv2d(width, c.context_channels, 3, padding=1),
                                      ResidualStack(c.context_channels, c.context_channels // 2, c.context_layers))
         self.pixelcnn = GatedPixelCNN(GatedPixelCNNConfig(c.num_embeddings, 1, c.channels, c.num_layers,
                                                           c.kernel_size, cond_channels=c.context_channels))
 
     def condition(self, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """The conditioning map (B, context_channels, H, W) of the context frames and action."""
-        _check(context.dim() == 4 and context.shape[1] == self.context_frames and not context.is_floating_point(),
-               "context", f"an integer (B, {self.context_frames}, H, W) tensor of codes", context)
-        _check_ids(action, "action", self.num_actions, len(context))
+        _require(context.dim() == 4 and context.shape[1] == self.context_frames and not context.is_floating_point(),
+                 f"context: expected an integer (B, {self.context_frames}, H, W) tensor of codes", context)
+        _require(action.dim() == 1 and not action.is_floating_point() and len(action) == len(context),
+                 f"action: expected an integer ({len(context)},) tensor, one id per example", action)
+        _check_range(action, "action", self.num_actions)
         _check_range(context, "context", self.num_embeddings)
         embedded = (F.embedding(context.long(), self.codebook) if self.config.codebook_dim
                     else self.code_embedding(context.long()))
@@ -983,11 +869,12 @@ class ActionConditionalPrior(nn.Module):
         return self.context(torch.cat([frames, act], 1))
 
     def set_codebook(self, codebook: torch.Tensor) -> None:
-        """Use the frame VQ-VAE's codebook (K, D) as the context frames' embedding: the context
-        network then reads z_q, in which patches that look alike lie close, instead of learning an
-        embedding of K arbitrary ids. Needs codebook_dim = D; the table is a fixed buffer."""
-        _check(self.config.codebook_dim > 0 and codebook.shape == self.codebook.shape, "codebook",
-               f"a ({self.num_embeddings}, {self.config.codebook_dim}) tensor (config.codebook_dim > 0)", codebook)
+        """Embed the context frames by the frame VQ-VAE's codebook (K, D), a fixed buffer (codebook_dim = D):
+        the context network then reads z_q, where patches that look alike lie close, instead of learning an
+        embedding of K arbitrary ids."""
+        D = self.config.codebook_dim
+        _require(D > 0 and codebook.shape == (self.num_embeddings, D),
+                 f"codebook: expected a ({self.num_embeddings}, {D}) tensor (config.codebook_dim > 0)", codebook)
         self.codebook.copy_(codebook.detach())
 
     def forward(self, codes: torch.Tensor, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -1001,16 +888,13 @@ class ActionConditionalPrior(nn.Module):
     @torch.no_grad()
     def sample(self, context: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
                temperature: float = 1.0, guidance: float = 0.0) -> torch.Tensor:
-        """Roll out T frames of codes (B, T, H, W) from the context (B, F, H, W) and actions (B, T):
-        each sampled frame joins the context of the next; nothing is decoded.
-
-        guidance = w > 0 draws each code from log p(z | a) + w (log p(z | a) - log p(z)), with
-        p(z) = mean over actions a' of p(z | a'), the prior without an action for an agent that
-        picks each alike (classifier-free guidance, GatedPixelCNN.sample; no training of its own).
-        It costs 1 + A passes per position instead of one."""
-        _check(actions.dim() == 2 and actions.shape[0] == context.shape[0], "actions",
-               f"a ({context.shape[0]}, T) tensor", actions)
-        _check_temperature(temperature)
+        """Roll out T frames of codes (B, T, H, W) from the context (B, F, H, W) and actions (B, T): each
+        sampled frame joins the context of the next; nothing is decoded. guidance = w > 0 draws each code
+        from log p(z | a) + w (log p(z | a) - log p(z)), p(z) = the mean over actions a' of p(z | a'), the
+        prior of an agent that picks each alike (classifier-free guidance without training of its own, see
+        GatedPixelCNN.sample); it costs 1 + A passes per position instead of one."""
+        _require(actions.dim() == 2 and actions.shape[0] == context.shape[0],
+                 f"actions: expected a ({context.shape[0]}, T) tensor", actions)
         B, A, frames = len(context), self.num_actions, []
         every_action = torch.arange(A, device=actions.device).repeat_interleave(B)
         for t in range(actions.shape[1]):
@@ -1023,71 +907,3 @@ class ActionConditionalPrior(nn.Module):
                                                unconditioned=A))
             context = torch.cat([context[:, 1:], frames[-1][:, None]], 1)
         return torch.stack(frames, 1)
-
-
-# --------------------------------------------------------------------------------------------
-# The optional compiled extension (csrc/): where its operators run, and where PyTorch does.
-# --------------------------------------------------------------------------------------------
-def cuda_code_runs_on(archs: list[str], capability: tuple[int, int]) -> bool:
-    """Whether CUDA code built for `archs` runs on a GPU of compute capability (major, minor).
-
-    archs as vqvae_ext.build_info() lists them: "sm_86" is binary code, which runs on GPUs of the
-    same major version and an equal or newer minor one ("sm_90a" only on 9.0 exactly);
-    "compute_90" is PTX, which the driver compiles for any GPU of capability 9.0 or newer.
-    """
-    for arch in archs:
-        kind, _, number = arch.partition("_")
-        digits = number.rstrip("af")
-        major, minor, suffix = int(digits[:-1]), int(digits[-1]), number[len(digits):]
-        if suffix == "a":
-            runs = capability == (major, minor)
-        elif kind == "sm":
-            runs = capability[0] == major and capability[1] >= minor
-        else:
-            runs = capability >= (major, minor)
-        if runs:
-            return True
-    return False
-
-
-_backends: dict[tuple[str, int | None], str] = {}
-
-
-def quantizer_backend(device: torch.device | str) -> str:
-    """What runs the nearest-code search and the EMA statistics on `device`.
-
-    Returns "extension: CPU", "extension: CUDA sm_XY" (the GPU's architecture, which the
-    extension holds code for) or "PyTorch". The first PyTorch answer for a CUDA device where the
-    extension is installed warns once, saying why (no CUDA kernels built, or none for this GPU).
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device.type, device.index)
-    if key not in _backends:
-        _backends[key] = _find_backend(device)
-    return _backends[key]
-
-
-def _find_backend(device: torch.device) -> str:
-    if vqvae_ext is None or device.type not in ("cpu", "cuda"):
-        return "PyTorch"
-    if device.type == "cpu":
-        return "extension: CPU"
-    info = vqvae_ext.build_info()
-    capability = torch.cuda.get_device_capability(device)
-    arch = f"sm_{capability[0]}{capability[1]}"
-    if info["cuda"] and cuda_code_runs_on(info["cuda_archs"], capability):
-        return f"extension: CUDA {arch}"
-    why = (f"it holds CUDA code for {', '.join(info['cuda_archs'])} only" if info["cuda"] else
-           f"it was built without CUDA kernels ({info['cuda_skipped'] or 'torch had no CUDA'})")
-    warnings.warn(f"vqvae_ext cannot run on {device} ({arch}): {why}. The quantizer uses PyTorch there; "
-                  "reinstall with `pip install --no-build-isolation -e .` on this machine to build for it.")
-    return "PyTorch"
-
-
-def _extension_supports(z: torch.Tensor) -> bool:
-    """Whether vqvae_ext runs for z: float32/64 on the CPU, any float on a GPU it was built for."""
-    if z.device.type == "cpu" and z.dtype not in (torch.float32, torch.float64):
-        return False
-    return quantizer_backend(z.device) != "PyTorch"

@@ -3,7 +3,7 @@
     python benchmarks/bench_train_step.py [--device cpu|cuda] [--threads T] [--steps 20] [--amp off,bf16]
 
 Random 32x32 images; the model of each train_cifar.py preset at that preset's batch size, in each
-precision of --amp (autocast, as training.run_loop does; the quantizer stays in float32).
+precision of --amp (autocast, as the training loop does; the quantizer stays in float32).
 """
 import argparse
 import sys
@@ -14,8 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_cifar  # noqa: E402
-import training  # noqa: E402
+import lab  # noqa: E402
 import vqvae  # noqa: E402
+
 
 
 def main() -> None:
@@ -28,12 +29,12 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device {args.device}, {torch.get_num_threads()} threads, quantizer {vqvae.quantizer_backend(args.device)}")
+    print(f"device {args.device}, {torch.get_num_threads()} threads, quantizer {lab.quantizer_backend(args.device)}")
     print(f"{'preset':>8} {'amp':>5} {'batch':>6} {'params':>8} {'ms/step':>9} {'images/s':>9}")
     for name, amp in [(n, a) for n in args.presets.split(",") for a in args.amp.split(",")]:
-        dtype = training.AMP_DTYPES[amp]
+        dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         a = train_cifar.parse_args(["--preset", name])
-        model = vqvae.VQVAE(training.config_from_args(vqvae.VQVAEConfig, a, data_variance=0.06)).to(args.device)
+        model = vqvae.VQVAE(lab.config(vqvae.VQVAEConfig, a, data_variance=0.06)).to(args.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=a.lr)
         x = torch.rand(a.batch_size, 3, 32, 32, device=args.device) - 0.5
         times = []

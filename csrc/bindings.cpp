@@ -32,17 +32,9 @@ void nearest_code_emulated_cuda(const at::Tensor& z, const at::Tensor& codebook,
 #ifdef VQVAE_WITH_CUDA
 void nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& norm_sq, at::Tensor& out);
 void ema_stats_cuda(const at::Tensor& z, const at::Tensor& indices, at::Tensor& counts, at::Tensor& sums);
-#endif
-
-// Build facts, set by setup.py: the CUDA code compiled in (e.g. sm_75,...,sm_90,compute_90),
-// and why CUDA was left out of a build that could have had it.
-#define VQVAE_STRINGIFY(...) #__VA_ARGS__
-#define VQVAE_EXPAND_STRING(...) VQVAE_STRINGIFY(__VA_ARGS__)
-#ifndef VQVAE_CUDA_ARCHS
-#define VQVAE_CUDA_ARCHS
-#endif
-#ifndef VQVAE_CUDA_SKIPPED
-#define VQVAE_CUDA_SKIPPED
+bool cuda_kernels_run_on(int64_t device);
+#else
+bool cuda_kernels_run_on(int64_t) { return false; }  // no CUDA kernels compiled in
 #endif
 
 namespace {
@@ -204,25 +196,15 @@ std::tuple<at::Tensor, at::Tensor> ema_stats_cuda_op(const at::Tensor& z_in, con
 }
 #endif
 
-// Build facts for Python: whether the CUDA kernels are compiled in, for which architectures
-// ("sm_XY": binary code, "compute_XY": PTX that the driver compiles for newer GPUs), and why
-// CUDA was left out where setup.py could not build it.
+// Build facts for Python: whether the CUDA kernels are compiled in. Whether they also run on a
+// given GPU is cuda_kernels_run_on's answer (vq_cuda.cu), asked of the CUDA runtime.
 py::dict build_info() {
   py::dict info;
-  std::string archs = VQVAE_EXPAND_STRING(VQVAE_CUDA_ARCHS);
-  py::list arch_list;
-  for (size_t start = 0; start < archs.size();) {
-    const size_t end = std::min(archs.find(',', start), archs.size());
-    if (end > start) arch_list.append(archs.substr(start, end - start));
-    start = end + 1;
-  }
 #ifdef VQVAE_WITH_CUDA
   info["cuda"] = true;
 #else
   info["cuda"] = false;
 #endif
-  info["cuda_archs"] = arch_list;
-  info["cuda_skipped"] = std::string(VQVAE_EXPAND_STRING(VQVAE_CUDA_SKIPPED));
   return info;
 }
 
@@ -250,7 +232,7 @@ TORCH_LIBRARY_IMPL(vqvae_ext, CUDA, m) {
 }
 #endif
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // vqvae_ext._C
   m.doc() =
       "Compiled nearest-code search and EMA statistics of the VQ-VAE quantizer (see vqvae.py). Importing it "
       "registers torch.ops.vqvae_ext.nearest_code(z (N, D), codebook (K, D)) -> (N,) int64, the argmin_k of "
@@ -261,7 +243,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("norm_sq") = py::none(),
         "(N,) int64: the CUDA kernel's tiling run on the CPU thread by thread (tests and gpu_check.py); any of the "
         "four dtypes, -1 for a row with no finite distance; norm_sq (K,): the codes' squared norms to use.");
-  m.def("build_info", &build_info,
-        "dict: cuda (bool, CUDA kernels compiled in), cuda_archs (list of 'sm_XY' binaries and 'compute_XY' "
-        "PTX), cuda_skipped (why setup.py left CUDA out, '' otherwise).");
+  m.def("build_info", &build_info, "dict: cuda (bool, CUDA kernels compiled in).");
+  m.def("cuda_kernels_run_on", &cuda_kernels_run_on, py::arg("device"),
+        "bool: the CUDA kernels are compiled in and the CUDA runtime can run them on GPU `device` (a binary "
+        "for its architecture, or PTX the driver compiles for it). False without CUDA kernels or GPU.");
 }

@@ -103,3 +103,21 @@ void ema_stats_cuda(const at::Tensor& z, const at::Tensor& indices, at::Tensor& 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
+
+// Whether these kernels run on GPU `device`. The CUDA runtime answers: cudaFuncGetAttributes fails
+// (cudaErrorNoKernelImageForDevice or cudaErrorInvalidDeviceFunction) when the module holds neither
+// a binary for the GPU's architecture nor PTX that the driver can compile for it. Both kernels
+// are built with the same architecture flags, so one instantiation of each stands for all.
+bool cuda_kernels_run_on(int64_t device) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || device < 0 || device >= count) {
+    (void)cudaGetLastError();  // no GPU here: nothing runs, and the error must not linger
+    return false;
+  }
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attributes;
+  const bool runs = cudaFuncGetAttributes(&attributes, nearest_code_kernel<float, float>) == cudaSuccess &&
+                    cudaFuncGetAttributes(&attributes, ema_stats_kernel<float, float>) == cudaSuccess;
+  (void)cudaGetLastError();  // these errors are not sticky; clear them for the next CUDA call
+  return runs;
+}

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import training  # noqa: E402
+import lab  # noqa: E402
 import vqvae  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def gradients(model: ToyVQVAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
     the straight-through copy (reconstruction), on z_e (commitment), on the codebook (K, 2)."""
     z_e, vq, recon_loss = model(x)
     z_e.retain_grad()
-    out = {"z_e": z_e[:, :, 0].detach(), "codes": vq.indices[:, 0]}
+    out = {"z_e": z_e[:, :, 0].detach(), "codes": vq.codes[:, 0]}
     for name, loss, leaf in (("reconstruction", recon_loss, z_e), ("commitment", vq.commitment_loss, z_e),
                              ("codebook", vq.codebook_loss, model.quantizer.codebook)):
         model.zero_grad()
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     model = ToyVQVAE(args.num_embeddings, args.commitment_cost)
     x = toy_data(400, generator)
-    plt = training.pyplot()
+    plt = lab.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     draw(axes[0], model, x, "before training")
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -20,9 +20,9 @@ def data_dir(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(f"real CIFAR-10 not found at {CIFAR}")
         pytest.skip(f"real CIFAR-10 not found at {CIFAR} (set VQVAE_CIFAR10)")
-    import train_cifar
+    import lab.images
     path = tmp_path_factory.mktemp("data")
-    train_cifar.load_cifar10(CIFAR, path)  # decode once, cache as .npz
+    lab.images.load_cifar10(CIFAR, path)  # decode once, cache as .npz
     return path
 
 

@@ -1,8 +1,8 @@
 """Stress check (not collected by pytest): do two-process gloo jobs end with status 0?
 
 Each round starts two processes that do what a script's training stages do at their end (DDP
-steps, a metrics all-reduce, training.teardown) and leave at once, the main one after a short
-solo computation, as evaluation does. With `training.run_main` (the scripts' way) every exit
+steps, a metrics all-reduce, lab.runs.teardown) and leave at once, the main one after a short
+solo computation, as evaluation does. With `lab.run_main` (the scripts' way) every exit
 should be clean; a plain return from main() lets Python finalize while a gloo worker may still
 hold the last collective's tensors, which can abort the process (README gives the rates measured).
 
@@ -23,14 +23,14 @@ def job() -> None:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    import training
+    import lab.runs
 
-    env = training.setup(seed=0, device="cpu")
+    env = lab.runs.setup(seed=0, device="cpu")
     model = DistributedDataParallel(torch.nn.Linear(64, 64))
     for _ in range(5):
         model(torch.randn(8, 64)).square().mean().backward()
-    training.read_metrics({"loss": torch.tensor(1.0)}, env.device)
-    training.teardown()
+    lab.runs.read_metrics({"loss": torch.tensor(1.0)}, env.device)
+    lab.runs.teardown()
     if env.is_main:
         t = time.perf_counter()
         while time.perf_counter() - t < 0.3:
@@ -65,12 +65,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=100, help="two-process jobs per exit mode (default 100)")
     parser.add_argument("--exit", choices=["run_main", "plain", "both"], default="both",
-                        help="how main() ends: training.run_main, a plain return, or both in turn (default both)")
+                        help="how main() ends: lab.run_main, a plain return, or both in turn (default both)")
     parser.add_argument("--worker", choices=["run_main", "plain"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "run_main":
-        import training
-        return training.run_main(job)
+        import lab.runs
+        return lab.run_main(job)
     if args.worker == "plain":
         return job()
     for mode in ["run_main", "plain"] if args.exit == "both" else [args.exit]:

@@ -1,80 +1,153 @@
-"""Which code runs the quantizer (the compiled extension or PyTorch), the fallback where the
-extension cannot run, and torch.compile of the quantizer on both paths."""
+"""Which code runs the quantizer (the compiled extension or PyTorch): setup.py's architecture
+list, vqvae_ext.supports/describe and the fallback where the extension cannot run, and
+torch.compile of the quantizer on both paths."""
+import importlib.util
+import os
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import vqvae
+from conftest import ROOT
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
-BUILT = ["sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "compute_90"]  # setup.py's default list
+needs_ext = pytest.mark.skipif(vqvae.vqvae_ext is None, reason="the compiled vqvae_ext extension is not built")
 
 
-@pytest.mark.parametrize("archs, capability, runs", [
-    (BUILT, (7, 5), True), (BUILT, (8, 7), True), (BUILT, (9, 0), True),
-    (BUILT, (10, 0), True), (BUILT, (12, 0), True),    # Blackwell: the driver compiles compute_90 PTX
-    (BUILT, (7, 0), False), (BUILT, (6, 1), False),     # V100, P100: older than every entry
-    (["sm_80", "sm_90"], (8, 6), True),                 # binary code runs on a newer minor version
-    (["sm_80", "sm_90"], (7, 5), False),                # T4
-    (["sm_80", "sm_90"], (12, 0), False),               # no PTX: nothing for a newer major version
-    (["sm_90a"], (9, 0), True), (["sm_90a"], (10, 0), False),
-    (["compute_80"], (8, 0), True), (["compute_80"], (7, 5), False),
-    ([], (9, 0), False),
-])
-def test_cuda_code_runs_on_the_architectures_cuda_can_run_it_on(archs, capability, runs):
-    assert vqvae.cuda_code_runs_on(archs, capability) is runs
+# ------------------------------------------------------------------ setup.py's extensions
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py's module (setup() runs only as __main__) in a build environment: a CUDA build of torch,
+    a toolkit found, no GPU visible, none of the VQVAE_* switches set."""
+    from torch.utils import cpp_extension
+    spec = importlib.util.spec_from_file_location("vqvae_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.chdir(ROOT)  # sources are globbed relative to the project, as pip runs setup.py
+    for name in ("TORCH_CUDA_ARCH_LIST", "VQVAE_NO_EXT", "VQVAE_NO_CUDA", "VQVAE_FORCE_CUDA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME or "/usr/local/cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return module
 
 
-class FakeExtension:
-    """Stands in for vqvae_ext on a machine without a GPU: only build_info is consulted."""
+def test_without_a_visible_gpu_the_default_architectures_with_ptx_reach_torchs_build(setup_py):
+    [extension] = setup_py.get_extensions()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == setup_py.DEFAULT_CUDA_ARCH_LIST == "7.5;8.0;8.6;8.9;9.0+PTX"
+    assert extension.name == "vqvae_ext._C"
+    assert sorted(os.path.basename(s) for s in extension.sources) == [
+        "bindings.cpp", "vq_cpu.cpp", "vq_cuda.cu", "vq_emulate.cpp"]
+    assert "-DVQVAE_WITH_CUDA" in extension.extra_compile_args["nvcc"]
+    assert "-fopenmp" in extension.extra_compile_args["cxx"] and "-fopenmp" in extension.extra_link_args
 
-    def __init__(self, cuda, archs, skipped=""):
-        self.info = {"cuda": cuda, "cuda_archs": archs, "cuda_skipped": skipped}
 
-    def build_info(self):
-        return self.info
+def test_an_arch_list_given_is_honoured_and_a_visible_gpu_is_left_to_torch(setup_py, monkeypatch):
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
+    setup_py.get_extensions()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    setup_py.get_extensions()
+    assert "TORCH_CUDA_ARCH_LIST" not in os.environ  # torch's default: the visible GPUs' architectures
+
+
+def test_env_switches_leave_out_cuda_or_the_extension_or_fail_without_cuda(setup_py, monkeypatch):
+    from torch.utils import cpp_extension
+    monkeypatch.setenv("VQVAE_NO_CUDA", "1")
+    [extension] = setup_py.get_extensions()
+    assert not any(s.endswith(".cu") for s in extension.sources) and "nvcc" not in extension.extra_compile_args
+    monkeypatch.setenv("VQVAE_FORCE_CUDA", "1")
+    with pytest.raises(SystemExit, match="VQVAE_FORCE_CUDA=1"):
+        setup_py.get_extensions()
+    monkeypatch.delenv("VQVAE_NO_CUDA")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    with pytest.raises(SystemExit, match="no CUDA_HOME"):
+        setup_py.get_extensions()
+    monkeypatch.setenv("VQVAE_NO_EXT", "1")
+    assert setup_py.get_extensions() == []
+
+
+# --------------------------------------------------------- vqvae_ext.supports and describe
+@needs_ext
+@pytest.mark.parametrize("dtype, supported", [(torch.float32, True), (torch.float64, True), (torch.float16, False),
+                                              (torch.bfloat16, False), (torch.int64, False)])
+def test_supports_float32_and_float64_on_the_cpu(dtype, supported):
+    assert vqvae.vqvae_ext.supports(torch.zeros(2, 3, dtype=dtype)) is supported
+    assert vqvae.vqvae_ext.describe("cpu") == vqvae.vqvae_ext.describe(torch.device("cpu")) == "extension: CPU"
+    assert vqvae.vqvae_ext.describe("meta") == "PyTorch"
+
+
+@needs_ext
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where no GPU is")
+def test_the_compiled_query_says_no_gpu_runs_the_kernels_where_there_is_none():
+    assert vqvae.vqvae_ext._C.cuda_kernels_run_on(0) is False
 
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """A cuda:0 of the given capability, and an extension built as given."""
-    def make(capability, extension):
-        monkeypatch.setattr(vqvae, "vqvae_ext", extension)
-        monkeypatch.setattr(vqvae, "_backends", {})
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    """cuda:0 of compute capability 7.0 and an extension whose compiled query answers `runs`."""
+    ext = pytest.importorskip("vqvae_ext")
+
+    def make(cuda_built, runs):
+        monkeypatch.setattr(ext, "_runs_on", {})
+        monkeypatch.setattr(ext, "build_info", lambda: {"cuda": cuda_built})
+        def query(index):  # like the compiled query, nothing torch.compile can trace
+            torch._dynamo.graph_break()
+            return runs
+        monkeypatch.setattr(ext, "_C", SimpleNamespace(cuda_kernels_run_on=query))
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        return ext
     return make
 
 
-def test_gpu_the_extension_was_built_for_uses_its_kernels(fake_gpu):
-    fake_gpu((9, 0), FakeExtension(True, ["sm_80", "sm_90"]))
+def gpu_tensor(dtype=torch.float32):
+    """What supports() reads of a tensor on cuda:0."""
+    return SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype,
+                           is_floating_point=lambda: dtype.is_floating_point)
+
+
+def test_gpu_the_kernels_run_on_uses_them(fake_gpu):
+    ext = fake_gpu(True, True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert vqvae.quantizer_backend("cuda:0") == "extension: CUDA sm_90"
-    assert vqvae.quantizer_backend("cpu") == "extension: CPU"
+        assert ext.describe("cuda") == ext.describe("cuda:0") == "extension: CUDA sm_70"
+        assert ext.supports(gpu_tensor()) and ext.supports(gpu_tensor(torch.bfloat16))
+        assert not ext.supports(gpu_tensor(torch.int64))
 
 
-def test_gpu_of_another_architecture_falls_back_to_pytorch_with_one_warning(fake_gpu):
-    fake_gpu((7, 5), FakeExtension(True, ["sm_80", "sm_90"]))
-    with pytest.warns(UserWarning, match=r"cannot run on cuda:0 \(sm_75\): it holds CUDA code for sm_80, sm_90"):
-        assert vqvae.quantizer_backend("cuda:0") == "PyTorch"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # decided once per device
-        assert vqvae.quantizer_backend(torch.device("cuda", 0)) == "PyTorch"
+@pytest.mark.parametrize("cuda_built, why", [(True, "it holds no CUDA code that runs on this GPU"),
+                                             (False, "it was built without CUDA kernels")])
+def test_gpu_the_build_cannot_run_falls_back_to_pytorch_with_exactly_one_warning(fake_gpu, cuda_built, why):
+    ext = fake_gpu(cuda_built, False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert ext.describe("cuda:0") == "PyTorch"
+        assert ext.describe(torch.device("cuda", 0)) == "PyTorch" and not ext.supports(gpu_tensor())
+    assert len(caught) == 1 and issubclass(caught[0].category, UserWarning)
+    message = str(caught[0].message)
+    assert f"vqvae_ext cannot run on cuda:0 (sm_70): {why}" in message
+    assert "pip install --no-build-isolation -e ." in message and "TORCH_CUDA_ARCH_LIST=7.0" in message
 
 
-def test_extension_built_without_cuda_says_why_on_a_gpu(fake_gpu):
-    fake_gpu((9, 0), FakeExtension(False, [], "nvcc_not_found"))
-    with pytest.warns(UserWarning, match=r"built without CUDA kernels \(nvcc_not_found\)"):
-        assert vqvae.quantizer_backend("cuda:0") == "PyTorch"
+def test_the_gpu_query_is_a_constant_to_torch_compile_not_a_graph_break(fake_gpu):
+    ext = fake_gpu(True, True)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: x + 1 if ext._cuda_kernels_run_on(0) else x - 1, fullgraph=True)
+    assert step(torch.zeros(2)).tolist() == [1.0, 1.0]
+    torch._dynamo.reset()
 
 
-def test_no_extension_means_pytorch_everywhere(fake_gpu):
-    fake_gpu((9, 0), None)
-    assert vqvae.quantizer_backend("cpu") == vqvae.quantizer_backend("cuda:0") == "PyTorch"
-    with pytest.raises(RuntimeError, match="does not run on cpu"):
-        vqvae.nearest_code(torch.randn(4, 2), torch.randn(3, 2), backend="extension")
+def test_no_extension_means_pytorch_everywhere(monkeypatch):
+    monkeypatch.setattr(vqvae, "vqvae_ext", None)
+    z, codebook = torch.randn(4, 2), torch.randn(3, 2)
+    assert torch.equal(vqvae.nearest_code(z, codebook), vqvae.nearest_code(z, codebook, backend="torch"))
+    with pytest.raises(RuntimeError, match="vqvae_ext is not installed or does not run on cpu"):
+        vqvae.nearest_code(z, codebook, backend="extension")
 
 
 # ------------------------------------------------------------------------ torch.compile
@@ -88,7 +161,6 @@ def backend_path(request, monkeypatch):
     """Run the quantizer through the extension or, with it hidden, through pure PyTorch."""
     if request.param == "torch":
         monkeypatch.setattr(vqvae, "vqvae_ext", None)
-    monkeypatch.setattr(vqvae, "_backends", {})
     torch._dynamo.reset()
     yield request.param
     torch._dynamo.reset()
@@ -124,7 +196,7 @@ def test_compiled_quantizer_has_no_graph_break_and_matches_eager(backend_path, d
         eager.train(mode == "train")
         compiled.train(mode == "train")
         for (want, want_grad), (got, got_grad) in zip(run_steps(eager, inputs), run_steps(compiled, inputs)):
-            assert torch.equal(got.indices, want.indices) and torch.equal(got.counts, want.counts)
+            assert torch.equal(got.codes, want.codes) and torch.equal(got.counts, want.counts)
             for field in ("z_q", "codebook_loss", "commitment_loss", "perplexity"):
                 torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+import lab
+import lab.checkpoints
+import lab.images
+import lab.runs
 import train_cifar
 import train_vctk
 import train_video
-import training
 import vqvae
 from conftest import CIFAR
 
@@ -45,7 +48,7 @@ OPTION_CASES = [
     ("vctk", ["--temperature", "-1"], r"--temperature: expected a finite number > 0; got -1.0"),
     ("vctk", ["--crop", "0"], r"--crop: expected an integer >= 1 .*got 0"),
     ("vctk", ["--clip-seconds", "0"], r"--clip-seconds: expected a finite number > 0; got 0.0"),
-    ("vctk", ["--clf-steps", "0"], r"--clf-steps: expected an integer >= 1 .*got 0"),
+    ("vctk", ["--classifier-steps", "0"], r"--classifier-steps: expected an integer >= 1 .*got 0"),
     ("vctk", ["--eval-clips", "0"], r"--eval-clips: expected an integer >= 1 .*got 0"),
     ("video", ["--temperature", "-0.5"], r"--temperature: expected a finite number > 0; got -0.5"),
     ("video", ["--episodes", "0"], r"--episodes: expected an integer >= 1 .*got 0"),
@@ -82,7 +85,7 @@ def test_second_run_on_the_same_out_is_refused_while_the_first_lives(tmp_path):
     finally:
         sleeper.kill()
         sleeper.wait()
-    training.lock_out(out)  # its process has ended: the lock is taken over
+    lab.runs.lock_out(out)  # its process has ended: the lock is taken over
     assert (out / ".lock").read_text() == str(os.getpid())
 
 
@@ -140,12 +143,12 @@ DATA_CASES = [
 @pytest.mark.parametrize("fault, message", DATA_CASES, ids=[f for f, _ in DATA_CASES])
 def test_bad_speech_file_is_refused_when_loaded(fault, message, tmp_path):
     root = fsdd_folder(tmp_path / "fsdd", fault)
-    with pytest.raises(train_vctk.DataError, match=message):
-        train_vctk.load_speech(root, 8000)
+    with pytest.raises(lab.DataError, match=message):
+        lab.load_speech(root, 8000)
 
 
 def test_speech_folder_without_faults_loads(tmp_path):
-    data = train_vctk.load_speech(fsdd_folder(tmp_path / "fsdd", "none"), 8000)
+    data = lab.load_speech(fsdd_folder(tmp_path / "fsdd", "none"), 8000)
     assert data.speakers == ["ann", "bob"] and len(data.train.audio) == len(data.test.audio) == 4
 
 
@@ -162,34 +165,34 @@ def image_folder(root: Path, value: int = 0) -> Path:
 def test_corrupt_image_is_refused_naming_the_file(tmp_path):
     root = image_folder(tmp_path / "images")
     (root / "train/dog/1.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(train_cifar.DataError, match=r"train/dog/1.png is not a readable image"):
-        train_cifar.load_cifar10(root, tmp_path / "cache")
+    with pytest.raises(lab.DataError, match=r"train/dog/1.png is not a readable image"):
+        lab.images.load_cifar10(root, tmp_path / "cache")
 
 
 def test_image_cache_follows_the_folder_content(tmp_path):
     root, cache = image_folder(tmp_path / "images"), tmp_path / "cache"
-    assert train_cifar.load_cifar10(root, cache)["train_x"].max() == 1
+    assert lab.images.load_cifar10(root, cache)["train_x"].max() == 1
     image_folder(root, value=100)                     # same names, new pixels (and new mtimes)
     os.utime(root, (1, 1))                            # even with the folder's own mtime unchanged
-    assert train_cifar.load_cifar10(root, cache)["train_x"].max() == 101
+    assert lab.images.load_cifar10(root, cache)["train_x"].max() == 101
     (root / "train/cat/0.png").unlink()
-    assert len(train_cifar.load_cifar10(root, cache)["train_x"]) == 3
+    assert len(lab.images.load_cifar10(root, cache)["train_x"]) == 3
     other = image_folder(tmp_path / "elsewhere" / "images", value=50)   # same folder name, other content
-    assert train_cifar.load_cifar10(other, cache)["train_x"].max() == 51
+    assert lab.images.load_cifar10(other, cache)["train_x"].max() == 51
 
 
 def test_corrupt_cache_is_rebuilt_with_a_message(tmp_path, capsys):
     root, cache = image_folder(tmp_path / "images"), tmp_path / "cache"
-    train_cifar.load_cifar10(root, cache)
+    lab.images.load_cifar10(root, cache)
     (npz,) = cache.glob("*.npz")
     npz.write_bytes(b"not a zip")
-    assert train_cifar.load_cifar10(root, cache)["train_x"].shape == (4, 3, 32, 32)
+    assert lab.images.load_cifar10(root, cache)["train_x"].shape == (4, 3, 32, 32)
     assert "unreadable cache" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------- model API
 pixelcnn = vqvae.GatedPixelCNN(vqvae.GatedPixelCNNConfig(8, channels=4, num_layers=1, kernel_size=3, num_classes=3))
-wavenet = vqvae.WaveNet(vqvae.WaveNetConfig(num_classes=8, num_speakers=2, hop=1, channels=4, skip_channels=4,
+wavenet = vqvae.WaveNet(vqvae.WaveNetConfig(num_categories=8, num_speakers=2, hop=1, channels=4, skip_channels=4,
                                             num_layers=2, cycle=2))
 video_prior = vqvae.ActionConditionalPrior(vqvae.ActionConditionalPriorConfig(
     8, num_actions=3, context_frames=2, channels=4, num_layers=1, context_channels=4, context_layers=1))
@@ -236,7 +239,7 @@ def test_bad_model_input_raises_value_error(call, message):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_quantizer_takes_float16_and_float64_latents(dtype):
     out = vqvae.VectorQuantizer(8, 4)(torch.randn(2, 4, 3, dtype=dtype))
-    assert out.z_q.dtype == dtype and out.indices.shape == (2, 3)
+    assert out.z_q.dtype == dtype and out.codes.shape == (2, 3)
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -262,10 +265,10 @@ RESUME_CASES = [
 def test_resume_with_other_options_is_refused_before_any_step(extra, message, tmp_path, data_dir):
     out = tmp_path / "run"
     run(out, data_dir)
-    before = training.load_checkpoint(out / "vqvae.pt")
+    before = lab.load_checkpoint(out / "vqvae.pt")
     with pytest.raises(SystemExit, match=message):
         run(out, data_dir, "--resume", "--steps", "4", *extra)
-    assert training.load_checkpoint(out / "vqvae.pt")["step"] == before["step"] == 2
+    assert lab.load_checkpoint(out / "vqvae.pt")["step"] == before["step"] == 2
 
 
 def test_resume_may_change_length_logging_and_stages(tmp_path, data_dir, capsys):
@@ -273,7 +276,7 @@ def test_resume_may_change_length_logging_and_stages(tmp_path, data_dir, capsys)
     run(out, data_dir, "--resume")
     assert "--resume: no " in capsys.readouterr().out     # nothing to resume: says it starts fresh
     run(out, data_dir, "--resume", "--steps", "3", "--log-every", "2", "--checkpoint-every", "5")
-    assert training.load_checkpoint(out / "vqvae.pt")["step"] == 3
+    assert lab.load_checkpoint(out / "vqvae.pt")["step"] == 3
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "cooldown"])
@@ -286,20 +289,23 @@ def test_resume_may_not_lengthen_a_schedule_that_depends_on_the_length(schedule,
 
 def test_a_prior_schedule_fixes_the_prior_steps_only():
     saved = {"lr_schedule": "constant", "steps": 2, "prior_lr_schedule": "cooldown", "prior_steps": 6}
-    training.check_resume_options(Path("vqvae.pt"), saved, {**saved, "steps": 3})   # the VQ-VAE may lengthen
+    def check(path, saved, now):
+        run = lab.Run(Path("."), lab.runs.Env(torch.device("cpu")), options=now, resumable={"steps", "prior_steps"})
+        return run._check_options(path, saved)
+    check(Path("vqvae.pt"), saved, {**saved, "steps": 3})   # the VQ-VAE may lengthen
     with pytest.raises(SystemExit, match=r"--prior-steps 6 \(now 7\) \(the --prior-lr-schedule cooldown rates "
                                          r"depend on --prior-steps\)"):
-        training.check_resume_options(Path("prior.pt"), saved, {**saved, "prior_steps": 7})
+        check(Path("prior.pt"), saved, {**saved, "prior_steps": 7})
     constant = {**saved, "prior_lr_schedule": "constant"}
-    training.check_resume_options(Path("prior.pt"), constant, {**constant, "prior_steps": 7})
+    check(Path("prior.pt"), constant, {**constant, "prior_steps": 7})
 
 
 def test_checkpoint_without_recorded_options_is_not_resumed(tmp_path, data_dir):
     out = tmp_path / "run"
     run(out, data_dir)
-    state = training.load_checkpoint(out / "vqvae.pt")
+    state = lab.load_checkpoint(out / "vqvae.pt")
     del state["options"]
-    training.save_checkpoint(out / "vqvae.pt", state)
+    lab.save_checkpoint(out / "vqvae.pt", state)
     with pytest.raises(SystemExit, match="does not record the options it was trained with"):
         run(out, data_dir, "--resume", "--steps", "3")
 
@@ -307,17 +313,17 @@ def test_checkpoint_without_recorded_options_is_not_resumed(tmp_path, data_dir):
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    run = training.Run(tmp_path, log_every=1, checkpoint_every=2)
+    run = lab.Run(tmp_path, lab.runs.Env(torch.device("cpu")), log_every=1, checkpoint_every=2)
 
     def loss_fn(m, step):
         loss = m(torch.ones(1, 2)).sum() * (math.inf if step == 3 else 1.0)
         return loss, {"loss": loss.item()}
 
     path = tmp_path / "toy.pt"
-    with pytest.raises(SystemExit, match=rf"step 4: loss is not finite; stopped without saving. Last good "
-                                         rf"checkpoint: {path} \(step 2\)"):
-        training.run_loop("toy", model, optimizer, loss_fn, 10, run, training.Env(torch.device("cpu")))
-    state = training.load_checkpoint(path)
+    with pytest.raises(SystemExit, match=rf"step 4: the loss or a gradient is not finite; stopped without saving. "
+                                         rf"Last good checkpoint: {path} \(step 2\)"):
+        run.train("toy", model, optimizer, loss_fn, 10)
+    state = lab.load_checkpoint(path)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not list(tmp_path.glob("*.tmp*"))
 
@@ -325,14 +331,172 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_processes_making_the_same_cache_at_once_do_not_clash(tmp_path):
     # torchrun's processes all decode a missing data cache and save it: each through its own
     # temporary file, so that no rename finds its file taken by the other process.
-    code = ("import sys, time, numpy as np, training; from pathlib import Path\n"
+    code = ("import sys, time, numpy as np, lab.checkpoints; from pathlib import Path\n"
             "time.sleep(max(0, float(sys.argv[2]) - time.time()))  # start together, after the imports\n"
-            "for i in range(200): training.save_npz(Path(sys.argv[1]), {'x': np.full(10_000, i)})")
-    env = {**os.environ, "PYTHONPATH": str(Path(training.__file__).parent)}
+            "for i in range(200): lab.checkpoints.save_npz(Path(sys.argv[1]), {'x': np.full(10_000, i)})")
+    env = {**os.environ, "PYTHONPATH": str(Path(lab.__file__).parents[1])}
     start = str(time.time() + 6)
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache.npz"), start], env=env,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
-    assert training.load_npz(tmp_path / "cache.npz", keys=("x",))["x"][0] == 199
+    assert lab.checkpoints.load_npz(tmp_path / "cache.npz", keys=("x",))["x"][0] == 199
     assert [f.name for f in tmp_path.iterdir()] == ["cache.npz"]
+
+
+# ------------------------------------------------------------------ faults of a careful user's pass
+MORE_OPTION_CASES = [
+    (["--seed", "-1"], r"argument --seed: expected an integer >= 0 and < 4294967296; got -1"),
+    (["--seed", str(2 ** 70)], r"argument --seed: expected an integer >= 0 and < 4294967296; got 1180591620717411303424"),
+    (["--image-size", "30"], r"--image-size: expected a multiple of 4; got 30"),
+]
+
+
+@pytest.mark.parametrize("argv, message", MORE_OPTION_CASES, ids=[" ".join(a) for a, _ in MORE_OPTION_CASES])
+def test_out_of_range_seed_is_refused_at_parse_time(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_cifar.parse_args([*argv, "--out", str(tmp_path / "run")])
+    assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", r"--device: expected auto, cpu, cuda or cuda:N; got 'foo'"),
+    ("cuda:99" if torch.cuda.is_available() else "cuda", r"--device cuda(:99)?: (no CUDA GPU is visible|only \d)"),
+])
+def test_unusable_device_is_refused_in_one_line_before_any_work(device, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        train_cifar.main(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "missing"), "--device", device])
+
+
+def test_leftover_temporary_checkpoint_is_deleted_and_the_run_goes_on(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    run(out, data_dir)
+    (out / "vqvae.99999.tmp.pt").write_bytes((out / "vqvae.pt").read_bytes()[:5000])   # a kill -9 mid-write
+    run(out, data_dir, "--resume", "--stages", "eval")
+    assert "vqvae.99999.tmp.pt: left by an interrupted write; deleted" in capsys.readouterr().out
+    assert (out / "metrics.json").exists() and not list(out.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_bytes(path.read_bytes()[:3000]), r"vqvae.pt: not a readable checkpoint"),
+    (lambda path: path.write_bytes(b"garbage" * 100), r"vqvae.pt: not a readable checkpoint"),
+    (lambda path: (lambda s: (s["model"][next(iter(s["model"]))].view(-1)[:1].add_(1), torch.save(s, path)))(
+        torch.load(path, weights_only=True)), r"vqvae.pt: damaged: its tensors do not match the checksum"),
+], ids=["truncated", "garbage", "flipped-weight"])
+def test_damaged_checkpoint_is_refused_naming_the_file(damage, message, tmp_path, data_dir):
+    out = tmp_path / "run"
+    run(out, data_dir)
+    damage(out / "vqvae.pt")
+    with pytest.raises(SystemExit, match=message):
+        run(out, data_dir, "--resume", "--stages", "eval")
+
+
+def test_diverged_run_keeps_a_finite_checkpoint_and_resumes_from_it_with_a_lower_lr(tmp_path):
+    def train(lr, resume):
+        model = torch.nn.Linear(2, 1)
+        torch.nn.init.constant_(model.weight, 0.5)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        run = lab.Run(tmp_path, lab.runs.Env(torch.device("cpu")), resume=resume, log_every=1, checkpoint_every=2,
+                      options={"lr": lr}, resumable={"steps"})
+
+        def loss_fn(m, step):   # diverges at the 4th step while the learning rate is large
+            loss = (m(torch.ones(1, 2)) ** 2).sum() * (math.inf if step == 3 and lr > 0.05 else 1.0)
+            return loss, {"loss": loss.detach()}
+        return run.train("toy", model, optimizer, loss_fn, 6)
+
+    with pytest.raises(SystemExit, match=r"step 4: the loss or a gradient is not finite; .*\(step 2\)"):
+        train(0.1, resume=False)
+    with pytest.raises(SystemExit, match=r"--lr 0.1 \(now 0.2\)"):
+        train(0.2, resume=True)            # a higher rate is another run
+    history = train(0.01, resume=True)
+    state = lab.load_checkpoint(tmp_path / "toy.pt")
+    assert history["step"] == [1, 2, 3, 4, 5, 6] and state["resumed"] == [{"step": 2, "lr": (0.1, 0.01)}]
+    assert all(math.isfinite(v) for v in history["loss"])
+
+
+def test_models_of_other_training_data_are_refused_and_caches_follow_the_data(tmp_path):
+    from PIL import Image
+    root = tmp_path / "images"
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((8, 8, 3), 40 * i + (c == "dog") * 9, np.uint8)).save(root / split / c / f"{i}.png")
+    argv = ["--data", str(root), "--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+            "--hidden-channels", "8", "--res-channels", "4", "--num-res-layers", "1", "--embedding-dim", "4",
+            "--num-embeddings", "8", "--batch-size", "2", "--steps", "2", "--prior-channels", "4",
+            "--prior-num-layers", "1", "--prior-batch-size", "2", "--prior-steps", "2", "--stages", "vqvae,prior"]
+    train_cifar.main(argv)
+    os.replace(root / "train/cat/3.png", root / "train/dog/9.png")     # an image moves to another class
+    (tmp_path / "run/prior.pt").unlink()
+    with pytest.raises(SystemExit, match=r"vqvae.pt was trained on other data \(content key \w+, now \w+\)"):
+        train_cifar.main(argv[:-2] + ["--stages", "prior", "--resume"])   # its codes would get the old labels
+    with pytest.raises(SystemExit, match=r"vqvae.pt was trained with other training data \(content key \w+, now \w+\)"):
+        train_cifar.main(argv[:-2] + ["--stages", "vqvae", "--resume"])
+
+    made = []
+    def make():
+        made.append(1)
+        return {"codes": torch.zeros(2)}
+    for key in ("a", "a", "b"):
+        run = lab.Run(tmp_path / "run", lab.runs.Env(torch.device("cpu")), options={"training_data": key})
+        run.vqvae_id = "step 2, sha256 0"
+        run.cached("codes", {"clip_length": 64}, make)
+    assert len(made) == 2                                              # made again for other data
+
+
+def test_image_cache_tells_apart_same_size_images_swapped_with_one_mtime(tmp_path):
+    from PIL import Image
+    root = image_folder(tmp_path / "images")
+    a, b = root / "train/cat/0.png", root / "train/dog/0.png"
+    Image.fromarray(np.full((32, 32, 3), 7, np.uint8)).save(a)
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(b)
+    for f in (a, b):
+        os.utime(f, ns=(10**18, 10**18))
+    first = lab.images.load_cifar10(root, tmp_path / "cache")
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b), b.write_bytes(data_a)                        # swapped, same sizes
+    for f in (a, b):
+        os.utime(f, ns=(10**18, 10**18))
+    second = lab.images.load_cifar10(root, tmp_path / "cache")
+    assert not np.array_equal(first["train_x"], second["train_x"])
+    assert second["train_x"][np.flatnonzero(second["train_y"] == 0)[0]].max() == 200
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path, mode):
+    from PIL import Image
+    root = image_folder(tmp_path / "images")
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)     # 0 .. 65472
+    Image.fromarray(ramp).save(root / "train/cat/0.png")                  # a 16-bit grayscale PNG (I;16)
+    data = lab.images.read_image_folder(root, channels=1 if mode == "L" else 3)
+    image = data["train_x"][0].astype(float)
+    expected = np.round(ramp / 257)
+    assert np.abs(image[0] - expected).max() <= 1 and image.max() >= 250 and (image < 128).mean() > 0.45
+
+
+def test_all_black_training_images_are_refused_before_training(tmp_path):
+    root = image_folder(tmp_path / "images")
+    from PIL import Image
+    for f in (root / "train").rglob("*.png"):
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(f)
+    with pytest.raises(SystemExit, match=r"every training pixel has the same value \(variance 0\)"):
+        train_cifar.main(["--data", str(root), "--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run/vqvae.pt").exists()
+
+
+def test_prior_batch_larger_than_the_images_is_refused_before_the_vqvae_trains(tmp_path):
+    root = image_folder(tmp_path / "images")
+    with pytest.raises(SystemExit, match=r"--prior-batch-size 32 x 1 process\(es\): more than the 4 training images"):
+        train_cifar.main(["--data", str(root), "--data-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run/vqvae.pt").exists()
+
+
+def test_non_utf8_file_name_is_named_in_the_refusal(tmp_path):
+    root = image_folder(tmp_path / "images")
+    bad = os.fsencode(root / "train/cat") + b"/\xff\xfe.png"
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(lab.DataError, match=r"train/cat/\ufffd\ufffd.png is not a readable image") as error:
+        lab.images.load_cifar10(root, tmp_path / "cache")
+    str(error.value).encode()    # printable

@@ -35,7 +35,7 @@ def test_vqvae_output_shapes(kwargs, x_shape, latent):
     B, G = x_shape[0], c.num_groups
     assert out.x_recon.shape == x_shape and out.logits is None
     assert out.z_e.shape == out.z_q.shape == (B, G * c.embedding_dim, *latent)
-    assert out.indices.shape == ((B, *latent) if G == 1 else (B, G, *latent))
+    assert out.codes.shape == ((B, *latent) if G == 1 else (B, G, *latent))
     assert out.counts.shape == (c.num_embeddings,) and out.counts.sum().item() == B * G * math.prod(latent)
     assert torch.allclose(out.loss, out.recon_loss + out.codebook_loss + out.commitment_loss)  # Eq. 3
 
@@ -67,19 +67,21 @@ def test_categorical_logits_are_the_1x1_convolution_per_channel(dims, latent):
     z_q = torch.randn(2, 4, *latent, dtype=torch.float64)
     relu, conv = model.logits
     expected = conv(relu(model.decoder(z_q))).unflatten(1, (2, 256)).movedim(2, -1)  # (B, C, *S, 256)
-    assert torch.allclose(model.decode_latents(z_q), expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(model.decoder_output(z_q), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kwargs", [{}, dict(num_groups=2), dict(num_groups=3, dims=1),
                                     dict(likelihood="categorical")], ids=["plain", "groups", "groups-1d", "categorical"])
-def test_decode_of_indices_equals_decode_latents_of_forward_z_q(kwargs):
+def test_decode_of_codes_is_the_image_of_the_decoder_output_of_forward_z_q(kwargs):
     model = vqvae.VQVAE(tiny(**kwargs)).eval()
     x = image(2, 1, 8) if kwargs.get("dims") == 1 else image(2, 1, 4, 6)
     with torch.no_grad():
         out = model(x)
-        decoded = model.decode(out.indices)
-        assert torch.allclose(decoded, model.decode_latents(out.z_q), atol=1e-5)
-        assert torch.allclose(decoded, out.x_recon if out.logits is None else out.logits, atol=1e-5)
+        images = model.decode(out.codes)
+        assert torch.allclose(images, model.to_image(model.decoder_output(out.z_q)), atol=1e-5)
+        assert torch.allclose(images, out.x_recon, atol=1e-5)
+        if out.logits is not None:
+            assert torch.allclose(model.decoder_output(out.z_q), out.logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("decay", [None, 0.99])
@@ -91,7 +93,7 @@ def test_bf16_autocast_forward_is_finite_and_quantizer_runs_in_float32(decay, as
     assert out.codebook_loss.dtype == out.commitment_loss.dtype == torch.float32
     assert all(torch.isfinite(t).all() for t in (out.x_recon, out.z_q, out.loss, out.perplexity))
     flat = out.z_e.float().movedim(1, -1).reshape(-1, 4)
-    assert_nearest(out.indices.flatten(), flat, model.quantizer.codebook.detach())
+    assert_nearest(out.codes.flatten(), flat, model.quantizer.codebook.detach())
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -121,7 +123,6 @@ def test_sonnet_preset_is_the_sonnet_example_model_weight_for_weight():
     residual blocks 128->32 (3x3) ->128 (1x1); 1x1 conv to D = 64; the EMA codebook (not trained);
     decoder 64->128 (3x3), two residual blocks, transposed 128->64 (4x4, x2), 64->3 (4x4, x2)."""
     import train_cifar
-    import training
 
     def conv(cin, cout, k):  # weights and biases
         return cin * cout * k * k + cout
@@ -129,7 +130,10 @@ def test_sonnet_preset_is_the_sonnet_example_model_weight_for_weight():
     residual_stack = 2 * (conv(128, 32, 3) + conv(32, 128, 1))
     encoder = conv(3, 64, 4) + conv(64, 128, 4) + conv(128, 128, 3) + residual_stack
     decoder = conv(64, 128, 3) + residual_stack + conv(128, 64, 4) + conv(64, 3, 4)
-    model = vqvae.VQVAE(training.config_from_args(vqvae.VQVAEConfig, train_cifar.parse_args(["--preset", "sonnet"])))
+    args = train_cifar.parse_args(["--preset", "sonnet"])
+    config = vqvae.VQVAEConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(vqvae.VQVAEConfig)
+                                  if hasattr(args, f.name)})
+    model = vqvae.VQVAE(config)
     assert sum(p.numel() for p in model.parameters()) == encoder + conv(128, 64, 1) + decoder == 662_723
     assert [m.out_channels for m in model.encoder.net if isinstance(m, torch.nn.Conv2d)][:3] == [64, 128, 128]
     assert model.quantizer.codebook.shape == (512, 64) and not model.quantizer.codebook.requires_grad

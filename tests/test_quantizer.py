@@ -26,7 +26,7 @@ def quantizer(K=8, D=4, **kwargs) -> vqvae.VectorQuantizer:
 
 
 def channel_last(z_e: torch.Tensor) -> torch.Tensor:
-    """(B, D, *S) -> (N, D), the latents in the order the quantizer's indices are flattened."""
+    """(B, D, *S) -> (N, D), the latents in the order the quantizer's codes are flattened."""
     return z_e.movedim(1, -1).reshape(-1, z_e.shape[1])
 
 
@@ -66,18 +66,18 @@ def test_nearest_code_duplicate_codes_go_to_lowest_index(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nearest_code_single_code_picks_it_everywhere(backend):
-    indices = vqvae.nearest_code(torch.randn(10, 5) * 1e3, torch.randn(1, 5), backend=backend)
-    assert indices.dtype == torch.int64 and indices.tolist() == [0] * 10
+    codes = vqvae.nearest_code(torch.randn(10, 5) * 1e3, torch.randn(1, 5), backend=backend)
+    assert codes.dtype == torch.int64 and codes.tolist() == [0] * 10
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 3, 5), (2, 4, 7), (2, 4, 3, 2, 5)], ids=["BDHW", "BDT", "BDTHW"])
-def test_quantizer_indices_equal_brute_force_on_channel_last_latents(shape, assert_nearest):
+def test_quantizer_codes_equal_brute_force_on_channel_last_latents(shape, assert_nearest):
     q = quantizer(16, 4).eval()
     z_e = torch.randn(shape)
     out = q(z_e)
-    assert out.indices.shape == (shape[0], *shape[2:]) and out.z_q.shape == shape
-    assert_nearest(out.indices.flatten(), channel_last(z_e), q.codebook.detach())
-    assert torch.allclose(channel_last(out.z_q), q.codebook.detach()[out.indices.flatten()], atol=1e-6)  # z_q = e_k
+    assert out.codes.shape == (shape[0], *shape[2:]) and out.z_q.shape == shape
+    assert_nearest(out.codes.flatten(), channel_last(z_e), q.codebook.detach())
+    assert torch.allclose(channel_last(out.z_q), q.codebook.detach()[out.codes.flatten()], atol=1e-6)  # z_q = e_k
 
 
 # ---------------------------------------------------------------- straight-through and Eq. 3
@@ -110,7 +110,7 @@ def test_codebook_loss_sends_no_gradient_to_encoder_output():
     out.codebook_loss.backward()
     assert z_e.grad is None or not z_e.grad.any()
     # d/de_k of mean((sg[z] - e)^2) = sum over latents i assigned to k of 2 (e_k - z_i) / (N D)
-    z, e, idx = channel_last(z_e).detach().double().numpy(), q.codebook.detach().double().numpy(), out.indices.flatten().numpy()
+    z, e, idx = channel_last(z_e).detach().double().numpy(), q.codebook.detach().double().numpy(), out.codes.flatten().numpy()
     expected = np.zeros_like(e)
     for i, k in enumerate(idx):
         expected[k] += 2 * (e[k] - z[i]) / z.size
@@ -122,7 +122,7 @@ def test_beta_scales_the_commitment_term_only():
     high.load_state_dict(low.state_dict())
     z_e = torch.randn(2, 4, 5)
     a, b = low(z_e), high(z_e)
-    assert torch.equal(a.indices, b.indices)
+    assert torch.equal(a.codes, b.codes)
     assert torch.equal(a.codebook_loss, b.codebook_loss)  # beta is NOT on the codebook term
     assert torch.allclose(b.commitment_loss, 4 * a.commitment_loss)
 
@@ -148,7 +148,7 @@ def test_ema_update_equals_eq_6_to_8_with_laplace_smoothing_by_hand(epsilon):
     q = vqvae.VectorQuantizer(K, 2, decay=gamma, epsilon=epsilon).train()
     set_codebook(q, e0)  # initial state: N_i = 1, m_i = e_i
     out = q(torch.tensor(z.T[None], dtype=torch.float32))  # (B=1, D=2, T=4)
-    assert out.indices.tolist() == [[0, 1, 1, 0]]  # code 2 is not chosen
+    assert out.codes.tolist() == [[0, 1, 1, 0]]  # code 2 is not chosen
     n_i = np.array([2.0, 2.0, 0.0])
     sums = np.stack([z[0] + z[3], z[1] + z[2], np.zeros(2)])
     N = gamma * 1.0 + (1 - gamma) * n_i                      # Eq. 6: [1.1, 1.1, 0.9]
@@ -229,7 +229,7 @@ def test_perplexity_is_exp_entropy_of_code_usage_and_counts_are_bincount(codes, 
     q = vqvae.VectorQuantizer(K, K).eval()
     set_codebook(q, 10 * torch.eye(K))
     out = q(q.codebook.detach()[codes].T[None])  # latents placed exactly on the given codes
-    assert out.indices.flatten().tolist() == codes
+    assert out.codes.flatten().tolist() == codes
     assert out.perplexity.item() == pytest.approx(expected, rel=1e-6)
     assert out.counts.tolist() == torch.bincount(torch.tensor(codes), minlength=K).tolist()
 
@@ -244,7 +244,7 @@ def test_float16_input_with_large_values_quantizes_in_float32_without_overflow(a
     assert out.z_q.dtype == torch.float16 and torch.isfinite(out.z_q).all()
     assert out.commitment_loss.dtype == out.codebook_loss.dtype == torch.float32
     assert math.isfinite(out.commitment_loss.item()) and out.codebook_loss.item() > 6e4
-    assert_nearest(out.indices.flatten(), channel_last(z_e.float()), q.codebook.detach())
+    assert_nearest(out.codes.flatten(), channel_last(z_e.float()), q.codebook.detach())
 
 
 def test_a_code_never_chosen_shrinks_towards_the_origin_as_laplace_smoothing_predicts():

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
 def tiny_wavenet(local: bool = True) -> vqvae.WaveNet:
     """The decoder (256 levels, conditioned on z_q with 6 channels, hop 4), or else a prior over 32 codes."""
-    return vqvae.WaveNet(vqvae.WaveNetConfig(num_classes=256 if local else 32, cond_channels=6 if local else 0,
+    return vqvae.WaveNet(vqvae.WaveNetConfig(num_categories=256 if local else 32, cond_channels=6 if local else 0,
                                              num_speakers=3, hop=4, channels=8, skip_channels=16, num_layers=5,
                                              cycle=3))
 
@@ -66,7 +66,7 @@ def test_wavenet_output_at_t_gets_no_gradient_from_inputs_at_or_after_t(local):
         output.retain_grad()
         captured.append(output)
     net.embed.register_forward_hook(keep)
-    levels = torch.randint(0, net.num_classes, (1, 40))
+    levels = torch.randint(0, net.num_categories, (1, 40))
     z_q = conditioning(net, 1, 40)[0]
     for t in [0, 7, 21, 39]:
         captured.clear()
@@ -80,7 +80,7 @@ def test_wavenet_output_at_t_gets_no_gradient_from_inputs_at_or_after_t(local):
 @pytest.mark.parametrize("local", [True, False], ids=["decoder", "prior"])
 def test_wavenet_log_prob_is_the_sum_over_steps_of_log_softmax_at_x(local):
     net = tiny_wavenet(local).double()
-    x = torch.randint(0, net.num_classes, (3, 24))
+    x = torch.randint(0, net.num_categories, (3, 24))
     z_q, speaker = conditioning(net, 3, 24)[0], torch.tensor([0, 2, 1])
     log_p = net.log_prob(x, z_q, speaker)
     assert log_p.shape == (3,)
@@ -113,11 +113,15 @@ def test_audio_vqvae_trains_encoder_codebook_and_decoder_from_one_loss():
                                                     skip_channels=8, wavenet_layers=3))
     levels = torch.randint(0, 256, (2, 256))
     out = model(levels, torch.tensor([0, 2]))
-    assert out.logits.shape == (2, 256, 256) and out.indices.shape == (2, 4)
+    assert out.logits.shape == (2, 256, 256) and out.codes.shape == (2, 4)
     assert out.loss.item() == pytest.approx((out.recon_loss + out.codebook_loss + out.commitment_loss).item())
     out.loss.backward()
     for name in ["encoder.net.0.weight", "quantizer.codebook", "decoder.cond.weight", "decoder.speaker.weight"]:
         assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
-    assert model.decode(out.indices, torch.tensor([1, 1])).shape == (2, 256)
+    wave = model.decode(out.codes, torch.tensor([1, 1]), generator=torch.Generator().manual_seed(0))
+    assert wave.shape == (2, 256) and wave.dtype == torch.float32 and wave.abs().max() <= 1  # mu-law decoded
+    levels = model.decoder.sample(model.quantizer.lookup(out.codes), torch.tensor([1, 1]),
+                                  generator=torch.Generator().manual_seed(0))
+    assert torch.equal(wave, vqvae.mu_law_decode(levels))
     with pytest.raises(ValueError, match="multiple of 64"):
         model(torch.randint(0, 256, (2, 100)), torch.tensor([0, 1]))

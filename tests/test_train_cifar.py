@@ -3,26 +3,24 @@
 The real data is ../shared/data/cifar10/cifar10-jpeg.tar.gz (or $VQVAE_CIFAR10); it is decoded
 once per session into a cache that every run here shares through --data-dir.
 """
-import hashlib
-import io
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import lab
+import lab.images
 import train_cifar
-import training
 import vqvae
 
 from conftest import CIFAR, ROOT
@@ -36,15 +34,6 @@ def run(out, data_dir, *extra):
     args = ["--data", str(CIFAR), "--data-dir", str(data_dir), "--out", str(out), *TINY, *extra]
     train_cifar.main(args)
     return out
-
-
-def test_real_data_is_read_in_official_class_order(data_dir):
-    data = train_cifar.load_cifar10(CIFAR, data_dir)
-    assert data["train_x"].shape == (46000, 3, 32, 32) and data["train_x"].dtype == np.uint8
-    assert data["test_x"].shape == (10000, 3, 32, 32)
-    assert list(data["classes"]) == list(train_cifar.CLASSES)
-    assert np.array_equal(np.bincount(data["test_y"]), np.full(10, 1000))
-    assert 100 < data["train_x"].mean() < 140  # real images, not blank
 
 
 @pytest.mark.parametrize("extra", [[], ["--likelihood", "categorical", "--num-groups", "2", "--decay", "none"]],
@@ -62,7 +51,7 @@ def test_all_stages_write_metrics_and_figures(tmp_path, data_dir, extra):
         assert report["model_config"]["num_groups"] == 2
     for name in ["reconstructions", "codebook_usage", "vqvae_curves", "prior_curves", "prior_samples"]:
         assert (out / f"{name}.png").stat().st_size > 1000
-    assert len(training.load_checkpoint(out / "vqvae.pt")["history"]["step"]) == 4
+    assert len(lab.load_checkpoint(out / "vqvae.pt")["history"]["step"]) == 4
 
 
 def test_resumed_run_repeats_uninterrupted_losses_step_for_step(tmp_path, data_dir):
@@ -72,7 +61,7 @@ def test_resumed_run_repeats_uninterrupted_losses_step_for_step(tmp_path, data_d
     run(part, data_dir, "--steps", "6", "--prior-steps", "2", "--stages", "vqvae,prior", "--resume")
     run(part, data_dir, "--steps", "6", "--prior-steps", "4", "--resume")
     for name in ["vqvae.pt", "prior.pt"]:
-        a, b = training.load_checkpoint(full / name), training.load_checkpoint(part / name)
+        a, b = lab.load_checkpoint(full / name), lab.load_checkpoint(part / name)
         assert a["history"] == b["history"] and a["step"] == b["step"]
         for key in a["model"]:
             assert torch.equal(a["model"][key], b["model"][key]), key
@@ -90,7 +79,7 @@ def test_live_metrics_log_has_one_line_per_history_point_and_resume_continues_it
     lines = [json.loads(line) for line in (out / "vqvae.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert {"loss", "recon_loss", "perplexity", "codes_used", "lr", "steps_per_s"} <= lines[0].keys()
-    assert lines[0]["lr"] == 1e-3 and lines[-1]["loss"] == training.load_checkpoint(out / "vqvae.pt")["history"]["loss"][-1]
+    assert lines[0]["lr"] == 1e-3 and lines[-1]["loss"] == lab.load_checkpoint(out / "vqvae.pt")["history"]["loss"][-1]
     with open(out / "vqvae.jsonl", "a") as f:  # a line logged after the last checkpoint, then a crash
         f.write(json.dumps({"step": 5, "stale": True}) + "\n")
     run(out, data_dir, "--steps", "6", "--stages", "vqvae", "--resume")
@@ -104,16 +93,16 @@ def test_each_precision_trains_with_finite_losses_and_a_float32_quantizer(tmp_pa
     said = "in float32 (--amp off)" if amp == "off" else f"in mixed precision ({amp})"
     assert capsys.readouterr().out.count(said) == 2  # both stages say which
     for name, keys in (("vqvae.pt", ["loss", "perplexity"]), ("prior.pt", ["prior_loss"])):
-        state = training.load_checkpoint(out / name)
+        state = lab.load_checkpoint(out / name)
         assert all(math.isfinite(v) for k in keys for v in state["history"][k]) and ("scaler" in state) == (amp == "fp16")
-    model, _ = training.load_run(out)
+    model, _ = lab.load_run(out)
     assert model.quantizer.codebook.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        z_e = model.encode(train_cifar.to_float(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), "cpu"))
+        z_e = model.encode(lab.to_float(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), "cpu"))
         vq = model.quantize(z_e)
     assert z_e.dtype == torch.bfloat16 and vq.commitment_loss.dtype == vq.perplexity.dtype == torch.float32
     flat = z_e.float().movedim(1, -1).reshape(-1, z_e.shape[1])
-    assert torch.equal(vq.indices.flatten(), vqvae.nearest_code(flat, model.quantizer.codebook))
+    assert torch.equal(vq.codes.flatten(), vqvae.nearest_code(flat, model.quantizer.codebook))
 
 
 def test_existing_checkpoint_without_resume_is_refused(tmp_path, data_dir):
@@ -127,19 +116,19 @@ def test_prior_of_an_earlier_vqvae_is_refused_and_codes_are_recomputed(tmp_path,
     run(out, data_dir, "--steps", "4", "--stages", "vqvae", "--resume")  # the VQ-VAE trains on
     with pytest.raises(SystemExit, match="delete prior.pt"):
         run(out, data_dir, "--steps", "4", "--prior-steps", "2", "--stages", "prior", "--resume")
-    vqvae_id = training.model_fingerprint(training.load_checkpoint(out / "vqvae.pt"))
+    vqvae_id = lab.model_fingerprint(lab.load_checkpoint(out / "vqvae.pt"))
     assert vqvae_id.startswith("step 4, sha256 ")
-    assert training.load_checkpoint(out / "codes.pt")["vqvae_id"] == vqvae_id
+    assert lab.load_checkpoint(out / "codes.pt")["made_from"]["vqvae"] == vqvae_id
 
 
 def test_prior_and_codes_of_another_vqvae_at_the_same_step_are_not_reused(tmp_path, data_dir):
     out = run(tmp_path / "a", data_dir, "--steps", "2", "--prior-steps", "2", "--stages", "vqvae,prior")
-    other = run(tmp_path / "b", data_dir, "--steps", "2", "--stages", "vqvae", "--seed", "4")
+    other = run(tmp_path / "b", data_dir, "--steps", "2", "--stages", "vqvae", "--lr", "2e-3")  # same data
     shutil.copy(other / "vqvae.pt", out / "vqvae.pt")  # same step and config, other weights
     with pytest.raises(SystemExit, match=r"prior.pt was fitted to the codes of another VQ-VAE \(step 2, sha256 "):
         run(out, data_dir, "--steps", "2", "--prior-steps", "2", "--stages", "prior", "--resume")
-    codes = training.load_checkpoint(out / "codes.pt")
-    assert codes["vqvae_id"] == training.model_fingerprint(training.load_checkpoint(other / "vqvae.pt"))
+    codes = lab.load_checkpoint(out / "codes.pt")
+    assert codes["made_from"]["vqvae"] == lab.model_fingerprint(lab.load_checkpoint(other / "vqvae.pt"))
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir):
@@ -154,12 +143,12 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir):
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output  # the shell's status for Ctrl-C, after saving
     assert "stopped at step" in output
-    state = training.load_checkpoint(out / "vqvae.pt")
+    state = lab.load_checkpoint(out / "vqvae.pt")
     stopped = state["step"]
     assert 0 < stopped < 100000
     run(out, data_dir, "--stages", "vqvae", "--steps", str(stopped + 2), "--resume")
     full = run(tmp_path / "full", data_dir, "--stages", "vqvae", "--steps", str(stopped + 2))
-    assert training.load_checkpoint(out / "vqvae.pt")["history"] == training.load_checkpoint(full / "vqvae.pt")["history"]
+    assert lab.load_checkpoint(out / "vqvae.pt")["history"] == lab.load_checkpoint(full / "vqvae.pt")["history"]
 
 
 def test_torchrun_two_processes_keep_one_codebook(tmp_path, data_dir):
@@ -173,87 +162,41 @@ def test_torchrun_two_processes_keep_one_codebook(tmp_path, data_dir):
     assert json.loads((tmp_path / "ddp/metrics.json").read_text())["world_size"] == 2
 
 
-# ----------------------------------------------------------------------------- data errors
-def _tar_gz(path: Path, members: dict[str, bytes]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+def test_two_torchrun_agents_keep_one_codebook_and_resume_it_on_both(tmp_path, data_dir):
+    """torchrun --nnodes 2, as on two hosts: two agents meeting at a c10d rendezvous on 127.0.0.1.
+    With k-means init and dead-code restarts on, the codebook is identical on both processes after
+    training and after a resume; a one-process checkpoint is not resumed with two processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two_nodes"
+    options = ["--data", str(CIFAR), "--data-dir", str(data_dir), "--out", str(out), *TINY, "--stages", "vqvae",
+               "--kmeans-init", "--dead-code-threshold", "0.5", "--checkpoint-every", "2"]
+
+    def agents(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", str(port),
+               str(ROOT / "train_cifar.py"), *options, *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                 for _ in range(2)]
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+        return "".join(outputs)
+
+    assert "codebook identical on all 2 processes" in agents("--steps", "4")
+    before = lab.load_checkpoint(out / "vqvae.pt")
+    assert before["options"]["world_size"] == 2 and before["model"]["quantizer.initialized"]
+    assert "codebook identical on all 2 processes" in agents("--steps", "6", "--resume")
+    assert lab.load_checkpoint(out / "vqvae.pt")["step"] == 6
+    with pytest.raises(SystemExit, match=r"trained with 2 process\(es\) \(now 1: another global batch\)"):
+        run(out, data_dir, "--stages", "vqvae", "--kmeans-init", "--dead-code-threshold", "0.5", "--steps", "8",
+            "--resume")
 
 
-def _fake_official(path: Path, payload=None) -> Path:
-    def batch(n, seed):
-        rng = np.random.default_rng(seed)
-        return pickle.dumps(payload if payload is not None else
-                            {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, n))})
-    members = {f"cifar-10-batches-py/data_batch_{i}": batch(4, i) for i in range(1, 6)}
-    members["cifar-10-batches-py/test_batch"] = batch(3, 9)
-    return _tar_gz(path, members)
-
-
-class _Trap:
-    """Unpickling this object creates a file: proof that pickle ran code."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
-def test_bad_checksum_is_refused_before_anything_is_unpickled(tmp_path):
-    marker = tmp_path / "pickle-ran"
-    archive = _fake_official(tmp_path / "cifar-10-python.tar.gz", payload=_Trap(str(marker)))
-    with pytest.raises(train_cifar.DataError, match="MD5"):
-        train_cifar.load_cifar10(archive, tmp_path / "cache")
-    assert not marker.exists() and not (tmp_path / "cache").exists()
-
-
-def test_official_archive_is_read_when_its_checksum_matches(tmp_path, monkeypatch):
-    archive = _fake_official(tmp_path / "cifar-10-python.tar.gz")
-    monkeypatch.setattr(train_cifar, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
-    data = train_cifar.load_cifar10(archive, tmp_path / "cache")
-    assert data["train_x"].shape == (20, 3, 32, 32) and data["test_x"].shape == (3, 3, 32, 32)
-    first = pickle.loads(tarfile.open(archive).extractfile("cifar-10-batches-py/data_batch_1").read())
-    assert np.array_equal(data["train_x"][:4].reshape(4, -1), first[b"data"])  # channel-first layout kept
-
-
-def test_missing_path_names_the_option(tmp_path):
-    with pytest.raises(train_cifar.DataError, match="--data .*no such file"):
-        train_cifar.load_cifar10(tmp_path / "nowhere.tar.gz", tmp_path / "cache")
-
-
-def test_corrupt_archive_gets_a_clear_error_and_leaves_no_cache(tmp_path):
-    bad = tmp_path / "broken.tar.gz"
-    bad.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 4)  # a gzip magic number, then garbage
-    with pytest.raises(train_cifar.DataError, match="cannot read the archive"):
-        train_cifar.load_cifar10(bad, tmp_path / "cache")
-    assert not (tmp_path / "cache").exists()
-
-
-def test_image_folder_without_train_and_test_is_refused(tmp_path):
-    archive = _tar_gz(tmp_path / "imgs.tar.gz", {"photos/cat/1.png": b"x"})
-    with pytest.raises(train_cifar.DataError, match="train/<class>"):
-        train_cifar.load_cifar10(archive, tmp_path / "cache")
-
-
-def test_failed_download_leaves_no_partial_file(tmp_path, monkeypatch):
-    def fail(url, dest):
-        Path(dest).write_bytes(b"partial")
-        raise OSError("network unreachable")
-    monkeypatch.setattr(train_cifar.urllib.request, "urlretrieve", fail)
-    with pytest.raises(train_cifar.DataError, match="could not download"):
-        train_cifar.load_cifar10(None, tmp_path / "data")
-    assert list((tmp_path / "data").iterdir()) == []
-
-
-def test_download_with_wrong_checksum_is_discarded(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_cifar.urllib.request, "urlretrieve", lambda url, dest: Path(dest).write_bytes(b"evil"))
-    with pytest.raises(train_cifar.DataError, match="MD5"):
-        train_cifar.load_cifar10(None, tmp_path / "data")
-    assert list((tmp_path / "data").iterdir()) == []
+def test_batch_larger_than_the_data_is_refused_in_one_line(tmp_path, data_dir):
+    with pytest.raises(SystemExit, match=r"batch size 200 x 1 process\(es\) exceeds the 96 training examples"):
+        run(tmp_path / "r", data_dir, "--stages", "vqvae", "--steps", "2", "--batch-size", "200")
 
 
 def test_presets_carry_the_paper_and_sonnet_settings():
@@ -298,10 +241,10 @@ def test_any_image_folder_trains_every_stage(tmp_path, layout, extra, image_shap
     data = own_images(tmp_path / "images", layout, size=(80, 64) if extra else (64, 64), mode="RGBA")
     out = tmp_path / "run"
     train_cifar.main(["--data", str(data), "--data-dir", str(tmp_path / "cache"), "--out", str(out), *SMALL, *extra])
-    model, prior = training.load_run(out)
+    model, prior = lab.load_run(out)
     assert model.config.in_channels == image_shape[0] and prior.num_classes == num_classes
     side = image_shape[1] // 4
-    assert training.load_checkpoint(out / "codes.pt")["train"].shape[1:] == (side, side)
+    assert lab.load_checkpoint(out / "codes.pt")["train"].shape[1:] == (side, side)
     report = json.loads((out / "metrics.json").read_text())
     assert 0 < report["metrics"]["test_mse"] and report["metrics"]["prior_test_bits_per_latent"] > 0
     assert (out / "prior_samples.png").stat().st_size > 1000
@@ -335,8 +278,8 @@ def test_first_run_that_decodes_the_images_trains_as_a_later_run_from_the_cache(
     for out in runs:
         train_cifar.main(["--data", str(data), "--data-dir", str(tmp_path / "cache"), "--out", str(out), *SMALL,
                           "--steps", "3", "--stages", "vqvae"])
-    a, b = (training.load_checkpoint(out / "vqvae.pt") for out in runs)
+    a, b = (lab.load_checkpoint(out / "vqvae.pt") for out in runs)
     assert a["history"] == b["history"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    fresh = train_cifar.read_image_folder(data)["train_x"]
+    fresh = lab.images.read_image_folder(data)["train_x"]
     assert fresh.flags["C_CONTIGUOUS"] and fresh.shape[1:] == (3, 32, 32)

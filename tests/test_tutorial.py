@@ -1,7 +1,9 @@
-"""Every command TUTORIAL.md and README.md show refers to files and options that exist: a broken
-tutorial fails CI. Python snippets in TUTORIAL.md run, and its 30-line quantizer gives what
-VectorQuantizer gives; README's snippet that reuses a trained model runs verbatim on a real (tiny)
-run; the script that draws the intuition figure runs."""
+"""The docs are kept true by CI: every command that README.md, TUTORIAL.md and the pages in docs/
+show (in code blocks and inline) names files and options that exist; every run folder they name is
+one that a command makes (a script's default --out, or an --out given in the same page); every
+local link and figure exists; the python snippets run, README's snippet that reuses a trained model
+verbatim on a real (tiny) run; TUTORIAL's 30-line quantizer gives what VectorQuantizer gives; and
+the scripts in docs/ that draw the figures run."""
 import os
 import re
 import shlex
@@ -13,57 +15,114 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["TUTORIAL.md", "README.md"]
+DOCS = ["README.md", "TUTORIAL.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))
+TRAIN_SCRIPTS = sorted(p.name for p in ROOT.glob("train_*.py"))
+
+
+def text(doc: str) -> str:
+    return (ROOT / doc).read_text()
 
 
 def blocks(doc: str, lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", (ROOT / doc).read_text(), re.S)
+    return re.findall(rf"```{lang}\n(.*?)```", text(doc), re.S)
+
+
+def command_lines(doc: str) -> list[str]:
+    """The shell commands of a page: the lines of its bash blocks (continued lines joined, each
+    `&&` part apart) and its inline code spans that start with python or torchrun."""
+    lines = [line for block in blocks(doc, "bash") for line in block.replace("\\\n", " ").splitlines()]
+    prose = re.sub(r"```.*?```", "", text(doc), flags=re.S)
+    lines += re.findall(r"`((?:[A-Z_]+=\S+ )*(?:python|torchrun) [^`]+)`", prose)
+    return [part for line in lines for part in line.split("&&")]
 
 
 def commands(doc: str) -> list[list[str]]:
     out = []
-    for block in blocks(doc, "bash"):
-        for line in block.replace("\\\n", " ").splitlines():  # join continued lines
-            for part in line.split("&&"):
-                words = shlex.split(part.split("#")[0])
-                while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
-                    words = words[1:]
-                if words:
-                    out.append(words)
+    for part in command_lines(doc):
+        words = shlex.split(part.split(" #")[0])
+        while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value prefixes
+            words = words[1:]
+        if words:
+            out.append(words)
     return out
 
 
 @lru_cache
 def help_text(script: str) -> str:
     return subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
-                          cwd=ROOT, check=True).stdout
+                          cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+
+
+@lru_cache
+def default_outs() -> set[str]:
+    """runs/<name>_<preset> for every preset of every training script, read from its --help."""
+    outs = set()
+    for script in TRAIN_SCRIPTS:
+        usage = help_text(script)
+        name = re.search(r"default runs/(\w+)_<preset>", usage).group(1)
+        presets = re.search(r"--preset \{([\w,]+)\}", usage).group(1).split(",")
+        outs |= {f"runs/{name}_{preset}" for preset in presets}
+    return outs
 
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_scripts_and_options_in_commands_exist(doc):
-    checked = 0
     for words in commands(doc):
+        if words[0] not in ("python", "torchrun", "bash") or "-c" in words or "-m" in words:
+            continue
         scripts = [w for w in words if w.endswith((".py", "/run"))]
-        for script in scripts:
-            if words[0] in ("python", "torchrun", "bash"):
-                assert (ROOT / script).exists(), f"{doc}: {' '.join(words)}: {script} does not exist"
-                checked += 1
-        if scripts and scripts[0].startswith("train_"):
-            script_args = words[words.index(scripts[0]) + 1:]  # options before it belong to python/torchrun
-            for option in (w.split("=")[0] for w in script_args if w.startswith("--")):
-                assert option in help_text(scripts[0]), f"{doc}: {' '.join(words)}: no option {option}"
-    assert checked > 0
+        assert scripts, f"{doc}: {' '.join(words)}: names no script"
+        script = scripts[0]
+        assert (ROOT / script).exists(), f"{doc}: {' '.join(words)}: {script} does not exist"
+        if script.endswith(".py"):  # options before it belong to python or torchrun
+            for option in (w.split("=")[0] for w in words[words.index(script) + 1:] if w.startswith("--")):
+                assert option in help_text(script), f"{doc}: {' '.join(words)}: {script} has no option {option}"
 
 
-@pytest.mark.parametrize("snippet", blocks("TUTORIAL.md", "python"), ids=lambda s: s.splitlines()[0][:40])
-def test_python_snippets_run(snippet):
-    if "import" not in snippet:
-        pytest.skip("a fragment, not a program")
+def test_readme_keeps_the_fresh_machine_commands():
+    """.ci/run installs and tests as README says; a user runs the main job with one line."""
+    readme = text("README.md")
+    assert ("pip install torch numpy matplotlib pytest pybind11 ninja vizdoom==1.3.2 soundfile && pip install "
+            "--no-build-isolation -e . && python -m pytest tests -q") in readme
+    assert "pip install torch numpy matplotlib && python train_cifar.py" in readme
+    assert "`pip install torch --index-url https://download.pytorch.org/whl/cpu`" in readme
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_run_folders_named_are_made_by_a_command(doc):
+    """A run folder the page names is a script's default --out, or the --out of a command in the page."""
+    made = {words[words.index("--out") + 1].rstrip("/") for words in commands(doc)
+            if "--out" in words and any(w in TRAIN_SCRIPTS for w in words)}
+    for folder in re.findall(r"\bruns/[\w.-]+", text(doc)):
+        assert folder in default_outs() | made, f"{doc}: {folder} is neither a default --out ({sorted(default_outs())}) " \
+                                                f"nor made by a command of the page"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_local_links_and_figures_exist(doc):
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text(doc)):
+        if not re.match(r"[a-z]+://", target):
+            assert ((ROOT / doc).parent / target).exists(), f"{doc}: link to {target}, which does not exist"
+
+
+def test_figures_drawn_by_the_scripts_in_docs_are_small():
+    drawn = ["intuition", "batch_perplexity", "dead_code_norm", "collapse_ablation", "video_runs", "model",
+             "codebook_atlas"]
+    for figure in (ROOT / "docs" / f"{name}.png" for name in drawn):
+        assert figure.stat().st_size < 200_000, f"{figure}: {figure.stat().st_size} bytes"
+
+
+SNIPPETS = [(doc, b) for doc in ("TUTORIAL.md", "README.md") for b in blocks(doc, "python")
+            if "import" in b and "lab.load_run" not in b]
+
+
+@pytest.mark.parametrize("doc,snippet", SNIPPETS, ids=lambda s: s.splitlines()[0][:40])
+def test_python_snippets_run(doc, snippet):
     subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, check=True, timeout=120)
 
 
-def test_readme_reuse_snippet_runs_on_a_trained_run(tmp_path, data_dir):
-    (snippet,) = [b for b in blocks("README.md", "python") if "training.load_run" in b]
+def test_readme_reuse_snippet_and_codebook_atlas_run_on_a_trained_run(tmp_path, data_dir):
+    (snippet,) = [b for b in blocks("README.md", "python") if "lab.load_run" in b]
     from conftest import CIFAR
     subprocess.run([sys.executable, str(ROOT / "train_cifar.py"), "--data", str(CIFAR), "--data-dir", str(data_dir),
                     "--out", "runs/cifar_quick", "--steps", "2", "--prior-steps", "2", "--prior-channels", "8",
@@ -74,10 +133,15 @@ def test_readme_reuse_snippet_runs_on_a_trained_run(tmp_path, data_dir):
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr
     assert "torch.Size([2, 3, 32, 32])" in run.stdout
+    atlas = subprocess.run([sys.executable, str(ROOT / "docs" / "draw_codebook_atlas.py"), "--run", "runs/cifar_quick",
+                            "--out", "atlas.png", "--codes", "20"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert atlas.returncode == 0, atlas.stderr
+    assert (tmp_path / "atlas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_minimal_quantizer_gives_what_vector_quantizer_gives():
-    """TUTORIAL's 30-line quantizer: the same indices, z_q, losses and gradients as VectorQuantizer
+    """TUTORIAL's 30-line quantizer: the same codes, z_q, losses and gradients as VectorQuantizer
     with the codebook loss, and the same codebooks over EMA steps (Appendix A.1)."""
     import torch
     import vqvae
@@ -89,8 +153,8 @@ def test_minimal_quantizer_gives_what_vector_quantizer_gives():
     z_e = torch.randn(3, 4, 5, 6, requires_grad=True)
     out = vq(z_e)
     z_e2, codebook = z_e.detach().clone().requires_grad_(), vq.codebook.detach().clone().requires_grad_()
-    z_q, indices, codebook_loss, commitment_loss = minimal["quantize"](z_e2, codebook, beta=0.25)
-    assert torch.equal(indices, out.indices) and len(indices.unique()) > 4
+    z_q, codes, codebook_loss, commitment_loss = minimal["quantize"](z_e2, codebook, beta=0.25)
+    assert torch.equal(codes, out.codes) and len(codes.unique()) > 4
     torch.testing.assert_close(z_q, out.z_q)
     torch.testing.assert_close(codebook_loss, out.codebook_loss)
     torch.testing.assert_close(commitment_loss, out.commitment_loss)
@@ -105,14 +169,32 @@ def test_minimal_quantizer_gives_what_vector_quantizer_gives():
     for _ in range(5):
         z_e = torch.randn(3, 4, 5, 6) + 0.5
         out = vq(z_e)
-        _, indices, _, _ = minimal["quantize"](z_e, codebook)
-        assert torch.equal(indices, out.indices)
-        minimal["ema_update"](codebook, cluster_size, embed_sum, z_e, indices)
+        _, codes, _, _ = minimal["quantize"](z_e, codebook)
+        assert torch.equal(codes, out.codes)
+        minimal["ema_update"](codebook, cluster_size, embed_sum, z_e, codes)
         torch.testing.assert_close(codebook, vq.codebook)
     assert (codebook - start).abs().max() > 0.1  # the codes moved: the comparison was not of two still codebooks
 
 
-def test_intuition_figure_script_draws_a_png(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "docs" / "draw_intuition.py"), "--out", str(tmp_path / "fig.png"),
-                    "--steps", "3"], check=True, timeout=120, capture_output=True)
+# The figure scripts of docs/ that need no trained run, with options that keep them short.
+FIGURE_SCRIPTS = {
+    "draw_intuition.py": ["--steps", "3"],
+    "draw_batch_perplexity.py": ["--trials", "3"],
+    "draw_dead_code_norm.py": ["--steps", "3"],
+    "draw_collapse_ablation.py": [],
+    "draw_video_runs.py": [],
+    "draw_model.py": [],
+}
+
+
+@pytest.mark.parametrize("script", FIGURE_SCRIPTS)
+def test_figure_script_draws_a_png(script, tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "docs" / script), "--out", str(tmp_path / "fig.png"),
+                    *FIGURE_SCRIPTS[script]], check=True, timeout=120, capture_output=True)
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_figure_of_the_docs_has_its_script_tested_or_comes_from_a_run():
+    """docs/draw_*.py: each one is run above (the atlas on a trained run)."""
+    drawn = {p.name for p in (ROOT / "docs").glob("draw_*.py")}
+    assert drawn <= set(FIGURE_SCRIPTS) | {"draw_codebook_atlas.py"}, drawn - set(FIGURE_SCRIPTS)

@@ -1,6 +1,6 @@
 """The models of the video experiment (Sec. 4.4) in vqvae.py: the action-conditional prior
 (causality, conditioning, roll-out, argument checks) and the conditioned gated PixelCNN's sampler.
-The script train_video.py is tested in test_video.py."""
+The script train_video.py is tested in test_train_video.py, lab/video.py in lab/test_video.py."""
 import pytest
 import torch
 

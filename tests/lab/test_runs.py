@@ -1,4 +1,4 @@
-"""training.py's numerics: run_loop reads metrics back only at log steps; pixel_variance is exact;
+"""The run machinery: Run.train reads metrics back only at log steps; pixel_variance is exact;
 the learning-rate schedule; run_main ends a torchrun process with main's status."""
 import os
 import subprocess
@@ -9,18 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import training
+import lab
+import lab.runs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_metrics_are_read_back_once_per_log_step_and_averaged_exactly(tmp_path, monkeypatch):
     reads = []
-    real_read = training.read_metrics
-    monkeypatch.setattr(training, "read_metrics", lambda metrics, device: reads.append(1) or real_read(metrics, device))
+    real_read = lab.runs.read_metrics
+    monkeypatch.setattr(lab.runs, "read_metrics", lambda metrics, device: reads.append(1) or real_read(metrics, device))
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    run = training.Run(tmp_path, log_every=5, checkpoint_every=100)
+    run = lab.Run(tmp_path, lab.runs.Env(torch.device("cpu")), log_every=5, checkpoint_every=100)
     seen = []
 
     def loss_fn(m, step):
@@ -28,7 +29,7 @@ def test_metrics_are_read_back_once_per_log_step_and_averaged_exactly(tmp_path, 
         seen.append(loss.item())
         return loss, {"loss": loss.detach(), "step_plus_half": torch.tensor(step + 0.5)}
 
-    history = training.run_loop("toy", model, optimizer, loss_fn, 12, run, training.Env(torch.device("cpu")))
+    history = run.train("toy", model, optimizer, loss_fn, 12)
     assert len(reads) == 3 and history["step"] == [5, 10, 12]  # steps 5 and 10, and the last one
     assert history["step_plus_half"] == [4.5, 9.5, 11.5]
     assert history["loss"] == [seen[4], seen[9], seen[11]]     # float32 values, exactly
@@ -39,25 +40,25 @@ def test_pixel_variance_is_exact_and_independent_of_the_memory_layout():
     values = [Fraction(int(v), 255) for v in x.flatten()]
     mean = sum(values) / len(values)
     exact = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    assert training.pixel_variance(x) == float(exact)
-    assert training.pixel_variance(x.permute(3, 1, 0, 2)) == training.pixel_variance(x.clone()) == float(exact)
+    assert lab.pixel_variance(x) == float(exact)
+    assert lab.pixel_variance(x.permute(3, 1, 0, 2)) == lab.pixel_variance(x.clone()) == float(exact)
 
 
 def test_cosine_learning_rate_falls_from_lr_to_zero_as_hand_computed():
-    lrs = [training.learning_rate(1e-3, "cosine", step, 4) for step in range(5)]
+    lrs = [lab.learning_rate(1e-3, "cosine", step, 4) for step in range(5)]
     # (1 + cos(pi * step / 4)) / 2 = 1, (2 + sqrt 2) / 4, 1/2, (2 - sqrt 2) / 4, 0
     expected = [1e-3, 1e-3 * (2 + 2 ** 0.5) / 4, 5e-4, 1e-3 * (2 - 2 ** 0.5) / 4, 0.0]
     assert all(abs(a - b) < 1e-18 for a, b in zip(lrs, expected))
-    assert [training.learning_rate(1e-3, "constant", step, 4) for step in range(5)] == [1e-3] * 5
+    assert [lab.learning_rate(1e-3, "constant", step, 4) for step in range(5)] == [1e-3] * 5
     # cooldown over the last 20% of 10 steps: 1e-3 up to step 8, then 1e-3 * (10 - step) / 2
-    lrs = [training.learning_rate(1e-3, "cooldown", step, 10) for step in range(11)]
+    lrs = [lab.learning_rate(1e-3, "cooldown", step, 10) for step in range(11)]
     assert lrs == pytest.approx([1e-3] * 9 + [5e-4, 0.0], rel=1e-12, abs=1e-18)
     with pytest.raises(ValueError, match="schedule"):
-        training.learning_rate(1e-3, "linear", 0, 4)
+        lab.learning_rate(1e-3, "linear", 0, 4)
 
 
 EXITING_SCRIPT = """
-import atexit, sys, training
+import atexit, sys, lab
 atexit.register(lambda: print("atexit ran", flush=True))
 
 class Finalized:
@@ -71,7 +72,7 @@ def main():
     if sys.argv[1] != "return":
         raise SystemExit(eval(sys.argv[1]))
 
-training.run_main(main)
+lab.run_main(main)
 """
 
 
