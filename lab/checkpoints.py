@@ -169,6 +169,14 @@ def source_key(source: Path, *settings) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_writable(folder: Path, option: str = "--data-dir") -> None:
+    """Refuse, before any decoding, a cache folder that cannot be created or written (the message
+    names the option); nothing is created here."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK)):
+        raise SystemExit(f"{option} {folder}: cannot be created or written ({existing} is not a writable folder)")
+
+
 def load_npz(path: Path, keys=()) -> dict | None:
     """The arrays of a data cache, or None when it is missing, or unreadable or lacking one of `keys`
     (then with a message: the caller makes it again)."""

@@ -70,7 +70,8 @@ class Parser(argparse.ArgumentParser):
         self.add_argument("--out", type=Path, default=None, help=f"output folder (default runs/{name}_<preset>)")
         self.add_argument("--stages", default=stages, help=f"comma-separated subset of {stages}")
         self.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-        self.add_argument("--seed", type=checked(int, at_least=0, below=2 ** 32), default=0)
+        self.add_argument("--seed", type=checked(int, at_least=0, below=2 ** 32), default=0,
+                          help="seeds the weights, the batches, the data subsets and the sampling")
         self.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
         self.add_argument("--log-every", type=COUNT, default=log_every, help="steps between history points")
         self.add_argument("--checkpoint-every", type=COUNT, default=checkpoint_every, help="steps between checkpoints")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab.checkpoints import load_npz, save_npz, source_key
+from lab.checkpoints import check_writable, load_npz, save_npz, source_key
 from lab.runs import DataError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -55,9 +55,7 @@ def load_cifar10(source: Path | None, data_dir: Path, image_size: int | None = N
             download_official(source)
     if not source.exists():
         raise DataError(f"--data {source}: no such file or folder")
-    existing = next(p for p in [data_dir, *data_dir.parents] if p.exists())
-    if not (existing.is_dir() and os.access(existing, os.W_OK)):   # found before the decoding, not after
-        raise DataError(f"--data-dir {data_dir}: cannot be created or written ({existing} is not a writable folder)")
+    check_writable(data_dir)
     cache = data_dir / f"{source.name.split('.')[0]}-{source_key(source, image_size, channels)}.npz"
     data = load_npz(cache, keys=("train_x", "train_y", "test_x", "test_y", "classes"))
     if data is not None:

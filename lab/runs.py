@@ -347,30 +347,22 @@ class Run:
     # ------------------------------------------------------------------------- training
     def train(self, name: str, model, optimizer, loss_fn, steps: int, lr_schedule: str = "constant",
               made_for: str | None = None, extra: dict | None = None) -> dict:
-        """Train `model` to `steps` steps into <out>/<name>.pt, resuming it with --resume; returns its
-        history. loss_fn(ddp_model, step) -> (loss, {metric: 0-dim tensor of this process}).
-
-        The learning rate follows lr_schedule from the optimizer's initial lr (learning_rate). The
-        metrics are averaged over processes and read back only at log steps (one synchronisation),
-        also appended to <out>/<name>.jsonl. Ctrl-C saves the finished step and exits (status 130).
-        A non-finite loss or gradient stops the run before the optimizer step it would spoil (on a
-        GPU, where a check per step would make the host wait, at the next log step; the weights in
-        memory are then dropped): every checkpoint is of finite weights after finite losses, and
-        the run can be resumed from the last one with a lower learning rate (--resume --lr ...).
-        `made_for`: the VQ-VAE fingerprint a prior is fitted to (checked on resume and load)."""
-        t0, ckpt = time.perf_counter(), self.out / f"{name}.pt"
-        amp = AMP_DTYPES[self.amp]
+        """Train `model` to `steps` steps into <out>/<name>.pt (resumed with --resume); returns its
+        history. loss_fn(ddp_model, step) -> (loss, {metric: 0-dim tensor}), a function of the step.
+        The lr follows lr_schedule from the optimizer's (learning_rate); metrics are averaged over
+        processes and read back at log steps only, also into <out>/<name>.jsonl. Ctrl-C saves the
+        finished step and exits 130. A non-finite loss or gradient stops the run (_step); a checkpoint
+        is only written of finite weights that give a finite loss, and a diverged run resumes from
+        it with a lower --lr. made_for: the VQ-VAE a prior is fitted to (checked on resume, load)."""
+        t0, ckpt, amp = time.perf_counter(), self.out / f"{name}.pt", AMP_DTYPES[self.amp]
         scaler = torch.amp.GradScaler(self.device.type, enabled=amp == torch.float16)
         base_lr = optimizer.defaults["lr"]   # as constructed: a resume with a lowered --lr takes it
         history, step, resumed = self._resume(name, ckpt, model, optimizer, scaler, made_for)
         ddp = DistributedDataParallel(model) if self.env.world_size > 1 and dist.is_initialized() else model
-        state = {"name": name, "model": model, "optimizer": optimizer, "scaler": scaler, "history": history,
-                 "made_for": made_for, "extra": extra or {}, "resumed": resumed}
-        progress = Progress(name, steps, step, enabled=self.is_main)
-        shown, bad = {}, torch.zeros((), dtype=torch.bool, device=self.device)
-        # Checked before every optimizer step where that is free (one CPU process); on a GPU at log
-        # and checkpoint steps, where the host waits for the device anyway.
-        check_each_step = self.device.type == "cpu" and self.env.world_size == 1
+        state = {"name": name, "ckpt": ckpt, "model": model, "optimizer": optimizer, "scaler": scaler, "amp": amp,
+                 "history": history, "made_for": made_for, "extra": extra or {}, "resumed": resumed,
+                 "bad": torch.zeros((), dtype=torch.bool, device=self.device)}
+        progress, shown = Progress(name, steps, step, enabled=self.is_main), {}
         model.train()
         log_path = ckpt.with_name(f"{name}.jsonl")
         if self.is_main:
@@ -381,21 +373,10 @@ class Run:
             while step < steps:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(base_lr, lr_schedule, step, steps)
-                with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
-                    loss, metrics = self._guarded(loss_fn, ddp, step, name, ckpt)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if not scaler.is_enabled():   # fp16's scaler skips non-finite steps itself
-                    grads = [p.grad for p in model.parameters() if p.grad is not None]
-                    bad = bad | ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
-                    bad = bad | ~torch.isfinite(loss.detach()) if self.env.world_size == 1 else bad
-                    if check_each_step and bool(bad):
-                        self._diverged(name, step + 1, "the loss or a gradient", ckpt)
-                scaler.step(optimizer)
-                scaler.update()
+                metrics = self._step(state, loss_fn, ddp, step)
                 step += 1
                 if step % self.log_every == 0 or step == steps:
-                    shown = read_metrics({**metrics, "_bad": bad}, self.device)
+                    shown = read_metrics({**metrics, "_bad": state["bad"]}, self.device)
                     if shown.pop("_bad") or not all(map(math.isfinite, shown.values())):
                         self._diverged(name, step, "the loss, a gradient or a metric", ckpt)
                     _record(history, log, step, shown, lr=optimizer.param_groups[0]["lr"],
@@ -403,20 +384,43 @@ class Run:
                 progress.update(step, **shown)
                 stopping = stop.should_stop()
                 if step % self.checkpoint_every == 0 or step == steps or stopping:
-                    if bool(bad) or not self._finite_loss_at(model, loss_fn, step, name, ckpt):
+                    if bool(state["bad"]) or not self._finite_loss_at(model, loss_fn, step, name, ckpt):
                         self._diverged(name, step, "the loss or a gradient", ckpt)
                     self._save(ckpt, state, step)
                 if stopping:
                     self.print(f"[{name}] stopped at step {step}; checkpoint {ckpt}; continue with --resume")
                     teardown()
                     raise SystemExit(130)
+        return self._finish(name, model, history, progress, time.perf_counter() - t0)
+
+    def _finish(self, name: str, model, history: dict, progress: Progress, seconds: float) -> dict:
         for key, value in model.state_dict().items():   # the EMA codebook is updated outside autograd
             if key.endswith("codebook"):
                 check_replicas_equal("codebook", value)
-        self.print(f"[{name}] {steps} steps done in {progress.elapsed():.0f} s")
-        self.timings[f"{name}_seconds"] = time.perf_counter() - t0
+        self.print(f"[{name}] {progress.total} steps done in {progress.elapsed():.0f} s")
+        self.timings[f"{name}_seconds"] = seconds
         self.histories[name] = history
         return history
+
+    def _step(self, state: dict, loss_fn, ddp, step: int) -> dict:
+        """One optimizer step of loss_fn(ddp, step); returns its metrics. A non-finite loss or gradient
+        is flagged in state["bad"] before the step; checked at once where that is free (one CPU
+        process), elsewhere at the next log or checkpoint step, where the host waits anyway."""
+        model, optimizer, scaler, amp = state["model"], state["optimizer"], state["scaler"], state["amp"]
+        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+            loss, metrics = self._guarded(loss_fn, ddp, step, state["name"], state["ckpt"])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if not scaler.is_enabled():   # fp16's scaler skips non-finite steps itself
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            bad = state["bad"] | ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+            # The loss of one process of several is its own; their gradients are all-reduced.
+            state["bad"] = bad | ~torch.isfinite(loss.detach()) if self.env.world_size == 1 else bad
+            if self.device.type == "cpu" and self.env.world_size == 1 and bool(state["bad"]):
+                self._diverged(state["name"], step + 1, "the loss or a gradient", state["ckpt"])
+        scaler.step(optimizer)
+        scaler.update()
+        return metrics
 
     def _guarded(self, loss_fn, model, step: int, name: str, ckpt: Path):
         """loss_fn(model, step); the quantizer's refusal of NaN/Inf latents, which in training come
@@ -424,7 +428,7 @@ class Run:
         try:
             return loss_fn(model, step)
         except ValueError as e:
-            if "NaN or Inf" not in str(e):
+            if "NaN or Inf" not in str(e) and "non-finite" not in str(e):   # vqvae.py's two refusals of them
                 raise
             self._diverged(name, step + 1, f"an activation ({e})", ckpt)
 

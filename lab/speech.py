@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vqvae
-from lab.checkpoints import load_checkpoint, load_npz, save_npz, source_key
+from lab.checkpoints import check_writable, load_checkpoint, load_npz, save_npz, source_key
 from lab.figures import pyplot
 from lab.runs import DataError
 
@@ -250,6 +250,7 @@ def load_speech(source: Path | None, rate: int, max_per_speaker: int | None = No
     if data_dir is None:
         data = load()
     else:
+        check_writable(data_dir)
         cache = data_dir / f"speech-{source.name}-{source_key(source, rate, max_per_speaker)}.npz"
         arrays = load_npz(cache, keys=("sample_rate", "speakers", "alignments", "train_audio", "test_audio"))
         if arrays is not None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab.checkpoints import content_key, load_checkpoint, load_npz, save_npz, write_json
+from lab.checkpoints import check_writable, content_key, load_checkpoint, load_npz, save_npz, write_json
 from lab.figures import plot_code_usage, plot_history, pyplot, save_image_rows
 from lab.images import encode, image_metrics, pixel_variance
 from lab.runs import DataError, Progress
@@ -158,6 +158,8 @@ def collect_episodes(data_dir: Path, episodes: int, test_episodes: int, episode_
     path = Path(data_dir) / (f"vizdoom_my_way_home_{episodes}+{test_episodes}x{episode_length}"
                              f"_skip{frame_skip}_hold{max_hold}_seed{seed}.npz")
     data = load_npz(path, keys=("train_frames", "test_frames", "eval_frames"))
+    if data is None:
+        check_writable(Path(data_dir))
     if data is None or data["eval_frames"].shape[2] != given + generated:
         t0 = time.perf_counter()
         print(f"collecting {episodes} + {test_episodes} episodes of {episode_length} actions "

@@ -500,3 +500,24 @@ def test_non_utf8_file_name_is_named_in_the_refusal(tmp_path):
     with pytest.raises(lab.DataError, match=r"train/cat/\ufffd\ufffd.png is not a readable image") as error:
         lab.images.load_cifar10(root, tmp_path / "cache")
     str(error.value).encode()    # printable
+
+
+@pytest.mark.parametrize("load", [
+    lambda root, cache: lab.images.load_cifar10(image_folder(root / "images"), cache),
+    lambda root, cache: lab.load_speech(fsdd_folder(root / "fsdd", "none"), 8000, data_dir=cache),
+], ids=["images", "speech"])
+def test_data_dir_that_cannot_be_made_is_refused_before_decoding(load, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"--data-dir .*/file/cache: cannot be created or written \(.*/file is not a "
+                                         r"writable folder\)"):
+        load(tmp_path, tmp_path / "file" / "cache")
+
+
+@pytest.mark.parametrize("lr", ["30", "1e6"])
+def test_a_learning_rate_that_diverges_stops_the_run_naming_the_cause_not_the_input(lr, tmp_path, data_dir):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"\[vqvae\] step \d+: .* not finite; stopped without saving\. Last good "
+                                         r"checkpoint: .*Try a lower learning rate"):
+        run(out, data_dir, "--lr", lr, "--steps", "20", "--log-every", "100")
+    if (out / "vqvae.pt").exists():   # whatever was kept gives a finite loss: a lower rate continues from it
+        run(out, data_dir, "--lr", "1e-3", "--steps", "20", "--resume")

@@ -5,7 +5,6 @@ in tests/lab/test_video.py; the models in test_video_model.py."""
 import dataclasses
 import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
@@ -16,25 +15,10 @@ import torch
 import lab
 import train_video
 import vqvae
+from conftest import require_vizdoom
 from lab import video
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
-
-
-def require_vizdoom():
-    """ViZDoom is optional for users; under CI (which installs it) a missing engine is a failure."""
-    try:
-        import vizdoom
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("vizdoom not installed: pip install vizdoom==1.3.2")
-    return vizdoom
-
-
-@pytest.fixture
-def vizdoom():
-    return require_vizdoom()
 
 
 # ----------------------------------------------------------------------------- options

@@ -15,26 +15,11 @@ import torch.nn.functional as F
 
 import lab
 import vqvae
+from conftest import require_vizdoom
 from lab import video
 from lab.runs import Env, Run
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
-
-
-def require_vizdoom():
-    """ViZDoom is optional for users; under CI (which installs it) a missing engine is a failure."""
-    try:
-        import vizdoom
-    except ImportError:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip("vizdoom not installed: pip install vizdoom==1.3.2")
-    return vizdoom
-
-
-@pytest.fixture
-def vizdoom():
-    return require_vizdoom()
 
 
 def collect(data_dir, episodes=2, test_episodes=2, episode_length=20, seed=0):
