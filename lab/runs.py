@@ -582,7 +582,7 @@ def write_report_page(out: Path, metrics: dict, options: dict, timings: dict) ->
     numbers = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))]
     shown = {k: v for k, v in options.items() if k not in ("resume", "out", "stages", "device", "data_dir")}
     lines = [f"# Run `{out}`", "", "| metric | value |", "|---|---|",
-             *[f"| {k} | {v:.4g} |" for k, v in numbers], "",
+             *[f"| {k} | {v if isinstance(v, int) else f'{v:.4g}'} |" for k, v in numbers], "",
              "Options: " + ", ".join(f"`{k}={v}`" for k, v in sorted(shown.items())) + ".", "",
              "Timings: " + ", ".join(f"{k.removesuffix('_seconds')} {v:.0f} s" for k, v in timings.items()) + ".", ""]
     for figure in sorted(out.glob("*.png")) + sorted(out.glob("*.gif")):
