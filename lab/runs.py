@@ -490,9 +490,9 @@ class Run:
         """Refuse to resume a checkpoint trained with other options (except the resumable ones, and
         learning rates lowered, which are returned as {option: (before, now)}), naming each change;
         a learning-rate schedule other than constant also fixes the steps it spans."""
-        if saved is None:
-            raise SystemExit(f"--resume: {path} does not record the options it was trained with (an older "
-                             "version wrote it): train into another --out")
+        if saved is None or "world_size" not in saved:
+            raise SystemExit(f"--resume: {path} does not record the options, data and processes it was trained "
+                             "with (an older version wrote it): train into another --out")
         now = self.options
         fixed = {k for k in saved.keys() | now.keys() if k not in self.resumable}
         scheduled = {steps: schedule for schedule, steps in SCHEDULED_STEPS.items()

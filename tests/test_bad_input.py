@@ -288,7 +288,8 @@ def test_resume_may_not_lengthen_a_schedule_that_depends_on_the_length(schedule,
 
 
 def test_a_prior_schedule_fixes_the_prior_steps_only():
-    saved = {"lr_schedule": "constant", "steps": 2, "prior_lr_schedule": "cooldown", "prior_steps": 6}
+    saved = {"lr_schedule": "constant", "steps": 2, "prior_lr_schedule": "cooldown", "prior_steps": 6, "world_size": 1}
+
     def check(path, saved, now):
         run = lab.Run(Path("."), lab.runs.Env(torch.device("cpu")), options=now, resumable={"steps", "prior_steps"})
         return run._check_options(path, saved)
@@ -306,7 +307,7 @@ def test_checkpoint_without_recorded_options_is_not_resumed(tmp_path, data_dir):
     state = lab.load_checkpoint(out / "vqvae.pt")
     del state["options"]
     lab.save_checkpoint(out / "vqvae.pt", state)
-    with pytest.raises(SystemExit, match="does not record the options it was trained with"):
+    with pytest.raises(SystemExit, match="does not record the options, data and processes it was trained with"):
         run(out, data_dir, "--resume", "--steps", "3")
 
 
@@ -397,7 +398,7 @@ def test_diverged_run_keeps_a_finite_checkpoint_and_resumes_from_it_with_a_lower
         torch.nn.init.constant_(model.weight, 0.5)
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         run = lab.Run(tmp_path, lab.runs.Env(torch.device("cpu")), resume=resume, log_every=1, checkpoint_every=2,
-                      options={"lr": lr}, resumable={"steps"})
+                      options={"lr": lr, "world_size": 1}, resumable={"steps"})
 
         def loss_fn(m, step):   # diverges at the 4th step while the learning rate is large
             loss = (m(torch.ones(1, 2)) ** 2).sum() * (math.inf if step == 3 and lr > 0.05 else 1.0)

@@ -201,7 +201,7 @@ def tiny_vqvae() -> vqvae.VQVAE:
 
 def a_run(out, resume=False, checkpoint_every=100) -> Run:
     run = Run(out, Env(torch.device("cpu")), resume=resume, log_every=2, checkpoint_every=checkpoint_every,
-              options={"seed": 0})
+              options={"seed": 0, "world_size": 1})
     run.vqvae_id = "step 1, sha256 0123456789abcdef"
     return run
 
