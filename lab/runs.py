@@ -367,9 +367,10 @@ class Run:
         log_path = ckpt.with_name(f"{name}.jsonl")
         if self.is_main:
             _continue_log(log_path, step)
+        with StopRequest() as stop, open(log_path, "a") if self.is_main else contextlib.nullcontext() as log:
+            # Said once Ctrl-C is caught: from here on it stops after a finished step.
             self.print(f"[{name}] training to step {steps} from step {step} in "
                        f"{'float32 (--amp off)' if amp is None else f'mixed precision ({self.amp})'}")
-        with StopRequest() as stop, open(log_path, "a") if self.is_main else contextlib.nullcontext() as log:
             while step < steps:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(base_lr, lr_schedule, step, steps)
