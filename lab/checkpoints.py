@@ -169,6 +169,14 @@ def source_key(source: Path, *settings) -> str:
     return digest.hexdigest()[:16]
 
 
+def seeded_subset(size: int, n: int | None, seed: int) -> np.ndarray | None:
+    """Sorted indices of a seeded random n of `size` examples, or None for all of them (n None or
+    not smaller): the subsets of --max-*-images and --max-*-clips, the same for every stage."""
+    if n is None or n >= size:
+        return None
+    return np.sort(np.random.default_rng(seed).permutation(size)[:n])
+
+
 def check_writable(folder: Path, option: str = "--data-dir") -> None:
     """Refuse, before any decoding, a cache folder that cannot be created or written (the message
     names the option); nothing is created here."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab.checkpoints import check_writable, load_npz, save_npz, source_key
+from lab.checkpoints import check_writable, load_npz, save_npz, seeded_subset, source_key
 from lab.runs import DataError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -36,8 +36,8 @@ def load_images(source: Path | None, data_dir: Path, image_size: int | None = No
     out = {"classes": [str(c) for c in data["classes"]]}
     for split, n in (("train", max_train), ("test", max_test)):
         x, y = data[f"{split}_x"], data[f"{split}_y"]
-        if n is not None and n < len(x):
-            keep = np.sort(np.random.default_rng(seed).permutation(len(x))[:n])
+        keep = seeded_subset(len(x), n, seed)
+        if keep is not None:
             x, y = x[keep], y[keep]
         out[f"{split}_x"], out[f"{split}_y"] = torch.from_numpy(x), torch.from_numpy(y)
     out["variance"] = pixel_variance(out["train_x"])

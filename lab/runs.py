@@ -152,8 +152,8 @@ def lock_out(out: Path) -> None:
         _lock(out / ".lock")
     except OSError as e:
         raise SystemExit(f"--out {out}: not a writable folder ({e.strerror or e})") from e
-    for tmp in sorted(out.glob("*.tmp*")):
-        if tmp.is_file() and not tmp.name.startswith(f"{tmp.name.split('.')[0]}.{os.getpid()}."):
+    for tmp in sorted(out.glob("*.tmp*")):   # with the lock held, no live writer owns one
+        if tmp.is_file():
             print(f"{tmp}: left by an interrupted write; deleted", flush=True)
             tmp.unlink(missing_ok=True)
 
@@ -292,6 +292,7 @@ class Run:
     timings: dict = field(default_factory=dict)
     vqvae_id: str | None = None
     t0: float = field(default_factory=time.perf_counter)
+    eval_t0: float | None = None     # when end_training let the main process evaluate
 
     @classmethod
     def start(cls, args) -> "Run":
@@ -542,14 +543,14 @@ class Run:
     def end_training(self) -> bool:
         """End the process group (the main process evaluates alone); True on the main process."""
         teardown()
-        self._eval_t0 = time.perf_counter()
+        self.eval_t0 = time.perf_counter()
         return self.is_main
 
     def report(self, metrics: dict, model_config, **extra) -> None:
         """<out>/metrics.json: the metrics, this command's options ("config"), per checkpoint the
         options it was trained with where they differ and how it was resumed, the model config, the
         timings; and <out>/report.md."""
-        self.timings["eval_seconds"] = time.perf_counter() - getattr(self, "_eval_t0", self.t0)
+        self.timings["eval_seconds"] = time.perf_counter() - (self.eval_t0 or self.t0)
         self.timings["total_seconds"] = time.perf_counter() - self.t0
         write_json(self.out / "metrics.json", {
             "metrics": metrics, "config": self.options, "checkpoints": self._checkpoint_options(),

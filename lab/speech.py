@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vqvae
-from lab.checkpoints import check_writable, load_checkpoint, load_npz, save_npz, source_key
+from lab.checkpoints import check_writable, load_checkpoint, load_npz, save_npz, seeded_subset, source_key
 from lab.figures import pyplot
 from lab.runs import DataError
 
@@ -290,9 +290,9 @@ def speech_from_arrays(a: dict[str, np.ndarray]) -> Speech:
 
 def subset(split: Split, n: int | None, seed: int) -> Split:
     """A seeded random n of the split's clips, in their order (all of them if n is None or larger)."""
-    if n is None or n >= len(split.audio):
+    keep = seeded_subset(len(split.audio), n, seed)
+    if keep is None:
         return split
-    keep = np.sort(np.random.default_rng(seed).permutation(len(split.audio))[:n])
     return Split([split.audio[i] for i in keep], split.speaker[keep], [split.names[i] for i in keep],
                  None if split.digit is None else split.digit[keep])
 
