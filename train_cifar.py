@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import lab
 import vqvae
+from lab import cli, figures, images, runs, train
 
 # Each preset sets the defaults of the options below (named after the config fields); any option on
 # the command line wins. What each costs and scores: docs/results/cifar10.md.
@@ -50,24 +50,24 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = lab.Parser(__doc__, PRESETS, name="cifar", stages="vqvae,prior,eval", log_every=100, checkpoint_every=1000)
+    p = cli.Parser(__doc__, PRESETS, name="cifar", stages="vqvae,prior,eval", log_every=100, checkpoint_every=1000)
     p.add_argument("--data", type=Path, default=None,
                    help="CIFAR-10 source: the official cifar-10-python.tar.gz, an image folder "
                         "<root>/{train,test}/<class>/*.png|jpg, or a .tar.gz of one (default: "
                         "<data-dir>/cifar-10-python.tar.gz, downloaded and MD5-checked if missing)")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="downloads and decoded caches")
-    p.add_argument("--image-size", type=lab.checked(int, at_least=4), default=None,
+    p.add_argument("--image-size", type=cli.checked(int, at_least=4), default=None,
                    help="centre-crop image-folder images to a square and resize them to NxN (N a multiple of 4); "
                         "by default they must share one size with sides multiple of 4")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3,
                    help="3: RGB (grayscale and RGBA images are converted); 1: grayscale")
-    p.add_argument("--max-train-images", type=lab.checked(int, at_least=1), help="a seeded random subset, for tests")
-    p.add_argument("--max-test-images", type=lab.checked(int, at_least=1), help="a seeded random subset, for tests")
+    p.add_argument("--max-train-images", type=cli.checked(int, at_least=1), help="a seeded random subset, for tests")
+    p.add_argument("--max-test-images", type=cli.checked(int, at_least=1), help="a seeded random subset, for tests")
     g = p.add_argument_group("VQ-VAE (defaults from --preset)")
     p.add_encoder_options(g)
-    g.add_argument("--outer-channels", type=lab.checked(int, at_least=1),
+    g.add_argument("--outer-channels", type=cli.checked(int, at_least=1),
                    help="channels of the outer strided convolutions (default: --hidden-channels)")
-    g.add_argument("--num-groups", type=lab.checked(int, at_least=1), help="codes per latent position (paper: 10)")
+    g.add_argument("--num-groups", type=cli.checked(int, at_least=1), help="codes per latent position (paper: 10)")
     g.add_argument("--likelihood", choices=("gaussian", "categorical"))
     p.add_codebook_options(g)
     p.add_optimizer_options(g)
@@ -84,9 +84,8 @@ def train_vqvae(args, run, data):
     """Stage 1 (Sec. 3, 4.1): Adam on seeded batches of the training images; the loss is Eq. 3,
     with the reconstruction term scaled by the training pixels' variance (as Sonnet's example)."""
     train_x = data["train_x"]
-    config = lab.config(vqvae.VQVAEConfig, args, in_channels=train_x.shape[1], data_variance=data["variance"])
+    config = cli.config(vqvae.VQVAEConfig, args, in_channels=train_x.shape[1], data_variance=data["variance"])
     model = vqvae.VQVAE(config).to(run.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 
     def loss_fn(model, step):
         x = train_x[run.batch(step, len(train_x), args.batch_size, args.seed)].to(run.device).float() / 255 - 0.5
@@ -95,27 +94,27 @@ def train_vqvae(args, run, data):
                    "perplexity": out.perplexity, "codes_used": (out.counts > 0).sum().float()}
         return out.loss, {k: v.detach() for k, v in metrics.items()}
 
-    run.train("vqvae", model, optimizer, loss_fn, args.steps, args.lr_schedule)
+    train.fit(run, "vqvae", model, loss_fn, args.steps, args.lr, args.lr_schedule)
 
 
 def train_prior(args, run, model, data):
     """Stage 2 (Sec. 3.2, 4.2): the codes of the training images, then a gated PixelCNN fitted to
     them by maximum likelihood, conditioned on the class (an unconditional one without classes)."""
-    codes = run.cached("codes", {}, lambda: {"train": lab.encode(model, data["train_x"], run.device)})["train"]
+    codes = run.cached("codes", {}, lambda: {"train": images.encode(model, data["train_x"], run.device)})["train"]
     num_classes = len(data["classes"]) or None
-    config = lab.config(vqvae.GatedPixelCNNConfig, args, "prior_", kernel_size=5, num_classes=num_classes,
+    config = cli.config(vqvae.GatedPixelCNNConfig, args, "prior_", kernel_size=5, num_classes=num_classes,
                         num_embeddings=model.config.num_embeddings, num_groups=model.config.num_groups)
     prior = vqvae.GatedPixelCNN(config).to(run.device)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=args.prior_lr)
     labels = data["train_y"]
 
     def loss_fn(prior, step):
         idx = run.batch(step, len(codes), args.prior_batch_size, args.seed + 1)
-        z = codes[idx].to(run.device)
-        loss = F.cross_entropy(prior(z, labels[idx].to(run.device) if num_classes else None), z)  # nats per code
+        target = codes[idx].to(run.device)
+        label = labels[idx].to(run.device) if num_classes else None
+        loss = F.cross_entropy(prior(target, label), target)                      # nats per code
         return loss, {"prior_loss": loss.detach()}
 
-    run.train("prior", prior, optimizer, loss_fn, args.prior_steps, made_for=run.vqvae_id)
+    train.fit(run, "prior", prior, loss_fn, args.prior_steps, args.prior_lr, made_for=run.vqvae_id)
     return prior.eval()
 
 
@@ -127,7 +126,7 @@ def evaluate(run, model, prior, data) -> tuple[dict, torch.Tensor]:
     test_x, test_y, c = data["test_x"], data["test_y"], model.config
     codes, sq_err, log_px = [], [], []
     for i in range(0, len(test_x), 200):
-        x = lab.to_float(test_x[i:i + 200], run.device)
+        x = images.to_float(test_x[i:i + 200], run.device)
         vq = model.quantize(model.encode(x))
         output = model.decoder_output(vq.z_q)
         sq_err.append(((model.to_image(output) - x) ** 2).flatten(1).sum(1).cpu())
@@ -136,13 +135,13 @@ def evaluate(run, model, prior, data) -> tuple[dict, torch.Tensor]:
             log_px.append(model.log_likelihood(x, output).cpu())            # log p(x|z_q), nats
     codes = torch.cat(codes)
     mse = torch.cat(sq_err).sum().item() / test_x[0].numel() / len(test_x)   # pixels in [0, 1]
-    metrics = {**lab.image_metrics(mse, data["variance"], codes, c.num_embeddings), "num_test_images": len(test_x)}
+    metrics = {**images.image_metrics(mse, data["variance"], codes, c.num_embeddings), "num_test_images": len(test_x)}
     num_dims, num_latents = test_x[0].numel(), codes[0].numel()
     if prior is not None:
         labels = test_y.to(run.device) if prior.num_classes else None
         log_pz_y = torch.cat([prior.log_prob(codes[i:i + 500].to(run.device), None if labels is None else
                                              labels[i:i + 500]).cpu() for i in range(0, len(codes), 500)])
-        metrics["prior_test_bits_per_latent"] = (-log_pz_y.mean() / num_latents / math.log(2)).item()
+        metrics["prior_test_bits_per_code"] = (-log_pz_y.mean() / num_latents / math.log(2)).item()
     if log_px:
         log_px = torch.cat(log_px)
         metrics["test_bits_per_dim_uniform_prior"] = vqvae.bits_per_dim(
@@ -160,12 +159,13 @@ def make_figures(args, run, model, prior, data, test_codes) -> None:
     """Reconstructions, code usage, training curves and samples of the prior, decoded."""
     out, test_x = args.out, data["test_x"]
     picks = torch.from_numpy(np.random.default_rng(args.seed).permutation(len(test_x))[:12]).sort().values
-    x = lab.to_float(test_x[picks], run.device)
+    x = images.to_float(test_x[picks], run.device)
     recon = model.decode(model.quantize(model.encode(x)).codes)
-    lab.save_image_rows(out / "reconstructions.png", [("original", x.cpu() + 0.5), ("reconstruction", recon.cpu() + 0.5)],
-                        "test images and their reconstructions")
-    lab.plot_code_usage(out / "codebook_usage.png", test_codes, model.config.num_embeddings, "test-set code usage:")
-    lab.training_curves(out, run.histories, {"vqvae": "VQ-VAE training", "prior": "prior (nats per latent)"})
+    figures.save_image_rows(out / "reconstructions.png", [("original", x.cpu() + 0.5),
+                                                          ("reconstruction", recon.cpu() + 0.5)],
+                            "test images and their reconstructions")
+    figures.plot_code_usage(out / "codebook_usage.png", test_codes, model.config.num_embeddings, "test-set code usage:")
+    figures.training_curves(out, run.histories, {"vqvae": "VQ-VAE training", "prior": "prior (nats per code)"})
     if prior is not None:
         classes = data["classes"][:10] if prior.num_classes else ["", ""]   # rows of 8
         labels = torch.arange(len(classes), device=run.device).repeat_interleave(8) if prior.num_classes else None
@@ -173,21 +173,21 @@ def make_figures(args, run, model, prior, data, test_codes) -> None:
         codes = prior.sample(tuple(test_codes.shape[-2:]), labels, batch_size=8 * len(classes), generator=gen)
         samples = model.decode(codes).cpu() + 0.5
         kind = "class-conditional" if prior.num_classes else "unconditional"
-        lab.save_image_rows(out / "prior_samples.png", [(c, samples[i * 8:(i + 1) * 8]) for i, c in enumerate(classes)],
-                            f"samples: codes from the {kind} prior, decoded")
+        rows = [(c, samples[i * 8:(i + 1) * 8]) for i, c in enumerate(classes)]
+        figures.save_image_rows(out / "prior_samples.png", rows, f"samples: codes from the {kind} prior, decoded")
 
 
 # ============================================================================ main
 def main(argv=None) -> None:
     args = parse_args(argv)
-    run = lab.Run.start(args)
-    data = lab.load_images(args.data, args.data_dir, args.image_size, args.channels, args.max_train_images,
+    run = runs.Run.start(args)
+    data = images.load_images(args.data, args.data_dir, args.image_size, args.channels, args.max_train_images,
                            args.max_test_images, args.seed)
     run.use_data(data["train_x"], data["train_y"])
     run.print(f"CIFAR-10: {len(data['train_x'])} train / {len(data['test_x'])} test images; preset {args.preset}; "
               f"{run.describe()}")
-    if "prior" in args.stages and args.prior_batch_size * run.env.world_size > len(data["train_x"]):
-        raise SystemExit(f"--prior-batch-size {args.prior_batch_size} x {run.env.world_size} process(es): more than "
+    if "prior" in args.stages and args.prior_batch_size * run.world_size > len(data["train_x"]):
+        raise SystemExit(f"--prior-batch-size {args.prior_batch_size} x {run.world_size} process(es): more than "
                          f"the {len(data['train_x'])} training images")
 
     if "vqvae" in args.stages:
@@ -205,4 +205,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    lab.run_main(main)
+    runs.run_main(main)

@@ -1,17 +1,17 @@
 """The paper's speech experiments (Sec. 4.3), end to end.
 
 Stages, each resumable: (1) vqvae: train the audio VQ-VAE (64x downsampling encoder, K = 512,
-WaveNet decoder conditioned on the codes and the speaker) on random fixed-length crops;
-(2) classifiers: a speaker and a digit classifier on log-mel features of real training clips, the
-judges of eval (not in the paper); (3) prior: a second WaveNet over the codes of the first
---clip-seconds of each training clip, conditioned on the speaker (the paper's prior for
+WaveNet decoder conditioned on the codes and the speaker) on random fixed-length crops; (2)
+classifiers: a speaker and a digit classifier on log-mel features of real training clips, which
+listen to generated audio in eval (not in the paper); (3) prior: a second WaveNet over the codes of
+the first --clip-seconds of each training clip, conditioned on the speaker (the paper's prior for
 unconditional speech); (4) eval: teacher-forced test loss, reconstructions and speaker conversions
 generated with the WaveNet (WAV files and spectrograms), the classifiers applied to them, and the
 phone probe of the paper (each code mapped to its most frequent aligned phone; frame accuracy on
-test clips) against the same probe on a randomly initialised encoder and the majority phone; with
-a prior, its test bits per code and samples from it (codes sampled, then decoded), judged by the
-classifiers. Everything lands in --out: vqvae.pt, classifiers.pt, codes.pt, prior.pt,
-metrics.json, report.md, *.png, audio/*.wav.
+test clips) against the same probe on a randomly initialised encoder and the majority phone; with a
+prior, its test bits per code and samples from it (codes sampled, then decoded), scored by the
+classifiers. Everything lands in --out: vqvae.pt, classifiers.pt, codes.pt, prior.pt, metrics.json,
+report.md, *.png, audio/*.wav.
 
     python train_vctk.py --data ../shared/data/fsdd     # quick preset on FSDD (8 kHz digits)
     python train_vctk.py --data ../shared/data/fsdd --preset long   # quick with 4x the VQ-VAE's steps
@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import lab
 import vqvae
-
-HOP = 64  # samples per code: 6 stride-2 convolutions
+from lab import cli, figures, runs, speech, speech_eval, train
+from lab.speech import HOP
 
 # Each preset sets the defaults of the options below (named after the config fields); any option on
 # the command line wins. What each costs and scores: docs/results/speech.md.
@@ -63,8 +62,8 @@ PRESETS["long"] = {**PRESETS["quick"], "steps": 12_000, "classifier_steps": 3000
 
 
 def parse_args(argv=None):
-    count, size, positive = lab.checked(int, at_least=1), lab.checked(int, at_least=0), lab.checked(float, above=0)
-    p = lab.Parser(__doc__, PRESETS, name="speech", stages="vqvae,classifiers,prior,eval", log_every=50,
+    count, size, positive = cli.checked(int, at_least=1), cli.checked(int, at_least=0), cli.checked(float, above=0)
+    p = cli.Parser(__doc__, PRESETS, name="speech", stages="vqvae,classifiers,prior,eval", log_every=50,
                    checkpoint_every=500)
     p.add_argument("--data", type=Path, default=None,
                    help="an FSDD checkout (recordings/*.wav, alignments.tsv) or a VCTK folder (wav48/ of 0.80 "
@@ -116,21 +115,20 @@ def crop_generator(seed: int, step: int, rank: int) -> torch.Generator:
 def train_vqvae(args, run, data) -> None:
     """Stage 1 (Sec. 4.3): the audio VQ-VAE on random crops of the training clips, as mu-law levels,
     conditioned on the speaker; the loss is Eq. 3 with -log p(x | z_q) of the WaveNet decoder."""
-    config = lab.config(vqvae.AudioVQVAEConfig, args, num_speakers=len(data.speakers))
+    config = cli.config(vqvae.AudioVQVAEConfig, args, num_speakers=len(data.speakers))
     model = vqvae.AudioVQVAE(config).to(run.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    train = data.train
+    clips = data.train
 
     def loss_fn(model, step):
-        idx = run.batch(step, len(train.audio), args.batch_size, args.seed)
-        crops = train.random_crops(idx, args.crop, crop_generator(args.seed, step, run.env.rank))
-        speaker = torch.from_numpy(train.speaker[idx.numpy()])
+        idx = run.batch(step, len(clips.audio), args.batch_size, args.seed)
+        crops = clips.random_crops(idx, args.crop, crop_generator(args.seed, step, run.rank))
+        speaker = torch.from_numpy(clips.speaker[idx.numpy()])
         out = model(vqvae.mu_law_encode(crops).to(run.device), speaker.to(run.device))
         metrics = {"loss": out.loss, "recon_loss": out.recon_loss, "commitment_loss": out.commitment_loss,
                    "perplexity": out.perplexity, "codes_used": (out.counts > 0).sum().float()}
         return out.loss, {k: v.detach() for k, v in metrics.items()}
 
-    run.train("vqvae", model, optimizer, loss_fn, args.steps, args.lr_schedule,
+    train.fit(run, "vqvae", model, loss_fn, args.steps, args.lr, args.lr_schedule,
               extra={"speakers": data.speakers, "sample_rate": data.sample_rate})
 
 
@@ -138,18 +136,19 @@ def train_classifiers(args, run, data):
     """Stage 2 (not in the paper): the classifiers that eval listens with, a speaker and (FSDD) a digit classifier on
     log-mel features of random crops of real training clips, with a little white noise added."""
     length = clip_length(args, data)
-    classifiers = lab.Classifiers.for_speech(data).to(run.device).normalise(data.train.audio, length, data.sample_rate)
-    optimizer = torch.optim.Adam(classifiers.parameters(), lr=1e-3)
-    train, batch = data.train, min(32, len(data.train.audio) // run.env.world_size)  # per process
+    classifiers = speech_eval.Classifiers.for_speech(data).to(run.device)
+    classifiers.normalise(data.train.audio, length, data.sample_rate)
+    clips, batch = data.train, min(32, len(data.train.audio) // run.world_size)  # per process
 
     def loss_fn(model, step):
-        idx = run.batch(step, len(train.audio), batch, args.seed + 1).numpy()
-        gen = crop_generator(args.seed + 1, step, run.env.rank)
-        features, labels = lab.Classifiers.training_examples(train, idx, length, data.sample_rate, gen, run.device)
+        idx = run.batch(step, len(clips.audio), batch, args.seed + 1).numpy()
+        gen = crop_generator(args.seed + 1, step, run.rank)
+        features, labels = speech_eval.Classifiers.training_examples(clips, idx, length, data.sample_rate, gen,
+                                                                     run.device)
         losses = {f"{k}_loss": F.cross_entropy(logits, labels[k]) for k, logits in model(features).items()}
         return sum(losses.values()), {k: v.detach() for k, v in losses.items()}
 
-    run.train("classifiers", classifiers, optimizer, loss_fn, args.classifier_steps)
+    train.fit(run, "classifiers", classifiers, loss_fn, args.classifier_steps, lr=1e-3)
     return classifiers
 
 
@@ -159,31 +158,32 @@ def train_prior(args, run, model, data):
     twice the channels), fitted by maximum likelihood."""
     length = clip_length(args, data)
     codes = run.cached("codes", {"samples": length},
-                       lambda: {"train": lab.clip_codes(model, data.train.audio, length, run.device)})["train"]
+                       lambda: {"train": speech_eval.clip_codes(model, data.train.audio, length, run.device)})["train"]
     speaker = torch.from_numpy(data.train.speaker)
-    config = lab.config(vqvae.WaveNetConfig, args, "prior_", num_categories=model.config.num_embeddings,
+    config = cli.config(vqvae.WaveNetConfig, args, "prior_", num_categories=model.config.num_embeddings,
                         cond_channels=0, num_speakers=len(data.speakers), skip_channels=2 * args.prior_channels)
     prior = vqvae.WaveNet(config).to(run.device)
-    optimizer = torch.optim.Adam(prior.parameters(), lr=args.prior_lr)
 
     def loss_fn(prior, step):
         idx = run.batch(step, len(codes), args.prior_batch_size, args.seed + 2)
-        z = codes[idx].to(run.device)
-        loss = F.cross_entropy(prior(z, None, speaker[idx].to(run.device)), z)   # nats per code
+        target = codes[idx].to(run.device)
+        loss = F.cross_entropy(prior(target, z_q=None, speaker=speaker[idx].to(run.device)), target)   # nats per code
         return loss, {"prior_loss": loss.detach()}
 
-    run.train("prior", prior, optimizer, loss_fn, args.prior_steps, made_for=run.vqvae_id)
+    train.fit(run, "prior", prior, loss_fn, args.prior_steps, args.prior_lr, made_for=run.vqvae_id)
     return prior.eval()
 
 
 # ============================================================================ evaluation
 @torch.no_grad()
-def evaluate(args, run, model, evaluation, data) -> dict:
+def evaluate(args, run, model, classifiers, data) -> dict:
     """The classifiers on real test clips; the teacher-forced test loss of chosen test clips, and
     their codes decoded by the WaveNet as their own speaker (reconstruction) and as another
-    speaker (conversion, Sec. 4.3), judged by the classifiers; with alignments, the phone probe."""
-    metrics = evaluation.real_clips(args.seed)
-    clips = evaluation.choose_clips(args.eval_clips, args.seed)     # as many per speaker, each with a target
+    speaker (conversion, Sec. 4.3), scored by the classifiers; with alignments, the phone probe."""
+    length = clip_length(args, data)
+    metrics = speech_eval.classifier_scores(classifiers, data, length, args.seed, run.device)
+    # as many test clips of each speaker, each with another speaker to be converted to
+    clips = speech_eval.choose_eval_clips(data.test, len(data.speakers), args.eval_clips, length, args.seed, run.device)
     o = model(clips.levels, clips.source)
     metrics.update(test_recon_nats_per_sample=o.recon_loss.item(), test_perplexity=o.perplexity.item())
     run.print(f"[eval] generating {2 * len(clips.picks)} clips of {clips.length} samples "
@@ -193,33 +193,35 @@ def evaluate(args, run, model, evaluation, data) -> dict:
                          temperature=args.temperature)
     metrics["generation_seconds"] = time.perf_counter() - t0
     metrics["generated_samples_per_second"] = waves.numel() / metrics["generation_seconds"]
-    metrics.update(evaluation.reconstructions_and_conversions(clips, waves.cpu(), args.wav_clips))
+    metrics.update(speech_eval.score_generated(classifiers, data, clips, waves.cpu(), length, args.out,
+                                               args.wav_clips))
     if data.alignments is not None:
-        metrics.update(evaluation.phone_probe(model, args.seed))
+        metrics.update(speech_eval.phone_probe_scores(model, data, args.seed, args.out, run.device))
     return metrics
 
 
 @torch.no_grad()
-def evaluate_prior(args, run, model, prior, evaluation, data) -> dict:
+def evaluate_prior(args, run, model, prior, classifiers, data) -> dict:
     """The prior's test bits per code (against the codes' unigram frequencies), and samples of it:
-    codes sampled for each speaker, decoded by the VQ-VAE's WaveNet, judged by the classifiers."""
-    metrics, S = evaluation.prior_bits_per_code(model, prior), len(data.speakers)
+    codes sampled for each speaker, decoded by the VQ-VAE's WaveNet, scored by the classifiers."""
+    length, S = clip_length(args, data), len(data.speakers)
+    metrics = speech_eval.prior_bits_per_code(model, prior, data, length, run.device)
     per_speaker = max(1, args.eval_clips // S)
     run.print(f"[eval] sampling {per_speaker * S} code sequences from the prior and decoding them")
     generator = torch.Generator(device=run.device).manual_seed(args.seed + 2)
     who = torch.arange(S, device=run.device).repeat_interleave(per_speaker)
-    codes = prior.sample(None, who, generator=generator, temperature=args.temperature,
-                         length=clip_length(args, data) // HOP)
+    codes = prior.sample(None, who, generator=generator, temperature=args.temperature, length=length // HOP)
     waves = model.decode(codes, who, generator=generator, temperature=args.temperature).cpu()
-    return {**metrics, **evaluation.prior_samples(waves, who, per_speaker, args.wav_clips)}
+    return {**metrics, **speech_eval.score_prior_samples(classifiers, data, waves, who, per_speaker, length, args.out,
+                                                         args.wav_clips, run.device)}
 
 
 # ============================================================================ main
 def main(argv=None) -> None:
     args = parse_args(argv)
-    run = lab.Run.start(args)
-    data = lab.load_speech(args.data, args.sample_rate, args.max_clips_per_speaker, args.data_dir,
-                           args.max_train_clips, args.max_test_clips, args.seed)
+    run = runs.Run.start(args)
+    data = speech.load_speech(args.data, args.sample_rate, args.max_clips_per_speaker, args.data_dir,
+                              args.max_train_clips, args.max_test_clips, args.seed)
     run.use_data(*data.train.audio, data.train.speaker)
     seconds = sum(len(a) for a in data.train.audio) / data.sample_rate
     run.print(f"speech: {len(data.train.audio)} train clips ({seconds / 60:.1f} min) / {len(data.test.audio)} test; "
@@ -231,22 +233,21 @@ def main(argv=None) -> None:
     if "classifiers" in args.stages:
         classifiers = train_classifiers(args, run, data)
     elif "eval" in args.stages:
-        classifiers = lab.Classifiers.load(args.out / "classifiers.pt", data, run.device)
+        classifiers = speech_eval.Classifiers.load(args.out / "classifiers.pt", data, run.device)
     if "prior" in args.stages:
         prior = train_prior(args, run, model, data)
     else:
         prior = run.load("prior", optional=True) if "eval" in args.stages else None
 
     if run.end_training() and "eval" in args.stages:
-        evaluation = lab.SpeechEvaluation(classifiers, data, clip_length(args, data), args.out, run.device)
-        metrics = evaluate(args, run, model, evaluation, data)
+        metrics = evaluate(args, run, model, classifiers, data)
         if prior is not None:
-            metrics.update(evaluate_prior(args, run, model, prior, evaluation, data))
-        lab.training_curves(args.out, run.histories, {"vqvae": "audio VQ-VAE training",
-                                                      "prior": "speech prior training"})
+            metrics.update(evaluate_prior(args, run, model, prior, classifiers, data))
+        figures.training_curves(args.out, run.histories, {"vqvae": "audio VQ-VAE training",
+                                                          "prior": "speech prior training"})
         run.report(metrics, model.config, speakers=data.speakers, sample_rate=data.sample_rate,
                    num_train_clips=len(data.train.audio))
 
 
 if __name__ == "__main__":
-    lab.run_main(main)
+    runs.run_main(main)

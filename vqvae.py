@@ -34,50 +34,27 @@ except ImportError:
 
 # ---- Eq. 1: the posterior is a one-hot on the nearest codebook entry ---------------------------------
 #     q(z = k | x) = 1 if k = argmin_j ||z_e(x) - e_j||_2, else 0
-def nearest_code(z: torch.Tensor, codebook: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Codes (N,) int64: the index of the nearest codebook row to each row of z (Eq. 1), ties to the lowest.
 
-    z: (N, D) floating; codebook: (K, D), same dtype and device; backend: "auto" (the extension where
-    vqvae_ext.supports(z)), "torch" or "extension". Raises ValueError on bad shapes or dtypes, NaN/Inf in z
-    or the codebook or overflowing squared distances (on a GPU or compiled: an asynchronous assert, see
-    _require); RuntimeError if backend="extension" cannot run for z."""
+    z: (N, D) floating; codebook: (K, D), same dtype and device. The extension's operator where
+    vqvae_ext.supports(z), else PyTorch, with the same codes. Raises ValueError on bad shapes or dtypes,
+    NonFiniteError (a ValueError) on NaN/Inf in z or the codebook or overflowing squared distances (on a
+    GPU or compiled: an asynchronous assert, see _require)."""
     _require(z.dim() == 2 and z.is_floating_point(), "z: expected a floating (N, D) tensor", z)
     _require(codebook.dim() == 2 and codebook.shape[1] == z.shape[1] and codebook.shape[0] > 0
              and codebook.dtype == z.dtype, f"codebook: expected a (K, {z.shape[1]}) {z.dtype} tensor, K > 0", codebook)
-    use_ext = backend != "torch" and vqvae_ext is not None and vqvae_ext.supports(z)
-    if backend == "extension" and not use_ext:
-        raise RuntimeError(f"nearest_code: vqvae_ext is not installed or does not run on {z.device} for {z.dtype}")
     norms = (codebook * codebook).sum(1)                                         # ||e_k||^2, (K,)
     message = "nearest_code: z or codebook contains NaN or Inf (or their squared distances overflow)"
-    if use_ext:
-        _require(torch.isfinite(z).all() & torch.isfinite(norms).all(), message)
+    if vqvae_ext is not None and vqvae_ext.supports(z):
+        _require(torch.isfinite(z).all() & torch.isfinite(norms).all(), message, error=NonFiniteError)
         return torch.ops.vqvae_ext.nearest_code(z.detach(), codebook.detach())
     # ||z - e_k||^2 = ||z||^2 - 2 <z, e_k> + ||e_k||^2, where ||z||^2 is the same for every k
     distances = torch.addmm(norms, z, codebook.t(), alpha=-2)                   # (N, K)
     codes = distances.argmin(1)
-    _require(torch.isfinite(norms).all() & torch.isfinite(distances.gather(1, codes[:, None])).all(), message)
+    _require(torch.isfinite(norms).all() & torch.isfinite(distances.gather(1, codes[:, None])).all(), message,
+             error=NonFiniteError)
     return codes
-
-
-def _require(ok, message: str, got=None) -> None:
-    """The argument check of every public entry point: ValueError(message) unless ok. got: the tensor
-    received (the message gives its shape and dtype) or a function giving the message's end on failure.
-    A tensor `ok` (a check of values) is read at once in eager CPU code; on a GPU or under torch.compile it
-    is an asynchronous assert, which never makes the host wait for the device and fails at the next sync."""
-    if isinstance(ok, torch.Tensor) and (ok.device.type != "cpu" or torch.compiler.is_compiling()):
-        torch._assert_async(ok, message)
-    elif not ok:
-        if isinstance(got, torch.Tensor):
-            message += f"; got shape {tuple(got.shape)}, dtype {got.dtype}"
-        raise ValueError(message + (got() if callable(got) else ""))
-
-
-def _check_range(x: torch.Tensor, name: str, count: int) -> None:
-    """x must hold integers in [0, count): codes, class labels, speaker ids."""
-    _require(not x.is_floating_point() and not x.is_complex(), f"{name}: expected an integer tensor", x)
-    if x.numel():
-        _require((x.min() >= 0) & (x.max() < count), f"{name}: values must lie in [0, {count})",
-                 lambda: f"; got range [{int(x.min())}, {int(x.max())}]")
 
 
 def _code_statistics(z: torch.Tensor, codes: torch.Tensor, num_embeddings: int):
@@ -181,7 +158,7 @@ class VectorQuantizer(nn.Module):
             smoothed = (cluster_size + self.epsilon) / (n + self.num_embeddings * self.epsilon) * n
             codebook = embed_sum / smoothed[:, None]                                     # Eq. 8: e_i = m_i / N_i
             _require(torch.isfinite((codebook * codebook).sum(1)).all(),
-                     "z_e: the EMA codebook update would leave non-finite codes (inputs too large)")
+                     "z_e: the EMA codebook update would leave non-finite codes (inputs too large)", error=NonFiniteError)
             self.ema_embed_sum.copy_(embed_sum)
             self.codebook.copy_(codebook)
         self.ema_cluster_size.copy_(cluster_size)
@@ -190,6 +167,7 @@ class VectorQuantizer(nn.Module):
             if dead.any():  # the same decision on every process: the counts were all-reduced
                 self._broadcast_assign(dead, flat[torch.randint(len(flat), (int(dead.sum()),), device=flat.device)])
 
+    # ---- Not in the paper: k-means initialisation and dead-code restarts, against codebook collapse ----
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor, iterations: int = 10) -> None:
         """Codebook from k-means on the first batch (process 0's), broadcast to all processes."""
@@ -288,29 +266,9 @@ class Decoder(nn.Module):
 
 
 # ---- The VQ-VAE: encoder, 1x1 projection to D, quantizer, decoder, and the loss of Eq. 3 -----------
-_RULES = {  # what config fields must hold, by name; any other field: an integer >= 1 or None
-    "commitment_cost": (lambda v: 0 <= v < math.inf, ">= 0"),
-    "decay": (lambda v: v is None or 0 <= v < 1, "in [0, 1) or None"),
-    "dead_code_threshold": (lambda v: v is None or 0 < v < math.inf, "> 0 or None"),
-    **dict.fromkeys(("epsilon", "data_variance"), (lambda v: 0 < v < math.inf, "> 0")),
-    "likelihood": (lambda v: v in ("gaussian", "categorical"), "'gaussian' or 'categorical'"),
-    "dims": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
-    "kernel_size": (lambda v: isinstance(v, int) and v >= 3 and v % 2 == 1, "odd and >= 3"),
-    "kmeans_init": (lambda v: isinstance(v, bool), "a bool"),
-    **dict.fromkeys(("num_res_layers", "num_downsamples", "cond_channels", "codebook_dim"),
-                    (lambda v: isinstance(v, int) and v >= 0, ">= 0")),
-}
-
-
-def _check_fields(owner: str, **fields) -> None:
-    """ValueError naming the first field of `owner` that breaks its rule in _RULES."""
-    for name, value in fields.items():
-        test, expected = _RULES.get(name, (lambda v: v is None or isinstance(v, int) and v >= 1, "an integer >= 1"))
-        _require(test(value), f"{owner}.{name}: expected {expected}; got {value!r}")
-
-
 class _Config:
-    def __post_init__(self):  # every config checks its fields when made
+    """Every config checks its fields when made (_check_fields, in the appendix at the end of the file)."""
+    def __post_init__(self):
         _check_fields(type(self).__name__, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
 
@@ -549,6 +507,7 @@ class GatedPixelCNN(nn.Module):
         """log p(z) in nats, (B,)."""
         return -F.cross_entropy(self(codes, label, cond), codes.long(), reduction="none").flatten(1).sum(1)
 
+    # ---- Not in the paper: fast sampling (each row's vertical stack once) and classifier-free guidance ----
     @torch.no_grad()
     def sample(self, shape: tuple[int, int], label: torch.Tensor | None = None, batch_size: int | None = None,
                cond: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -557,24 +516,13 @@ class GatedPixelCNN(nn.Module):
         class-conditional model, else batch_size. ValueError names a bad argument. With a seeded generator, the codes
         that sampling forward()'s logits draws, without recomputing what cannot change (as P. Ramachandran et al.,
         "Fast Generation for Convolutional Autoregressive Models", 2017): the vertical stack once per row, the
-        horizontal stack on the current row. guidance = w > 0 (classifier- free guidance, arXiv:2207.12598): B
+        horizontal stack on the current row. guidance = w > 0 (classifier-free guidance, arXiv:2207.12598): B
         conditioned rows (label, cond) then M = unconditioned blocks of B whose mean distribution stands for the
         unconditioned one (M = 1: a null label or map; M > 1: the conditions to average over); each code is drawn from
-        log p_cond + w (log p_cond - log p_uncond) and written to every block; the B conditioned codes are returned."""
-        _require(len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape),
-                 f"shape: expected (H, W), two integers > 0; got {shape!r}")
-        B = batch_size if label is None else len(label)
-        self._check_label(label, B)
-        _require(isinstance(B, int) and B > 0, f"{'batch_size' if label is None else 'label'}: expected a batch of "
-                 f"B > 0 (batch_size for a model without classes, else len(label)); got {B!r}")
-        _require(math.isfinite(temperature) and temperature > 0,
-                 f"temperature: expected a finite number > 0; got {temperature}")
-        _require(math.isfinite(guidance) and guidance >= 0, f"guidance: expected a finite number >= 0; got {guidance}")
-        _require(not guidance or unconditioned >= 1,
-                 f"unconditioned: expected >= 1 blocks for guidance; got {unconditioned}")
-        blocks, K = 1 + unconditioned if guidance else 1, self.num_embeddings
-        _require(B % blocks == 0, f"{'batch_size' if label is None else 'label'}: expected a batch of {blocks} blocks "
-                 f"for guidance (B conditioned rows, then {unconditioned} x B unconditioned); got {B}")
+        log p_cond + w (log p_cond - log p_uncond) (_guided) and written to every block; the B conditioned codes are
+        returned."""
+        B, blocks = _check_sample(self, shape, label, batch_size, temperature, guidance, unconditioned)
+        K = self.num_embeddings
         offsets = torch.arange(self.num_groups, device=self.embedding.weight.device)[None, :, None, None] * K
         grouped = offsets + torch.zeros(B, self.num_groups, *shape, dtype=torch.long, device=offsets.device)
         for i in range(shape[0]):
@@ -583,9 +531,7 @@ class GatedPixelCNN(nn.Module):
                 for g in range(self.num_groups):
                     logits = self._logits_at(grouped, above, i, j, g, label, cond_row)   # (B, K)
                     if guidance:
-                        log_p = logits.log_softmax(1).unflatten(0, (blocks, -1))       # (1 + M, B, K)
-                        log_uncond = log_p[1:].logsumexp(0) - math.log(unconditioned)
-                        logits = log_p[0] + guidance * (log_p[0] - log_uncond)
+                        logits = _guided(logits, blocks, guidance, unconditioned)       # (B / blocks, K)
                     drawn = torch.multinomial((logits / temperature).softmax(1), 1, generator=generator)[:, 0]
                     grouped[:, g, i, j] = drawn.repeat(blocks) + g * K
         codes = (grouped - offsets)[:B // blocks]
@@ -613,6 +559,14 @@ class GatedPixelCNN(nn.Module):
         return self._head(h[..., j:j + 1], row[..., j:j + 1])[:, :, g, 0, 0].float()
 
 
+def _guided(logits: torch.Tensor, blocks: int, w: float, unconditioned: int) -> torch.Tensor:
+    """Classifier-free guidance of logits (blocks x B', K), the conditioned rows first: log p_cond +
+    w (log p_cond - log p_uncond), p_uncond the mean of the `unconditioned` blocks' distributions."""
+    log_p = logits.log_softmax(1).unflatten(0, (blocks, -1))                    # (1 + M, B', K)
+    log_uncond = log_p[1:].logsumexp(0) - math.log(unconditioned)
+    return log_p[0] + w * (log_p[0] - log_uncond)
+
+
 # ---- Sec. 4.1: the bound log p(x) >= log p(x|z_q(x)) + log p(z_q(x)), in bits per dimension ----------
 def bits_per_dim(log_px_given_z: torch.Tensor, num_dims: int, log_pz: torch.Tensor | None = None,
                  num_latents: int | None = None, num_embeddings: int | None = None) -> torch.Tensor:
@@ -624,6 +578,12 @@ def bits_per_dim(log_px_given_z: torch.Tensor, num_dims: int, log_pz: torch.Tens
                  "bits_per_dim: pass log_pz, or num_latents and num_embeddings for the uniform prior")
         log_pz = torch.full_like(log_px_given_z, -num_latents * math.log(num_embeddings))
     return -(log_px_given_z + log_pz) / (num_dims * math.log(2))
+
+
+# =====================================================================================================
+# The image model ends here: nearest_code, VectorQuantizer, Encoder/Decoder, VQVAE, GatedPixelCNN and
+# bits_per_dim are all of Sec. 3-4.2. Below: speech (Sec. 4.3), video (Sec. 4.4), then the appendix.
+# =====================================================================================================
 
 
 # ---- Speech (Sec. 4.3): an encoder of 6 stride-2 convolutions of window 4 (64x fewer latents than ---
@@ -711,6 +671,7 @@ class WaveNet(nn.Module):
         """log p(x | z_q, speaker) in nats, (B,): the sum over the T steps of forward()'s logits."""
         return -F.cross_entropy(self(x, z_q, speaker), x.long(), reduction="none").sum(1)
 
+    # ---- Not in the paper: fast generation (a ring buffer per layer instead of a pass over the window) ----
     @torch.inference_mode()
     def sample(self, z_q: torch.Tensor | None, speaker: torch.Tensor, generator: torch.Generator | None = None,
                greedy: bool = False, temperature: float = 1.0, return_logits: bool = False,
@@ -829,12 +790,12 @@ class ActionConditionalPriorConfig(_Config):
     kernel_size: int = 5
     context_channels: int = 128          # the context network: 3x3 convolutions, residual blocks
     context_layers: int = 4
-    codebook_dim: int = 0                # D > 0: context frames enter as the VQ-VAE's z_q (set_codebook)
+    embedding_dim: int = 0               # D > 0: context frames enter as the VQ-VAE's z_q (set_codebook)
 
 
 class ActionConditionalPrior(nn.Module):
     """p(z_t+1 | z_t-F+1..t, a_t) = prod_i p(z_t+1,i | z_t+1,<i, z_t-F+1..t, a_t), over the grid. A context
-    network reads the last F = context_frames frames (a learned embedding of their codes or, codebook_dim =
+    network reads the last F = context_frames frames (a learned embedding of their codes or, embedding_dim =
     D, their z_q) and the action; its map conditions every layer of a gated PixelCNN over the new frame. It
     runs once per frame and carries the motion, so the part run per position stays small; its receptive
     field, +-(1 + context_layers) positions, bounds the motion per frame. codes (B, H, W), context
@@ -843,12 +804,12 @@ class ActionConditionalPrior(nn.Module):
         super().__init__()
         self.config = c = config
         self.num_embeddings, self.num_actions, self.context_frames = c.num_embeddings, c.num_actions, c.context_frames
-        if c.codebook_dim:
-            self.register_buffer("codebook", torch.zeros(c.num_embeddings, c.codebook_dim))
+        if c.embedding_dim:
+            self.register_buffer("codebook", torch.zeros(c.num_embeddings, c.embedding_dim))
         else:
             self.code_embedding = nn.Embedding(c.num_embeddings, c.channels)
         self.action_embedding = nn.Embedding(c.num_actions, c.channels)
-        width = c.context_frames * (c.codebook_dim or c.channels) + c.channels
+        width = c.context_frames * (c.embedding_dim or c.channels) + c.channels
         self.context = nn.Sequential(nn.Conv2d(width, c.context_channels, 3, padding=1),
                                      ResidualStack(c.context_channels, c.context_channels // 2, c.context_layers))
         self.pixelcnn = GatedPixelCNN(GatedPixelCNNConfig(c.num_embeddings, 1, c.channels, c.num_layers,
@@ -862,19 +823,19 @@ class ActionConditionalPrior(nn.Module):
                  f"action: expected an integer ({len(context)},) tensor, one id per example", action)
         _check_range(action, "action", self.num_actions)
         _check_range(context, "context", self.num_embeddings)
-        embedded = (F.embedding(context.long(), self.codebook) if self.config.codebook_dim
+        embedded = (F.embedding(context.long(), self.codebook) if self.config.embedding_dim
                     else self.code_embedding(context.long()))
         frames = embedded.permute(0, 1, 4, 2, 3).flatten(1, 2)  # (B, F * width, H, W)
         act = self.action_embedding(action.long())[:, :, None, None].expand(-1, -1, *context.shape[2:])
         return self.context(torch.cat([frames, act], 1))
 
     def set_codebook(self, codebook: torch.Tensor) -> None:
-        """Embed the context frames by the frame VQ-VAE's codebook (K, D), a fixed buffer (codebook_dim = D):
+        """Embed the context frames by the frame VQ-VAE's codebook (K, D), a fixed buffer (embedding_dim = D):
         the context network then reads z_q, where patches that look alike lie close, instead of learning an
         embedding of K arbitrary ids."""
-        D = self.config.codebook_dim
+        D = self.config.embedding_dim
         _require(D > 0 and codebook.shape == (self.num_embeddings, D),
-                 f"codebook: expected a ({self.num_embeddings}, {D}) tensor (config.codebook_dim > 0)", codebook)
+                 f"codebook: expected a ({self.num_embeddings}, {D}) tensor (config.embedding_dim > 0)", codebook)
         self.codebook.copy_(codebook.detach())
 
     def forward(self, codes: torch.Tensor, context: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -885,6 +846,7 @@ class ActionConditionalPrior(nn.Module):
         """log p(z_t+1 | context, action) in nats, (B,)."""
         return self.pixelcnn.log_prob(codes, cond=self.condition(context, action))
 
+    # ---- Not in the paper: guidance toward the action (classifier-free, as GatedPixelCNN.sample) ----
     @torch.no_grad()
     def sample(self, context: torch.Tensor, actions: torch.Tensor, generator: torch.Generator | None = None,
                temperature: float = 1.0, guidance: float = 0.0) -> torch.Tensor:
@@ -907,3 +869,72 @@ class ActionConditionalPrior(nn.Module):
                                                unconditioned=A))
             context = torch.cat([context[:, 1:], frames[-1][:, None]], 1)
         return torch.stack(frames, 1)
+
+
+# =====================================================================================================
+# Appendix: the argument checks behind every public entry point, and the rules the config fields follow.
+# =====================================================================================================
+class NonFiniteError(ValueError):
+    """NaN or Inf where finite values are needed (z_e, the codebook, their distances, an EMA update)."""
+
+
+def _require(ok, message: str, got=None, error=ValueError) -> None:
+    """The argument check of every public entry point: error(message) unless ok. got: the tensor
+    received (the message gives its shape and dtype) or a function giving the message's end on failure.
+    A tensor `ok` (a check of values) is read at once in eager CPU code; on a GPU or under torch.compile it
+    is an asynchronous assert, which never makes the host wait for the device and fails at the next sync."""
+    if isinstance(ok, torch.Tensor) and (ok.device.type != "cpu" or torch.compiler.is_compiling()):
+        torch._assert_async(ok, message)
+    elif not ok:
+        if isinstance(got, torch.Tensor):
+            message += f"; got shape {tuple(got.shape)}, dtype {got.dtype}"
+        raise error(message + (got() if callable(got) else ""))
+
+
+def _check_range(x: torch.Tensor, name: str, count: int) -> None:
+    """x must hold integers in [0, count): codes, class labels, speaker ids."""
+    _require(not x.is_floating_point() and not x.is_complex(), f"{name}: expected an integer tensor", x)
+    if x.numel():
+        _require((x.min() >= 0) & (x.max() < count), f"{name}: values must lie in [0, {count})",
+                 lambda: f"; got range [{int(x.min())}, {int(x.max())}]")
+
+
+_COUNT = (lambda v: v is None or isinstance(v, int) and v >= 1, "an integer >= 1")
+_RULES = {  # what config fields must hold, by name or owner.name; any other field: _COUNT
+    "commitment_cost": (lambda v: 0 <= v < math.inf, ">= 0"),
+    "decay": (lambda v: v is None or 0 <= v < 1, "in [0, 1) or None"),
+    "dead_code_threshold": (lambda v: v is None or 0 < v < math.inf, "> 0 or None"),
+    **dict.fromkeys(("epsilon", "data_variance"), (lambda v: 0 < v < math.inf, "> 0")),
+    "likelihood": (lambda v: v in ("gaussian", "categorical"), "'gaussian' or 'categorical'"),
+    "dims": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
+    "kernel_size": (lambda v: isinstance(v, int) and v >= 3 and v % 2 == 1, "odd and >= 3"),
+    "kmeans_init": (lambda v: isinstance(v, bool), "a bool"),
+    **dict.fromkeys(("num_res_layers", "num_downsamples", "cond_channels",
+                     "ActionConditionalPriorConfig.embedding_dim"), (lambda v: isinstance(v, int) and v >= 0, ">= 0")),
+}
+
+
+def _check_fields(owner: str, **fields) -> None:
+    """ValueError naming the first field of `owner` that breaks its rule in _RULES."""
+    for name, value in fields.items():
+        test, expected = _RULES.get(f"{owner}.{name}", _RULES.get(name, _COUNT))
+        _require(test(value), f"{owner}.{name}: expected {expected}; got {value!r}")
+
+
+def _check_sample(prior: "GatedPixelCNN", shape, label, batch_size, temperature: float, guidance: float,
+                  unconditioned: int) -> tuple[int, int]:
+    """GatedPixelCNN.sample's arguments checked: (B, blocks), blocks = 1 + unconditioned with guidance."""
+    _require(len(shape) == 2 and all(isinstance(s, int) and s > 0 for s in shape),
+             f"shape: expected (H, W), two integers > 0; got {shape!r}")
+    B = batch_size if label is None else len(label)
+    prior._check_label(label, B)
+    _require(isinstance(B, int) and B > 0, f"{'batch_size' if label is None else 'label'}: expected a batch of "
+             f"B > 0 (batch_size for a model without classes, else len(label)); got {B!r}")
+    _require(math.isfinite(temperature) and temperature > 0,
+             f"temperature: expected a finite number > 0; got {temperature}")
+    _require(math.isfinite(guidance) and guidance >= 0, f"guidance: expected a finite number >= 0; got {guidance}")
+    _require(not guidance or unconditioned >= 1, f"unconditioned: expected >= 1 blocks for guidance; got {unconditioned}")
+    blocks = 1 + unconditioned if guidance else 1
+    _require(B % blocks == 0, f"{'batch_size' if label is None else 'label'}: expected a batch of {blocks} blocks "
+             f"for guidance (B conditioned rows, then {unconditioned} x B unconditioned); got {B}")
+    return B, blocks

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_cifar  # noqa: E402
-import lab  # noqa: E402
+from lab import cli, runs  # noqa: E402
 import vqvae  # noqa: E402
 
 
@@ -29,12 +29,12 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device {args.device}, {torch.get_num_threads()} threads, quantizer {lab.quantizer_backend(args.device)}")
+    print(f"device {args.device}, {torch.get_num_threads()} threads, quantizer {runs.quantizer_backend(args.device)}")
     print(f"{'preset':>8} {'amp':>5} {'batch':>6} {'params':>8} {'ms/step':>9} {'images/s':>9}")
     for name, amp in [(n, a) for n in args.presets.split(",") for a in args.amp.split(",")]:
         dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         a = train_cifar.parse_args(["--preset", name])
-        model = vqvae.VQVAE(lab.config(vqvae.VQVAEConfig, a, data_variance=0.06)).to(args.device)
+        model = vqvae.VQVAE(cli.config(vqvae.VQVAEConfig, a, data_variance=0.06)).to(args.device)
         optimizer = torch.optim.Adam(model.parameters(), lr=a.lr)
         x = torch.rand(a.batch_size, 3, 32, 32, device=args.device) - 0.5
         times = []

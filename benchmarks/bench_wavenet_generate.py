@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_vctk  # noqa: E402
-import lab  # noqa: E402
+from lab import cli  # noqa: E402
 import vqvae  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     a = train_vctk.parse_args(["--preset", args.preset])
-    model = vqvae.AudioVQVAE(lab.config(vqvae.AudioVQVAEConfig, a, num_speakers=6)).eval()
+    model = vqvae.AudioVQVAE(cli.config(vqvae.AudioVQVAEConfig, a, num_speakers=6)).eval()
     print(f"preset {args.preset}: WaveNet of {a.wavenet_layers} layers x {a.wavenet_channels} channels, "
           f"{torch.get_num_threads()} threads")
     print(f"{'batch':>6} {'incremental samples/s':>22} {'naive samples/s':>16} {'speed-up':>9}")

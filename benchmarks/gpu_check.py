@@ -5,9 +5,9 @@
 
 Prints a table and writes --out (JSON) with one entry per check:
   build      torch, CUDA, the GPU, vqvae_ext.build_info() and vqvae_ext.describe(device)
-  nearest    the extension's indices against a float64 brute force: random data in all four dtypes,
+  nearest    the extension's codes against a float64 brute force: random data in all four dtypes,
              exact ties, duplicated codes, sizes off the kernel's tile sizes, non-contiguous input,
-             a side stream, and N x D > 2^31 (GPU only); and the CUDA kernel's indices equal to those
+             a side stream, and N x D > 2^31 (GPU only); and the CUDA kernel's codes equal to those
              of its CPU emulation (vqvae_ext.emulate_cuda_nearest_code), bit for bit
   ema_stats  counts and sums against bincount / index_add_; float64 stays float64; three runs under
              torch.use_deterministic_algorithms are bit-identical
@@ -50,7 +50,7 @@ def sync(device):
 
 
 # ------------------------------------------------------------------------------ correctness
-def wrong_rows(z, codebook, indices, chunk=4096):
+def wrong_rows(z, codebook, codes, chunk=4096):
     """Rows whose index is not the float64 arg-min (lowest index on ties), where the best and
     second-best distances differ by more than the float32 rounding of ||e||^2 - 2 <z, e>; where they
     do not, the chosen code must be within that bound of the best. Inputs on any device."""
@@ -60,7 +60,7 @@ def wrong_rows(z, codebook, indices, chunk=4096):
     for start in range(0, len(z), chunk):
         zc = z[start:start + chunk].double()
         dist = (zc ** 2).sum(1, keepdim=True) - 2 * zc @ e.t() + e_norm                   # (n, K)
-        idx = indices[start:start + chunk].to(dist.device)
+        idx = codes[start:start + chunk].to(dist.device)
         bound = 2 * (z.shape[1] + 2) * EPS32 * ((zc ** 2).sum(1) + e_norm.max())
         chosen = dist.gather(1, idx[:, None])[:, 0]
         if len(codebook) == 1:
@@ -78,9 +78,9 @@ def check_nearest(device, quick):
     cases = {}
 
     def record(name, z, codebook, expected=None):
-        indices = ops.nearest_code(z, codebook)
+        codes = ops.nearest_code(z, codebook)
         sync(device)
-        bad = wrong_rows(z, codebook, indices) if expected is None else int((indices.cpu() != expected).sum())
+        bad = wrong_rows(z, codebook, codes) if expected is None else int((codes.cpu() != expected).sum())
         cases[name] = bad
 
     n = 20_000 if quick else 262_144
@@ -97,7 +97,7 @@ def check_nearest(device, quick):
     z, e = torch.randn(64, 5000, generator=g).t(), torch.randn(512, 128, generator=g)[:, ::2]
     record("non-contiguous", z.to(device), e.to(device))
     # The CUDA kernel's tiling run on the CPU thread by thread (csrc/vq_emulate.cpp): a GPU must
-    # return its indices bit for bit, given the same squared norms; on a CPU it meets the brute force.
+    # return its codes bit for bit, given the same squared norms; on a CPU it meets the brute force.
     for dtype in (torch.float32, torch.bfloat16) if device.type == "cuda" else (torch.float32,):
         z, e = torch.randn(3000, 64, generator=g).to(dtype), torch.randn(515, 64, generator=g).to(dtype)
         norm_sq = e.to(device, torch.promote_types(dtype, torch.float32)).square().sum(1)
@@ -132,17 +132,17 @@ def check_ema_stats(device, quick):
     results = {}
     for dtype in (torch.float32, torch.float64):
         z = torch.randn(n, 64, generator=g, dtype=dtype).to(device)
-        indices = torch.randint(0, 500, (n,), generator=g).to(device)     # codes 500..511 unused
-        counts, sums = ops.ema_stats(z, indices, 512)
-        expected = torch.zeros(512, 64, dtype=dtype, device=device).index_add_(0, indices, z)
+        codes = torch.randint(0, 500, (n,), generator=g).to(device)     # codes 500..511 unused
+        counts, sums = ops.ema_stats(z, codes, 512)
+        expected = torch.zeros(512, 64, dtype=dtype, device=device).index_add_(0, codes, z)
         results[str(dtype)[6:]] = {
-            "counts exact int64": counts.dtype == torch.int64 and torch.equal(counts, torch.bincount(indices, minlength=512)),
+            "counts exact int64": counts.dtype == torch.int64 and torch.equal(counts, torch.bincount(codes, minlength=512)),
             "sums dtype kept": sums.dtype == dtype,
             "sums max abs error": float((sums - expected).abs().max())}
         was = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(True)
         try:
-            runs = [ops.ema_stats(z, indices, 512)[1] for _ in range(3)]
+            runs = [ops.ema_stats(z, codes, 512)[1] for _ in range(3)]
         finally:
             torch.use_deterministic_algorithms(was)
         results[str(dtype)[6:]]["deterministic mode bit-identical"] = all(torch.equal(r, runs[0]) for r in runs)

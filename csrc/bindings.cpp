@@ -2,7 +2,7 @@
 // torch.compile and torch.library.opcheck see them as ordinary operators:
 //
 //   torch.ops.vqvae_ext.nearest_code(z (N, D), codebook (K, D)) -> (N,) int64
-//   torch.ops.vqvae_ext.ema_stats(z (N, D), indices (N,) int64, num_embeddings K)
+//   torch.ops.vqvae_ext.ema_stats(z (N, D), codes (N,) int64, num_embeddings K)
 //       -> (counts (K,) int64, sums (K, D))
 //
 // Each has a CPU kernel (vq_cpu.cpp), a CUDA kernel (vq_cuda.cu, when compiled in) and a Meta
@@ -26,12 +26,12 @@
 
 // Kernels: inputs already validated and contiguous (see the .cpp/.cu files).
 void nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& norm_sq, at::Tensor& out);
-void ema_stats_cpu(const at::Tensor& z, const at::Tensor& indices, at::Tensor& counts, at::Tensor& sums);
+void ema_stats_cpu(const at::Tensor& z, const at::Tensor& codes, at::Tensor& counts, at::Tensor& sums);
 void nearest_code_emulated_cuda(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& norm_sq,
                                 at::Tensor& out);
 #ifdef VQVAE_WITH_CUDA
 void nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& norm_sq, at::Tensor& out);
-void ema_stats_cuda(const at::Tensor& z, const at::Tensor& indices, at::Tensor& counts, at::Tensor& sums);
+void ema_stats_cuda(const at::Tensor& z, const at::Tensor& codes, at::Tensor& counts, at::Tensor& sums);
 bool cuda_kernels_run_on(int64_t device);
 #else
 bool cuda_kernels_run_on(int64_t) { return false; }  // no CUDA kernels compiled in
@@ -65,15 +65,15 @@ void check_nearest_code(const at::Tensor& z, const at::Tensor& codebook, bool cp
               ", got ", codebook.scalar_type());
 }
 
-void check_ema_stats(const at::Tensor& z, const at::Tensor& indices, int64_t num_embeddings) {
+void check_ema_stats(const at::Tensor& z, const at::Tensor& codes, int64_t num_embeddings) {
   constexpr const char* fn = "ema_stats";
   check_z(z, fn);
   TORCH_CHECK(num_embeddings > 0, fn, ": num_embeddings must be >= 1, got ", num_embeddings);
-  TORCH_CHECK(indices.dim() == 1 && indices.sym_size(0) == z.sym_size(0), fn, ": indices must have shape (N,) = (",
-              z.sym_size(0), ",) to match z ", z.sym_sizes(), ", got ", indices.sym_sizes());
-  TORCH_CHECK(indices.scalar_type() == at::kLong, fn, ": indices must be int64, got dtype ", indices.scalar_type());
-  TORCH_CHECK(indices.device() == z.device(), fn, ": indices must be on z's device ", z.device(), ", got ",
-              indices.device());
+  TORCH_CHECK(codes.dim() == 1 && codes.sym_size(0) == z.sym_size(0), fn, ": codes must have shape (N,) = (",
+              z.sym_size(0), ",) to match z ", z.sym_sizes(), ", got ", codes.sym_sizes());
+  TORCH_CHECK(codes.scalar_type() == at::kLong, fn, ": codes must be int64, got dtype ", codes.scalar_type());
+  TORCH_CHECK(codes.device() == z.device(), fn, ": codes must be on z's device ", z.device(), ", got ",
+              codes.device());
 }
 
 // Sums accumulate and are returned in float64 for float64 z, float32 otherwise.
@@ -126,7 +126,7 @@ at::Tensor nearest_code_cuda_op(const at::Tensor& z_in, const at::Tensor& codebo
 #endif
 
 // The CUDA kernel's tiling run on the CPU, thread by thread (vq_emulate.cpp), for tests: the
-// indices nearest_code returns on a GPU for these inputs, any of the four dtypes, with -1 kept
+// codes nearest_code returns on a GPU for these inputs, any of the four dtypes, with -1 kept
 // where a row has no finite distance. norm_sq: the codes' squared norms the GPU used (default:
 // computed here), so that a GPU's answer can be compared bit for bit.
 at::Tensor emulate_cuda_nearest_code(const at::Tensor& z_in, const at::Tensor& codebook_in,
@@ -148,50 +148,50 @@ at::Tensor emulate_cuda_nearest_code(const at::Tensor& z_in, const at::Tensor& c
 // ------------------------------------------------------------------ ema_stats
 
 // Per-code statistics of the EMA codebook update (Appendix A.1 of the paper):
-// counts[k] = n_k = #{i : indices[i] = k} (exact integers) and sums[k] = sum of z[i] over those i.
-std::tuple<at::Tensor, at::Tensor> ema_stats_meta(const at::Tensor& z, const at::Tensor& indices,
+// counts[k] = n_k = #{i : codes[i] = k} (exact integers) and sums[k] = sum of z[i] over those i.
+std::tuple<at::Tensor, at::Tensor> ema_stats_meta(const at::Tensor& z, const at::Tensor& codes,
                                                   int64_t num_embeddings) {
-  check_ema_stats(z, indices, num_embeddings);
+  check_ema_stats(z, codes, num_embeddings);
   return {at::empty({num_embeddings}, z.options().dtype(at::kLong)),
           at::empty_symint({c10::SymInt(num_embeddings), z.sym_size(1)}, z.options().dtype(sums_dtype(z)))};
 }
 
-std::tuple<at::Tensor, at::Tensor> ema_stats_cpu_op(const at::Tensor& z_in, const at::Tensor& indices_in,
+std::tuple<at::Tensor, at::Tensor> ema_stats_cpu_op(const at::Tensor& z_in, const at::Tensor& codes_in,
                                                     int64_t num_embeddings) {
-  check_ema_stats(z_in, indices_in, num_embeddings);
-  if (indices_in.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(indices_in);
+  check_ema_stats(z_in, codes_in, num_embeddings);
+  if (codes_in.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(codes_in);
     const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-    TORCH_CHECK(lo_v >= 0 && hi_v < num_embeddings, "ema_stats: indices must be in [0, num_embeddings) = [0, ",
+    TORCH_CHECK(lo_v >= 0 && hi_v < num_embeddings, "ema_stats: codes must be in [0, num_embeddings) = [0, ",
                 num_embeddings, "), got values in [", lo_v, ", ", hi_v, "]");
   }
-  const at::Tensor z = z_in.detach().contiguous(), indices = indices_in.contiguous();
+  const at::Tensor z = z_in.detach().contiguous(), codes = codes_in.contiguous();
   at::Tensor counts = at::zeros({num_embeddings}, z.options().dtype(at::kLong));
   at::Tensor sums = at::zeros({num_embeddings, z.size(1)}, z.options());
-  ema_stats_cpu(z, indices, counts, sums);
+  ema_stats_cpu(z, codes, counts, sums);
   return {counts, sums};
 }
 
 #ifdef VQVAE_WITH_CUDA
-std::tuple<at::Tensor, at::Tensor> ema_stats_cuda_op(const at::Tensor& z_in, const at::Tensor& indices_in,
+std::tuple<at::Tensor, at::Tensor> ema_stats_cuda_op(const at::Tensor& z_in, const at::Tensor& codes_in,
                                                      int64_t num_embeddings) {
-  check_ema_stats(z_in, indices_in, num_embeddings);
-  const at::Tensor z = z_in.detach().contiguous(), indices = indices_in.contiguous();
-  if (indices.numel() > 0) {
-    const auto [lo, hi] = at::aminmax(indices);
+  check_ema_stats(z_in, codes_in, num_embeddings);
+  const at::Tensor z = z_in.detach().contiguous(), codes = codes_in.contiguous();
+  if (codes.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(codes);
     at::_assert_async(lo.ge(0).logical_and(hi.lt(num_embeddings)),
-                      "ema_stats: indices must be in [0, num_embeddings)");
+                      "ema_stats: codes must be in [0, num_embeddings)");
   }
   if (at::globalContext().deterministicAlgorithms()) {
     // The float atomics of the kernel add in a varying order; bincount (integer) and index_add_
     // (sorted under this mode) are deterministic.
-    return {at::bincount(indices, {}, num_embeddings),
+    return {at::bincount(codes, {}, num_embeddings),
             at::zeros({num_embeddings, z.size(1)}, z.options().dtype(sums_dtype(z)))
-                .index_add_(0, indices, z.to(sums_dtype(z)))};
+                .index_add_(0, codes, z.to(sums_dtype(z)))};
   }
   at::Tensor counts = at::zeros({num_embeddings}, z.options().dtype(at::kLong));
   at::Tensor sums = at::zeros({num_embeddings, z.size(1)}, z.options().dtype(sums_dtype(z)));
-  ema_stats_cuda(z, indices, counts, sums);
+  ema_stats_cuda(z, codes, counts, sums);
   return {counts, sums};
 }
 #endif
@@ -212,7 +212,7 @@ py::dict build_info() {
 
 TORCH_LIBRARY(vqvae_ext, m) {
   m.def("nearest_code(Tensor z, Tensor codebook) -> Tensor");
-  m.def("ema_stats(Tensor z, Tensor indices, int num_embeddings) -> (Tensor, Tensor)");
+  m.def("ema_stats(Tensor z, Tensor codes, int num_embeddings) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vqvae_ext, Meta, m) {
@@ -237,7 +237,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {  // vqvae_ext._C
       "Compiled nearest-code search and EMA statistics of the VQ-VAE quantizer (see vqvae.py). Importing it "
       "registers torch.ops.vqvae_ext.nearest_code(z (N, D), codebook (K, D)) -> (N,) int64, the argmin_k of "
       "||e_k||^2 - 2 <z, e_k> with ties to the lowest k (CPU: float32/float64; CUDA: also float16/bfloat16, "
-      "fp32 accumulation), and torch.ops.vqvae_ext.ema_stats(z (N, D), indices (N,) int64, K) -> (counts (K,) "
+      "fp32 accumulation), and torch.ops.vqvae_ext.ema_stats(z (N, D), codes (N,) int64, K) -> (counts (K,) "
       "int64, sums (K, D), float64 for float64 z, else float32).";
   m.def("emulate_cuda_nearest_code", &emulate_cuda_nearest_code, py::arg("z"), py::arg("codebook"),
         py::arg("norm_sq") = py::none(),

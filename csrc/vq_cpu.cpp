@@ -28,7 +28,7 @@ namespace {
 // Rows per block: the (R, K) dot-product buffer takes about 512 KiB. Larger
 // blocks spread BLAS's per-call packing of the codebook over more rows, until
 // the buffer no longer fits in L2 (the sizes were compared with
-// benchmarks/bench_quantize.py; TUTORIAL section 12).
+// benchmarks/bench_quantize.py; docs/extension.md).
 int64_t block_rows(int64_t K, int64_t elem_size) {
   constexpr int64_t kBufferBytes = 512 * 1024;
   return std::clamp<int64_t>(kBufferBytes / (K * elem_size), 8, 1024);
@@ -139,10 +139,10 @@ void nearest_code_impl(const at::Tensor& z, const at::Tensor& codebook, const at
 // range of codes and scans all rows in order, so the sums are deterministic and
 // accumulate in the same order as index_add_, without atomics or a one-hot matrix.
 template <typename scalar_t>
-void ema_stats_impl(const at::Tensor& z, const at::Tensor& indices, at::Tensor& counts, at::Tensor& sums) {
+void ema_stats_impl(const at::Tensor& z, const at::Tensor& codes, at::Tensor& counts, at::Tensor& sums) {
   const int64_t N = z.size(0), D = z.size(1), K = counts.size(0);
   const scalar_t* zp = z.data_ptr<scalar_t>();
-  const int64_t* idx = indices.data_ptr<int64_t>();
+  const int64_t* idx = codes.data_ptr<int64_t>();
   int64_t* cnt = counts.data_ptr<int64_t>();
   scalar_t* sum = sums.data_ptr<scalar_t>();
   at::parallel_for(0, K, /*grain_size=*/16, [&](int64_t k_begin, int64_t k_end) {
@@ -166,7 +166,7 @@ void nearest_code_cpu(const at::Tensor& z, const at::Tensor& codebook, const at:
 }
 
 // counts (K,) int64 and sums (K, D) of z's dtype, both zero-filled by the caller.
-void ema_stats_cpu(const at::Tensor& z, const at::Tensor& indices, at::Tensor& counts, at::Tensor& sums) {
+void ema_stats_cpu(const at::Tensor& z, const at::Tensor& codes, at::Tensor& counts, at::Tensor& sums) {
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ema_stats_cpu",
-                             [&] { ema_stats_impl<scalar_t>(z, indices, counts, sums); });
+                             [&] { ema_stats_impl<scalar_t>(z, codes, counts, sums); });
 }

@@ -56,12 +56,12 @@ __global__ void __launch_bounds__(tiling::kThreads)
 // deterministic), sums[k, d] += z[n, d] (float atomics: the order of additions varies, which
 // is why bindings.cpp takes index_add_ instead under torch.use_deterministic_algorithms).
 template <typename scalar_t, typename acc_t>
-__global__ void ema_stats_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ indices,
+__global__ void ema_stats_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ codes,
                                  unsigned long long* __restrict__ counts, acc_t* __restrict__ sums, int64_t N,
                                  int64_t D) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N * D; i += stride) {
-    const int64_t n = i / D, d = i % D, k = indices[n];
+    const int64_t n = i / D, d = i % D, k = codes[n];
     atomicAdd(&sums[k * D + d], static_cast<acc_t>(z[i]));
     if (d == 0) atomicAdd(&counts[k], 1ull);
   }
@@ -87,7 +87,7 @@ void nearest_code_cuda(const at::Tensor& z, const at::Tensor& codebook, const at
 }
 
 // counts (K,) int64 and sums (K, D) of the accumulation dtype, zero-filled by the caller.
-void ema_stats_cuda(const at::Tensor& z, const at::Tensor& indices, at::Tensor& counts, at::Tensor& sums) {
+void ema_stats_cuda(const at::Tensor& z, const at::Tensor& codes, at::Tensor& counts, at::Tensor& sums) {
   const c10::cuda::CUDAGuard guard(z.device());
   const int64_t total = z.numel();
   if (total == 0) return;
@@ -97,7 +97,7 @@ void ema_stats_cuda(const at::Tensor& z, const at::Tensor& indices, at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "ema_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     ema_stats_kernel<scalar_t, acc_t><<<blocks, threads, 0, stream>>>(
-        z.data_ptr<scalar_t>(), indices.data_ptr<int64_t>(),
+        z.data_ptr<scalar_t>(), codes.data_ptr<int64_t>(),
         reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()),
         sums.data_ptr<acc_t>(), z.size(0), z.size(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

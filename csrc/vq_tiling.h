@@ -4,7 +4,7 @@
 // end of a phase that all threads of the block finish before any starts the next, and the warp
 // shuffles as an exchange between snapshots. The CPU tests run the emulation on exact ties, sizes
 // off the tile sizes and NaN, so they check the arithmetic and the indexing that the GPU runs;
-// benchmarks/gpu_check.py checks that a GPU returns the emulation's indices.
+// benchmarks/gpu_check.py checks that a GPU returns the emulation's codes.
 //
 // Register blocking: a block of kThreads = 256 threads serves kRows = 128 rows of z. Thread
 // (ty, tx) = (tid / 16, tid % 16) owns rows ty + 16 i and codes tx + 16 j of each codebook tile

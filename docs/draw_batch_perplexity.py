@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lab  # noqa: E402
+from lab import figures  # noqa: E402
 
 
 def batch_perplexity(num_latents: int, num_codes: int, trials: int, generator: torch.Generator) -> torch.Tensor:
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
         stds.append(ppl.std().item())
         print(f"batch {b:5d} images ({b * args.latents_per_image:6d} latents): perplexity {means[-1]:6.1f} "
               f"+- {stds[-1]:.1f}")
-    plt = lab.pyplot()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     ax.axhline(args.num_codes, color="gray", linestyle="--", linewidth=1)
     ax.text(sizes[0], args.num_codes * 1.02, f"true perplexity {args.num_codes} (every code equally likely)",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lab  # noqa: E402
+from lab import figures, files, images, runs  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -35,14 +35,14 @@ def main(argv=None) -> None:
     parser.add_argument("--per-row", type=int, default=16)
     args = parser.parse_args(argv)
 
-    model, _ = lab.load_run(args.run)
-    options = lab.load_checkpoint(args.run / "vqvae.pt").get("options", {})   # what the run was trained with
+    model, _ = runs.load_run(args.run)
+    options = files.load_checkpoint(args.run / "vqvae.pt").get("options", {})   # what the run was trained with
     data = args.data or (Path(options["data"]) if options.get("data") else None)
     data_dir = args.data_dir or Path(options.get("data_dir", "data"))
-    images = lab.load_images(data, data_dir, options.get("image_size"), options.get("channels", 3),
-                             max_test=args.max_test_images or options.get("max_test_images"))
+    test = images.load_images(data, data_dir, options.get("image_size"), options.get("channels", 3),
+                              max_test=args.max_test_images or options.get("max_test_images"))
     with torch.no_grad():
-        codes = lab.encode(model, images["test_x"], "cpu")                     # (N, 8, 8)
+        codes = images.encode(model, test["test_x"], "cpu")                     # (N, 8, 8)
         K = model.config.num_embeddings
         counts = torch.bincount(codes.flatten(), minlength=K)
         order = counts.argsort(descending=True)[:min(args.codes, K)]
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
         r, c = divmod(i, args.per_row)
         grid[r * (H + 2) + 1:r * (H + 2) + 1 + H, c * (W + 2) + 1:c * (W + 2) + 1 + W] = tile if C == 3 else tile[..., :1]
     share = counts[order].double() / counts.sum()
-    plt = lab.pyplot()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(args.per_row * 0.42 + 1.6, rows * 0.42 + 0.6))
     ax.imshow(grid, interpolation="nearest")
     ax.set_xticks([])

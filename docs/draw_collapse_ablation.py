@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lab  # noqa: E402
+from lab import figures  # noqa: E402
 
 # (setting, test NMSE per seed, codes used of 512 per seed)
 MEASURED = [
@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("collapse_ablation.png"))
     args = parser.parse_args(argv)
-    plt = lab.pyplot()
+    plt = figures.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(7.5, 2.9), sharey=True)
     rows = list(range(len(MEASURED)))[::-1]
     for y, (name, nmse, used) in zip(rows, MEASURED):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lab  # noqa: E402
+from lab import figures  # noqa: E402
 import vqvae  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=32, help="images of 8x8 latents per step")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    plt = lab.pyplot()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for decay, color in ((0.99, "tab:blue"), (0.9, "tab:orange")):
         norms = never_chosen_norm(decay, args.steps, args.num_codes, args.dim, args.batch, args.seed)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lab  # noqa: E402
+from lab import figures  # noqa: E402
 import vqvae  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     model = ToyVQVAE(args.num_embeddings, args.commitment_cost)
     x = toy_data(400, generator)
-    plt = lab.pyplot()
+    plt = figures.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     draw(axes[0], model, x, "before training")
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lab  # noqa: E402
+from lab import figures  # noqa: E402
 import vqvae  # noqa: E402
 
 QUICK = vqvae.VQVAEConfig(hidden_channels=128, res_channels=32, num_embeddings=512, embedding_dim=64, decay=0.9)
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("model.png"))
     args = parser.parse_args(argv)
     encoder, decoder, q = traced_shapes(QUICK)
-    plt = lab.pyplot()
+    plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(10, 4.6))
     ax.set_xlim(0, 10.3)
     ax.set_ylim(0, 4.6)

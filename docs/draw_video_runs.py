@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lab  # noqa: E402
+from lab import figures  # noqa: E402
 
 # per run: two threads seeds 0 / 1 / 2, one thread seeds 0 / 1 / 2
 NAMED = {  # % of transitions the action classifier names as the action given, and the goal
@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("video_runs.png"))
     args = parser.parse_args(argv)
-    plt = lab.pyplot()
+    plt = figures.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), gridspec_kw={"width_ratios": [4, 3]})
     for x, (name, (values, goal)) in enumerate(NAMED.items()):
         for run, (v, m) in enumerate(zip(values, MARKERS)):

@@ -22,9 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lab  # noqa: E402
-from lab.checkpoints import load_npz  # noqa: E402
-from lab.video import frames_to_float  # noqa: E402
+from lab import episodes, files, guards  # noqa: E402
 
 WINDOW = 64      # pixels, a multiple of the 4-pixel cell
 MARGIN = 8       # the windows start at MARGIN + s, s = 0..8
@@ -42,7 +40,7 @@ def equal_after_shift(later: torch.Tensor, earlier: torch.Tensor, cells: int) ->
 @torch.no_grad()
 def subcell_shifts(model, frames: torch.Tensor) -> list[tuple[int, float]]:
     """(shift in pixels, fraction of codes kept) for shifts 0..8, on frames (N, 84, 84, 3) uint8."""
-    x = frames_to_float(frames, "cpu")
+    x = episodes.frames_to_float(frames, "cpu")
 
     def codes(offset: int) -> torch.Tensor:
         return model.quantize(model.encode(x[..., MARGIN + offset:MARGIN + offset + WINDOW])).codes
@@ -57,7 +55,7 @@ def subcell_shifts(model, frames: torch.Tensor) -> list[tuple[int, float]]:
 def consecutive_frames(codes: torch.Tensor, actions: torch.Tensor, max_cells: int = 6) -> list[tuple]:
     """Per action: (name, transitions, kept with no shift, best shift in cells, kept at that shift)."""
     rows = []
-    for a, name in enumerate(lab.ACTIONS):
+    for a, name in enumerate(episodes.ACTIONS):
         mask = actions == a
         earlier, later = codes[:, :-1][mask], codes[:, 1:][mask]
         kept = {c: equal_after_shift(later, earlier, c) for c in range(-max_cells, max_cells + 1)}
@@ -72,14 +70,14 @@ def main(argv=None) -> None:
     p.add_argument("--data", type=Path, required=True, help="the run's cached episodes (.npz in its --data-dir)")
     p.add_argument("--frames", type=int, default=300, help="held-out frames for the shift table")
     args = p.parse_args(argv)
-    model, state = lab.load_model(args.out / "vqvae.pt")
-    data = load_npz(args.data, keys=("train_actions", "train_seeds", "test_frames"))
+    model, state = files.load_model(args.out / "vqvae.pt")
+    data = files.load_npz(args.data, keys=("train_actions", "train_seeds", "test_frames"))
     if data is None:
         raise SystemExit(f"--data: expected the .npz of collected episodes; {args.data} is missing or incomplete")
-    codes = lab.load_checkpoint(args.out / "codes.pt")
+    codes = files.load_checkpoint(args.out / "codes.pt")
     # The codes must be this VQ-VAE's, of these episodes, or the actions pair with other frames.
     made_from = codes.get("made_from", {})
-    if made_from.get("vqvae") != lab.model_fingerprint(state):
+    if made_from.get("vqvae") != guards.model_fingerprint(state):
         raise SystemExit(f"{args.out / 'codes.pt'}: encoded by another VQ-VAE than {args.out / 'vqvae.pt'}")
     if not np.array_equal(np.asarray(made_from.get("train_seeds")), data["train_seeds"]):
         raise SystemExit(f"--data: expected the episodes {args.out / 'codes.pt'} was encoded from; {args.data} "

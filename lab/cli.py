@@ -1,11 +1,13 @@
 """The command line the scripts share: presets that set defaults, the options every run has, the
-options named after the model configs, and range checks as argparse types. It knows no script's
-own flags: a script names the options that a resumed run may change (`may_change_on_resume`)."""
+options named after the model configs, range checks as argparse types, and the progress line of
+long work. It knows no script's own flags: a script names the options that a resumed run may
+change (`may_change_on_resume`)."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 AMP = ("off", "bf16", "fp16")
@@ -144,3 +146,36 @@ def config(config_class, args, prefix: str = "", **values):
     fields = {f.name for f in dataclasses.fields(config_class)}
     given = {name: getattr(args, prefix + name) for name in fields if hasattr(args, prefix + name)}
     return config_class(**{**given, **values})
+
+
+# ----------------------------------------------------------------------------- the progress line
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """One line per `interval` seconds: step/total, metrics, steps/s and ETA."""
+
+    def __init__(self, name: str, total: int, start: int = 0, interval: float = 10.0, enabled: bool = True):
+        self.name, self.total, self.start, self.interval, self.enabled = name, total, start, interval, enabled
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, step: int, **metrics: float) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < self.interval and step < self.total):
+            return
+        self.last = now
+        rate = self.rate(step)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"[{self.name}] {step}/{self.total} {shown} | {rate:.2f} it/s | ETA {_duration(eta)}", flush=True)
+
+    def rate(self, step: int) -> float:
+        """Steps per second since this run (or resume) began."""
+        return (step - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0

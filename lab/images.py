@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab.checkpoints import check_writable, load_npz, save_npz, seeded_subset, source_key
-from lab.runs import DataError
+from lab.files import DataError, load_npz, save_npz, seeded_subset
+from lab.guards import check_writable, source_key
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

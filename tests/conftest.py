@@ -20,9 +20,9 @@ def data_dir(tmp_path_factory):
         if os.environ.get("CI"):
             pytest.fail(f"real CIFAR-10 not found at {CIFAR}")
         pytest.skip(f"real CIFAR-10 not found at {CIFAR} (set VQVAE_CIFAR10)")
-    import lab.images
+    from lab import images
     path = tmp_path_factory.mktemp("data")
-    lab.images.load_cifar10(CIFAR, path)  # decode once, cache as .npz
+    images.load_cifar10(CIFAR, path)  # decode once, cache as .npz
     return path
 
 
@@ -37,9 +37,9 @@ def seeded_single_thread():
     torch.set_num_threads(threads)
 
 
-def _assert_nearest(indices: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor,
+def _assert_nearest(codes: torch.Tensor, z: torch.Tensor, codebook: torch.Tensor,
                     eps: float = torch.finfo(torch.float32).eps, min_clear: float = 0.0) -> None:
-    """indices == argmin_k ||z - e_k||^2 computed in float64 by brute force (Eq. 1), lowest index on ties.
+    """codes == argmin_k ||z - e_k||^2 computed in float64 by brute force (Eq. 1), lowest index on ties.
 
     Where the float64 gap between the best and second-best distance is below the rounding bound of
     ||e_k||^2 - 2 <z, e_k> at precision eps (a sum of D + 2 products each: error <= (D + 2) eps
@@ -49,17 +49,17 @@ def _assert_nearest(indices: torch.Tensor, z: torch.Tensor, codebook: torch.Tens
     """
     z64, e64 = z.double(), codebook.double()
     distances = ((z64[:, None, :] - e64[None]) ** 2).sum(-1)                       # (N, K)
-    assert indices.dtype == torch.int64 and indices.shape == (len(z),)
+    assert codes.dtype == torch.int64 and codes.shape == (len(z),)
     if len(codebook) == 1:
-        assert (indices == 0).all()
+        assert (codes == 0).all()
         return
     zn, en = z64.norm(dim=1), e64.norm(dim=1)
     bound = 2 * (z.shape[1] + 2) * eps * (en[None] ** 2 + 2 * zn[:, None] * en[None]).max(1).values
     top2 = distances.topk(2, dim=1, largest=False).values
-    chosen = distances.gather(1, indices[:, None])[:, 0]
+    chosen = distances.gather(1, codes[:, None])[:, 0]
     assert (chosen <= top2[:, 0] + bound).all(), "chose a code farther than the rounding bound"
     clear = top2[:, 1] - top2[:, 0] > bound
-    assert torch.equal(indices[clear], distances.argmin(1)[clear])
+    assert torch.equal(codes[clear], distances.argmin(1)[clear])
     assert clear.double().mean() >= min_clear
 
 
@@ -82,3 +82,19 @@ def require_vizdoom():
 @pytest.fixture
 def vizdoom():
     return require_vizdoom()
+
+
+@pytest.fixture(params=["torch", "extension"])
+def backend(request, monkeypatch):
+    """The quantizer's nearest-code search and statistics through PyTorch (vqvae_ext hidden from
+    vqvae.py) or through the compiled extension (skipped where it is not built, except in CI)."""
+    import vqvae
+    if request.param == "torch":
+        monkeypatch.setattr(vqvae, "vqvae_ext", None)
+    elif vqvae.vqvae_ext is None:
+        if os.environ.get("CI"):
+            pytest.fail("vqvae_ext is not built")
+        pytest.skip("vqvae_ext is not built (pip install --no-build-isolation -e .)")
+    torch._dynamo.reset()
+    yield request.param
+    torch._dynamo.reset()

@@ -1,8 +1,8 @@
 """Stress check (not collected by pytest): do two-process gloo jobs end with status 0?
 
 Each round starts two processes that do what a script's training stages do at their end (DDP
-steps, a metrics all-reduce, lab.runs.teardown) and leave at once, the main one after a short
-solo computation, as evaluation does. With `lab.run_main` (the scripts' way) every exit
+steps, a metrics all-reduce, runs.teardown) and leave at once, the main one after a short
+solo computation, as evaluation does. With `runs.run_main` (the scripts' way) every exit
 should be clean; a plain return from main() lets Python finalize while a gloo worker may still
 hold the last collective's tensors, which can abort the process (README gives the rates measured).
 
@@ -23,15 +23,15 @@ def job() -> None:
     import torch
     from torch.nn.parallel import DistributedDataParallel
 
-    import lab.runs
+    from lab import runs
 
-    env = lab.runs.setup(seed=0, device="cpu")
+    device, rank, _ = runs.setup(seed=0, device="cpu")
     model = DistributedDataParallel(torch.nn.Linear(64, 64))
     for _ in range(5):
         model(torch.randn(8, 64)).square().mean().backward()
-    lab.runs.read_metrics({"loss": torch.tensor(1.0)}, env.device)
-    lab.runs.teardown()
-    if env.is_main:
+    runs.read_metrics({"loss": torch.tensor(1.0)}, device)
+    runs.teardown()
+    if rank == 0:
         t = time.perf_counter()
         while time.perf_counter() - t < 0.3:
             torch.randn(100, 100) @ torch.randn(100, 100)
@@ -65,12 +65,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=100, help="two-process jobs per exit mode (default 100)")
     parser.add_argument("--exit", choices=["run_main", "plain", "both"], default="both",
-                        help="how main() ends: lab.run_main, a plain return, or both in turn (default both)")
+                        help="how main() ends: runs.run_main, a plain return, or both in turn (default both)")
     parser.add_argument("--worker", choices=["run_main", "plain"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "run_main":
-        import lab.runs
-        return lab.run_main(job)
+        from lab import runs
+        return runs.run_main(job)
     if args.worker == "plain":
         return job()
     for mode in ["run_main", "plain"] if args.exit == "both" else [args.exit]:

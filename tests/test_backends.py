@@ -142,29 +142,14 @@ def test_the_gpu_query_is_a_constant_to_torch_compile_not_a_graph_break(fake_gpu
     torch._dynamo.reset()
 
 
-def test_no_extension_means_pytorch_everywhere(monkeypatch):
+def test_no_extension_means_pytorch_everywhere(monkeypatch, assert_nearest):
     monkeypatch.setattr(vqvae, "vqvae_ext", None)
-    z, codebook = torch.randn(4, 2), torch.randn(3, 2)
-    assert torch.equal(vqvae.nearest_code(z, codebook), vqvae.nearest_code(z, codebook, backend="torch"))
-    with pytest.raises(RuntimeError, match="vqvae_ext is not installed or does not run on cpu"):
-        vqvae.nearest_code(z, codebook, backend="extension")
+    monkeypatch.setattr(torch.ops.vqvae_ext, "nearest_code", lambda *a: pytest.fail("the extension ran"), raising=False)
+    z, codebook = torch.randn(40, 2), torch.randn(3, 2)
+    assert_nearest(vqvae.nearest_code(z, codebook), z, codebook)
 
 
 # ------------------------------------------------------------------------ torch.compile
-
-BACKENDS = ["torch", pytest.param("extension", marks=pytest.mark.skipif(
-    vqvae.vqvae_ext is None, reason="the compiled vqvae_ext extension is not built"))]
-
-
-@pytest.fixture
-def backend_path(request, monkeypatch):
-    """Run the quantizer through the extension or, with it hidden, through pure PyTorch."""
-    if request.param == "torch":
-        monkeypatch.setattr(vqvae, "vqvae_ext", None)
-    torch._dynamo.reset()
-    yield request.param
-    torch._dynamo.reset()
-
 
 def run_steps(q, inputs):
     """Training steps of a quantizer alone: forward, loss, backward, SGD on the codebook when it is a
@@ -183,9 +168,8 @@ def run_steps(q, inputs):
     return results
 
 
-@pytest.mark.parametrize("backend_path", BACKENDS, indirect=True)
 @pytest.mark.parametrize("decay", [None, 0.99], ids=["codebook_loss", "ema"])
-def test_compiled_quantizer_has_no_graph_break_and_matches_eager(backend_path, decay):
+def test_compiled_quantizer_has_no_graph_break_and_matches_eager(backend, decay):
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(4, 8, 5, 5, generator=g) for _ in range(3)]
     eager = vqvae.VectorQuantizer(32, 8, decay=decay)
@@ -204,11 +188,10 @@ def test_compiled_quantizer_has_no_graph_break_and_matches_eager(backend_path, d
             torch.testing.assert_close(compiled_module.state_dict()[name], buffer, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend_path", BACKENDS, indirect=True)
-def test_compiled_nearest_code_refuses_nan_without_a_host_check(backend_path):
+def test_compiled_nearest_code_refuses_nan_without_a_host_check(backend):
     search = torch.compile(vqvae.nearest_code, fullgraph=True)
     z, codebook = torch.randn(10, 4), torch.randn(5, 4)
-    assert torch.equal(search(z, codebook), vqvae.nearest_code(z, codebook, backend="torch"))
+    assert torch.equal(search(z, codebook), vqvae.nearest_code(z, codebook))
     z[3, 1] = float("nan")
     with pytest.raises(RuntimeError, match="z or codebook contains NaN or Inf"):
         search(z, codebook)

@@ -4,9 +4,6 @@ the faults, handled without losing a result."""
 import math
 import os
 import re
-import subprocess
-import sys
-import time
 import wave
 from pathlib import Path
 
@@ -14,15 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import lab
-import lab.checkpoints
-import lab.images
-import lab.runs
 import train_cifar
 import train_vctk
 import train_video
 import vqvae
 from conftest import CIFAR
+from lab import files, images, runs, speech
 
 SCRIPTS = {"cifar": train_cifar, "vctk": train_vctk, "video": train_video}
 
@@ -72,21 +66,6 @@ def test_out_that_is_a_file_is_refused_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match="--out " + str(tmp_path / "file") + ": not a writable folder"):
         train_cifar.main(["--out", str(tmp_path / "file"), "--data", str(tmp_path / "missing")])
-
-
-def test_second_run_on_the_same_out_is_refused_while_the_first_lives(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (out / ".lock").write_text(str(sleeper.pid))
-        with pytest.raises(SystemExit, match=rf"another run \(process {sleeper.pid}\) is using this folder"):
-            train_cifar.main(["--out", str(out), "--data", str(tmp_path / "missing")])
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-    lab.runs.lock_out(out)  # its process has ended: the lock is taken over
-    assert (out / ".lock").read_text() == str(os.getpid())
 
 
 # ----------------------------------------------------------------------------------- data files
@@ -143,12 +122,12 @@ DATA_CASES = [
 @pytest.mark.parametrize("fault, message", DATA_CASES, ids=[f for f, _ in DATA_CASES])
 def test_bad_speech_file_is_refused_when_loaded(fault, message, tmp_path):
     root = fsdd_folder(tmp_path / "fsdd", fault)
-    with pytest.raises(lab.DataError, match=message):
-        lab.load_speech(root, 8000)
+    with pytest.raises(files.DataError, match=message):
+        speech.load_speech(root, 8000)
 
 
 def test_speech_folder_without_faults_loads(tmp_path):
-    data = lab.load_speech(fsdd_folder(tmp_path / "fsdd", "none"), 8000)
+    data = speech.load_speech(fsdd_folder(tmp_path / "fsdd", "none"), 8000)
     assert data.speakers == ["ann", "bob"] and len(data.train.audio) == len(data.test.audio) == 4
 
 
@@ -165,28 +144,28 @@ def image_folder(root: Path, value: int = 0) -> Path:
 def test_corrupt_image_is_refused_naming_the_file(tmp_path):
     root = image_folder(tmp_path / "images")
     (root / "train/dog/1.png").write_bytes(b"\x89PNG broken")
-    with pytest.raises(lab.DataError, match=r"train/dog/1.png is not a readable image"):
-        lab.images.load_cifar10(root, tmp_path / "cache")
+    with pytest.raises(files.DataError, match=r"train/dog/1.png is not a readable image"):
+        images.load_cifar10(root, tmp_path / "cache")
 
 
 def test_image_cache_follows_the_folder_content(tmp_path):
     root, cache = image_folder(tmp_path / "images"), tmp_path / "cache"
-    assert lab.images.load_cifar10(root, cache)["train_x"].max() == 1
+    assert images.load_cifar10(root, cache)["train_x"].max() == 1
     image_folder(root, value=100)                     # same names, new pixels (and new mtimes)
     os.utime(root, (1, 1))                            # even with the folder's own mtime unchanged
-    assert lab.images.load_cifar10(root, cache)["train_x"].max() == 101
+    assert images.load_cifar10(root, cache)["train_x"].max() == 101
     (root / "train/cat/0.png").unlink()
-    assert len(lab.images.load_cifar10(root, cache)["train_x"]) == 3
+    assert len(images.load_cifar10(root, cache)["train_x"]) == 3
     other = image_folder(tmp_path / "elsewhere" / "images", value=50)   # same folder name, other content
-    assert lab.images.load_cifar10(other, cache)["train_x"].max() == 51
+    assert images.load_cifar10(other, cache)["train_x"].max() == 51
 
 
 def test_corrupt_cache_is_rebuilt_with_a_message(tmp_path, capsys):
     root, cache = image_folder(tmp_path / "images"), tmp_path / "cache"
-    lab.images.load_cifar10(root, cache)
+    images.load_cifar10(root, cache)
     (npz,) = cache.glob("*.npz")
     npz.write_bytes(b"not a zip")
-    assert lab.images.load_cifar10(root, cache)["train_x"].shape == (4, 3, 32, 32)
+    assert images.load_cifar10(root, cache)["train_x"].shape == (4, 3, 32, 32)
     assert "unreadable cache" in capsys.readouterr().out
 
 
@@ -265,10 +244,10 @@ RESUME_CASES = [
 def test_resume_with_other_options_is_refused_before_any_step(extra, message, tmp_path, data_dir):
     out = tmp_path / "run"
     run(out, data_dir)
-    before = lab.load_checkpoint(out / "vqvae.pt")
+    before = files.load_checkpoint(out / "vqvae.pt")
     with pytest.raises(SystemExit, match=message):
         run(out, data_dir, "--resume", "--steps", "4", *extra)
-    assert lab.load_checkpoint(out / "vqvae.pt")["step"] == before["step"] == 2
+    assert files.load_checkpoint(out / "vqvae.pt")["step"] == before["step"] == 2
 
 
 def test_resume_may_change_length_logging_and_stages(tmp_path, data_dir, capsys):
@@ -276,7 +255,7 @@ def test_resume_may_change_length_logging_and_stages(tmp_path, data_dir, capsys)
     run(out, data_dir, "--resume")
     assert "--resume: no " in capsys.readouterr().out     # nothing to resume: says it starts fresh
     run(out, data_dir, "--resume", "--steps", "3", "--log-every", "2", "--checkpoint-every", "5")
-    assert lab.load_checkpoint(out / "vqvae.pt")["step"] == 3
+    assert files.load_checkpoint(out / "vqvae.pt")["step"] == 3
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "cooldown"])
@@ -287,62 +266,14 @@ def test_resume_may_not_lengthen_a_schedule_that_depends_on_the_length(schedule,
         run(out, data_dir, "--lr-schedule", schedule, "--resume", "--steps", "3")
 
 
-def test_a_prior_schedule_fixes_the_prior_steps_only():
-    saved = {"lr_schedule": "constant", "steps": 2, "prior_lr_schedule": "cooldown", "prior_steps": 6, "world_size": 1}
-
-    def check(path, saved, now):
-        run = lab.Run(Path("."), lab.runs.Env(torch.device("cpu")), options=now, resumable={"steps", "prior_steps"})
-        return run._check_options(path, saved)
-    check(Path("vqvae.pt"), saved, {**saved, "steps": 3})   # the VQ-VAE may lengthen
-    with pytest.raises(SystemExit, match=r"--prior-steps 6 \(now 7\) \(the --prior-lr-schedule cooldown rates "
-                                         r"depend on --prior-steps\)"):
-        check(Path("prior.pt"), saved, {**saved, "prior_steps": 7})
-    constant = {**saved, "prior_lr_schedule": "constant"}
-    check(Path("prior.pt"), constant, {**constant, "prior_steps": 7})
-
-
 def test_checkpoint_without_recorded_options_is_not_resumed(tmp_path, data_dir):
     out = tmp_path / "run"
     run(out, data_dir)
-    state = lab.load_checkpoint(out / "vqvae.pt")
+    state = files.load_checkpoint(out / "vqvae.pt")
     del state["options"]
-    lab.save_checkpoint(out / "vqvae.pt", state)
+    files.save_checkpoint(out / "vqvae.pt", state)
     with pytest.raises(SystemExit, match="does not record the options, data and processes it was trained with"):
         run(out, data_dir, "--resume", "--steps", "3")
-
-
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    run = lab.Run(tmp_path, lab.runs.Env(torch.device("cpu")), log_every=1, checkpoint_every=2)
-
-    def loss_fn(m, step):
-        loss = m(torch.ones(1, 2)).sum() * (math.inf if step == 3 else 1.0)
-        return loss, {"loss": loss.item()}
-
-    path = tmp_path / "toy.pt"
-    with pytest.raises(SystemExit, match=rf"step 4: the loss or a gradient is not finite; stopped without saving. "
-                                         rf"Last good checkpoint: {path} \(step 2\)"):
-        run.train("toy", model, optimizer, loss_fn, 10)
-    state = lab.load_checkpoint(path)
-    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
-    assert not list(tmp_path.glob("*.tmp*"))
-
-
-def test_processes_making_the_same_cache_at_once_do_not_clash(tmp_path):
-    # torchrun's processes all decode a missing data cache and save it: each through its own
-    # temporary file, so that no rename finds its file taken by the other process.
-    code = ("import sys, time, numpy as np, lab.checkpoints; from pathlib import Path\n"
-            "time.sleep(max(0, float(sys.argv[2]) - time.time()))  # start together, after the imports\n"
-            "for i in range(200): lab.checkpoints.save_npz(Path(sys.argv[1]), {'x': np.full(10_000, i)})")
-    env = {**os.environ, "PYTHONPATH": str(Path(lab.__file__).parents[1])}
-    start = str(time.time() + 6)
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cache.npz"), start], env=env,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    errors = [p.communicate(timeout=120)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), errors
-    assert lab.checkpoints.load_npz(tmp_path / "cache.npz", keys=("x",))["x"][0] == 199
-    assert [f.name for f in tmp_path.iterdir()] == ["cache.npz"]
 
 
 # ------------------------------------------------------------------ faults of a careful user's pass
@@ -392,29 +323,6 @@ def test_damaged_checkpoint_is_refused_naming_the_file(damage, message, tmp_path
         run(out, data_dir, "--resume", "--stages", "eval")
 
 
-def test_diverged_run_keeps_a_finite_checkpoint_and_resumes_from_it_with_a_lower_lr(tmp_path):
-    def train(lr, resume):
-        model = torch.nn.Linear(2, 1)
-        torch.nn.init.constant_(model.weight, 0.5)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        run = lab.Run(tmp_path, lab.runs.Env(torch.device("cpu")), resume=resume, log_every=1, checkpoint_every=2,
-                      options={"lr": lr, "world_size": 1}, resumable={"steps"})
-
-        def loss_fn(m, step):   # diverges at the 4th step while the learning rate is large
-            loss = (m(torch.ones(1, 2)) ** 2).sum() * (math.inf if step == 3 and lr > 0.05 else 1.0)
-            return loss, {"loss": loss.detach()}
-        return run.train("toy", model, optimizer, loss_fn, 6)
-
-    with pytest.raises(SystemExit, match=r"step 4: the loss or a gradient is not finite; .*\(step 2\)"):
-        train(0.1, resume=False)
-    with pytest.raises(SystemExit, match=r"--lr 0.1 \(now 0.2\)"):
-        train(0.2, resume=True)            # a higher rate is another run
-    history = train(0.01, resume=True)
-    state = lab.load_checkpoint(tmp_path / "toy.pt")
-    assert history["step"] == [1, 2, 3, 4, 5, 6] and state["resumed"] == [{"step": 2, "lr": (0.1, 0.01)}]
-    assert all(math.isfinite(v) for v in history["loss"])
-
-
 def test_models_of_other_training_data_are_refused_and_caches_follow_the_data(tmp_path):
     from PIL import Image
     root = tmp_path / "images"
@@ -440,7 +348,7 @@ def test_models_of_other_training_data_are_refused_and_caches_follow_the_data(tm
         made.append(1)
         return {"codes": torch.zeros(2)}
     for key in ("a", "a", "b"):
-        run = lab.Run(tmp_path / "run", lab.runs.Env(torch.device("cpu")), options={"training_data": key})
+        run = runs.Run(tmp_path / "run", torch.device("cpu"), options={"training_data": key})
         run.vqvae_id = "step 2, sha256 0"
         run.cached("codes", {"clip_length": 64}, make)
     assert len(made) == 2                                              # made again for other data
@@ -454,12 +362,12 @@ def test_image_cache_tells_apart_same_size_images_swapped_with_one_mtime(tmp_pat
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(b)
     for f in (a, b):
         os.utime(f, ns=(10**18, 10**18))
-    first = lab.images.load_cifar10(root, tmp_path / "cache")
+    first = images.load_cifar10(root, tmp_path / "cache")
     data_a, data_b = a.read_bytes(), b.read_bytes()
     a.write_bytes(data_b), b.write_bytes(data_a)                        # swapped, same sizes
     for f in (a, b):
         os.utime(f, ns=(10**18, 10**18))
-    second = lab.images.load_cifar10(root, tmp_path / "cache")
+    second = images.load_cifar10(root, tmp_path / "cache")
     assert not np.array_equal(first["train_x"], second["train_x"])
     assert second["train_x"][np.flatnonzero(second["train_y"] == 0)[0]].max() == 200
 
@@ -470,7 +378,7 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path, mode):
     root = image_folder(tmp_path / "images")
     ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)     # 0 .. 65472
     Image.fromarray(ramp).save(root / "train/cat/0.png")                  # a 16-bit grayscale PNG (I;16)
-    data = lab.images.read_image_folder(root, channels=1 if mode == "L" else 3)
+    data = images.read_image_folder(root, channels=1 if mode == "L" else 3)
     image = data["train_x"][0].astype(float)
     expected = np.round(ramp / 257)
     assert np.abs(image[0] - expected).max() <= 1 and image.max() >= 250 and (image < 128).mean() > 0.45
@@ -498,14 +406,14 @@ def test_non_utf8_file_name_is_named_in_the_refusal(tmp_path):
     bad = os.fsencode(root / "train/cat") + b"/\xff\xfe.png"
     with open(bad, "wb") as f:
         f.write(b"not an image")
-    with pytest.raises(lab.DataError, match=r"train/cat/\ufffd\ufffd.png is not a readable image") as error:
-        lab.images.load_cifar10(root, tmp_path / "cache")
+    with pytest.raises(files.DataError, match=r"train/cat/\ufffd\ufffd.png is not a readable image") as error:
+        images.load_cifar10(root, tmp_path / "cache")
     str(error.value).encode()    # printable
 
 
 @pytest.mark.parametrize("load", [
-    lambda root, cache: lab.images.load_cifar10(image_folder(root / "images"), cache),
-    lambda root, cache: lab.load_speech(fsdd_folder(root / "fsdd", "none"), 8000, data_dir=cache),
+    lambda root, cache: images.load_cifar10(image_folder(root / "images"), cache),
+    lambda root, cache: speech.load_speech(fsdd_folder(root / "fsdd", "none"), 8000, data_dir=cache),
 ], ids=["images", "speech"])
 def test_data_dir_that_cannot_be_made_is_refused_before_decoding(load, tmp_path):
     (tmp_path / "file").write_text("x")

@@ -135,28 +135,28 @@ def test_ema_stats_equal_bincount_and_index_add(dtype):
     g = torch.Generator().manual_seed(6)
     n, d, k = 1000, 12, 64
     z = torch.randn(n, d, generator=g, dtype=dtype)
-    indices = torch.randint(0, k - 5, (n,), generator=g)                # the last codes stay unused
-    counts, sums = ops.ema_stats(z, indices, k)
+    codes = torch.randint(0, k - 5, (n,), generator=g)                # the last codes stay unused
+    counts, sums = ops.ema_stats(z, codes, k)
     assert counts.dtype == torch.int64 and sums.dtype == dtype and counts.shape == (k,) and sums.shape == (k, d)
-    assert torch.equal(counts, torch.bincount(indices, minlength=k))
+    assert torch.equal(counts, torch.bincount(codes, minlength=k))
     # Rows are added in index order, as index_add_ on the CPU does: bit-identical sums.
-    assert torch.equal(sums, torch.zeros(k, d, dtype=dtype).index_add_(0, indices, z))
+    assert torch.equal(sums, torch.zeros(k, d, dtype=dtype).index_add_(0, codes, z))
 
 
 def test_ema_stats_non_contiguous_and_empty():
     z = torch.randn(8, 40).t()                                           # (40, 8) view
-    indices = torch.arange(80)[::2] % 3
-    counts, sums = ops.ema_stats(z, indices, 3)
-    torch.testing.assert_close(sums, torch.zeros(3, 8).index_add_(0, indices, z))
+    codes = torch.arange(80)[::2] % 3
+    counts, sums = ops.ema_stats(z, codes, 3)
+    torch.testing.assert_close(sums, torch.zeros(3, 8).index_add_(0, codes, z))
     counts, sums = ops.ema_stats(torch.empty(0, 8), torch.empty(0, dtype=torch.int64), 3)
     assert torch.equal(counts, torch.zeros(3, dtype=torch.int64)) and torch.equal(sums, torch.zeros(3, 8))
 
 
 @pytest.mark.parametrize("bad", [-1, 5])
 def test_ema_stats_rejects_out_of_range_indices(bad):
-    indices = torch.tensor([0, 1, bad, 2])
-    with pytest.raises(RuntimeError, match=r"indices must be in \[0, num_embeddings\) = \[0, 5\)"):
-        ops.ema_stats(torch.randn(4, 3), indices, 5)
+    codes = torch.tensor([0, 1, bad, 2])
+    with pytest.raises(RuntimeError, match=r"codes must be in \[0, num_embeddings\) = \[0, 5\)"):
+        ops.ema_stats(torch.randn(4, 3), codes, 5)
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -196,14 +196,14 @@ def test_codebook_whose_squared_norm_overflows_raises():
         ops.nearest_code(torch.randn(5, 4), torch.full((3, 4), 1e20))
 
 
-@pytest.mark.parametrize("indices,k,message", [
-    (torch.zeros(4, dtype=torch.int32), 3, r"indices must be int64, got dtype Int"),
-    (torch.zeros(5, dtype=torch.int64), 3, r"indices must have shape \(N,\) = \(4,\) .* got \[5\]"),
+@pytest.mark.parametrize("codes,k,message", [
+    (torch.zeros(4, dtype=torch.int32), 3, r"codes must be int64, got dtype Int"),
+    (torch.zeros(5, dtype=torch.int64), 3, r"codes must have shape \(N,\) = \(4,\) .* got \[5\]"),
     (torch.zeros(4, dtype=torch.int64), 0, r"num_embeddings must be >= 1, got 0"),
 ])
-def test_ema_stats_rejects_bad_inputs_with_clear_messages(indices, k, message):
+def test_ema_stats_rejects_bad_inputs_with_clear_messages(codes, k, message):
     with pytest.raises(RuntimeError, match=message):
-        ops.ema_stats(torch.randn(4, 3), indices, k)
+        ops.ema_stats(torch.randn(4, 3), codes, k)
 
 
 def test_meta_kernels_infer_shapes_and_dtypes():
@@ -313,11 +313,11 @@ def test_cuda_matches_float64_brute_force(dtype, assert_nearest):
 def test_cuda_ties_and_ema_stats_match_cpu(assert_nearest):
     e = torch.randn(200, 8).repeat(2, 1)                                # code 200 + j duplicates code j
     z = torch.cat([torch.zeros(3, 8), torch.randn(997, 8)])
-    indices = ops.nearest_code(z.cuda(), e.cuda()).cpu()
-    assert (indices < 200).all()
-    assert_nearest(indices, z, e)
-    counts, sums = ops.ema_stats(z.cuda(), indices.cuda(), 400)
-    expected_counts, expected_sums = ops.ema_stats(z, indices, 400)
+    codes = ops.nearest_code(z.cuda(), e.cuda()).cpu()
+    assert (codes < 200).all()
+    assert_nearest(codes, z, e)
+    counts, sums = ops.ema_stats(z.cuda(), codes.cuda(), 400)
+    expected_counts, expected_sums = ops.ema_stats(z, codes, 400)
     assert torch.equal(counts.cpu(), expected_counts)
     torch.testing.assert_close(sums.cpu(), expected_sums)
 
@@ -327,16 +327,16 @@ def test_cuda_ties_and_ema_stats_match_cpu(assert_nearest):
 def test_cuda_ema_stats_deterministic_mode_and_float64(dtype):
     g = torch.Generator().manual_seed(8)
     z = torch.randn(20000, 16, generator=g, dtype=dtype).cuda()
-    indices = torch.randint(0, 7, (20000,), generator=g).cuda()       # many rows per code: atomics race
-    expected = torch.zeros(7, 16, dtype=dtype, device="cuda").index_add_(0, indices, z)
+    codes = torch.randint(0, 7, (20000,), generator=g).cuda()       # many rows per code: atomics race
+    expected = torch.zeros(7, 16, dtype=dtype, device="cuda").index_add_(0, codes, z)
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        runs = [ops.ema_stats(z, indices, 7) for _ in range(3)]
+        runs = [ops.ema_stats(z, codes, 7) for _ in range(3)]
     finally:
         torch.use_deterministic_algorithms(deterministic)
     for counts, sums in runs:
         assert counts.dtype == torch.int64 and sums.dtype == dtype
-        assert torch.equal(counts, torch.bincount(indices, minlength=7))
+        assert torch.equal(counts, torch.bincount(codes, minlength=7))
         assert torch.equal(sums, runs[0][1])
     torch.testing.assert_close(runs[0][1], expected)

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-import lab
-import lab.images
 import train_cifar
 import vqvae
+from lab import files, guards, images, runs
 
 from conftest import CIFAR, ROOT
 TINY = ["--hidden-channels", "16", "--res-channels", "8", "--num-res-layers", "1", "--embedding-dim", "8", "--num-embeddings", "32",
@@ -51,7 +50,7 @@ def test_all_stages_write_metrics_and_figures(tmp_path, data_dir, extra):
         assert report["model_config"]["num_groups"] == 2
     for name in ["reconstructions", "codebook_usage", "vqvae_curves", "prior_curves", "prior_samples"]:
         assert (out / f"{name}.png").stat().st_size > 1000
-    assert len(lab.load_checkpoint(out / "vqvae.pt")["history"]["step"]) == 4
+    assert len(files.load_checkpoint(out / "vqvae.pt")["history"]["step"]) == 4
 
 
 def test_resumed_run_repeats_uninterrupted_losses_step_for_step(tmp_path, data_dir):
@@ -61,7 +60,7 @@ def test_resumed_run_repeats_uninterrupted_losses_step_for_step(tmp_path, data_d
     run(part, data_dir, "--steps", "6", "--prior-steps", "2", "--stages", "vqvae,prior", "--resume")
     run(part, data_dir, "--steps", "6", "--prior-steps", "4", "--resume")
     for name in ["vqvae.pt", "prior.pt"]:
-        a, b = lab.load_checkpoint(full / name), lab.load_checkpoint(part / name)
+        a, b = files.load_checkpoint(full / name), files.load_checkpoint(part / name)
         assert a["history"] == b["history"] and a["step"] == b["step"]
         for key in a["model"]:
             assert torch.equal(a["model"][key], b["model"][key]), key
@@ -79,7 +78,7 @@ def test_live_metrics_log_has_one_line_per_history_point_and_resume_continues_it
     lines = [json.loads(line) for line in (out / "vqvae.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert {"loss", "recon_loss", "perplexity", "codes_used", "lr", "steps_per_s"} <= lines[0].keys()
-    assert lines[0]["lr"] == 1e-3 and lines[-1]["loss"] == lab.load_checkpoint(out / "vqvae.pt")["history"]["loss"][-1]
+    assert lines[0]["lr"] == 1e-3 and lines[-1]["loss"] == files.load_checkpoint(out / "vqvae.pt")["history"]["loss"][-1]
     with open(out / "vqvae.jsonl", "a") as f:  # a line logged after the last checkpoint, then a crash
         f.write(json.dumps({"step": 5, "stale": True}) + "\n")
     run(out, data_dir, "--steps", "6", "--stages", "vqvae", "--resume")
@@ -93,12 +92,12 @@ def test_each_precision_trains_with_finite_losses_and_a_float32_quantizer(tmp_pa
     said = "in float32 (--amp off)" if amp == "off" else f"in mixed precision ({amp})"
     assert capsys.readouterr().out.count(said) == 2  # both stages say which
     for name, keys in (("vqvae.pt", ["loss", "perplexity"]), ("prior.pt", ["prior_loss"])):
-        state = lab.load_checkpoint(out / name)
+        state = files.load_checkpoint(out / name)
         assert all(math.isfinite(v) for k in keys for v in state["history"][k]) and ("scaler" in state) == (amp == "fp16")
-    model, _ = lab.load_run(out)
+    model, _ = runs.load_run(out)
     assert model.quantizer.codebook.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        z_e = model.encode(lab.to_float(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), "cpu"))
+        z_e = model.encode(images.to_float(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), "cpu"))
         vq = model.quantize(z_e)
     assert z_e.dtype == torch.bfloat16 and vq.commitment_loss.dtype == vq.perplexity.dtype == torch.float32
     flat = z_e.float().movedim(1, -1).reshape(-1, z_e.shape[1])
@@ -116,9 +115,9 @@ def test_prior_of_an_earlier_vqvae_is_refused_and_codes_are_recomputed(tmp_path,
     run(out, data_dir, "--steps", "4", "--stages", "vqvae", "--resume")  # the VQ-VAE trains on
     with pytest.raises(SystemExit, match="delete prior.pt"):
         run(out, data_dir, "--steps", "4", "--prior-steps", "2", "--stages", "prior", "--resume")
-    vqvae_id = lab.model_fingerprint(lab.load_checkpoint(out / "vqvae.pt"))
+    vqvae_id = guards.model_fingerprint(files.load_checkpoint(out / "vqvae.pt"))
     assert vqvae_id.startswith("step 4, sha256 ")
-    assert lab.load_checkpoint(out / "codes.pt")["made_from"]["vqvae"] == vqvae_id
+    assert files.load_checkpoint(out / "codes.pt")["made_from"]["vqvae"] == vqvae_id
 
 
 def test_prior_and_codes_of_another_vqvae_at_the_same_step_are_not_reused(tmp_path, data_dir):
@@ -127,8 +126,8 @@ def test_prior_and_codes_of_another_vqvae_at_the_same_step_are_not_reused(tmp_pa
     shutil.copy(other / "vqvae.pt", out / "vqvae.pt")  # same step and config, other weights
     with pytest.raises(SystemExit, match=r"prior.pt was fitted to the codes of another VQ-VAE \(step 2, sha256 "):
         run(out, data_dir, "--steps", "2", "--prior-steps", "2", "--stages", "prior", "--resume")
-    codes = lab.load_checkpoint(out / "codes.pt")
-    assert codes["made_from"]["vqvae"] == lab.model_fingerprint(lab.load_checkpoint(other / "vqvae.pt"))
+    codes = files.load_checkpoint(out / "codes.pt")
+    assert codes["made_from"]["vqvae"] == guards.model_fingerprint(files.load_checkpoint(other / "vqvae.pt"))
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir):
@@ -143,12 +142,12 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path, data_dir):
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, output  # the shell's status for Ctrl-C, after saving
     assert "stopped at step" in output
-    state = lab.load_checkpoint(out / "vqvae.pt")
+    state = files.load_checkpoint(out / "vqvae.pt")
     stopped = state["step"]
     assert 0 < stopped < 100000
     run(out, data_dir, "--stages", "vqvae", "--steps", str(stopped + 2), "--resume")
     full = run(tmp_path / "full", data_dir, "--stages", "vqvae", "--steps", str(stopped + 2))
-    assert lab.load_checkpoint(out / "vqvae.pt")["history"] == lab.load_checkpoint(full / "vqvae.pt")["history"]
+    assert files.load_checkpoint(out / "vqvae.pt")["history"] == files.load_checkpoint(full / "vqvae.pt")["history"]
 
 
 def test_torchrun_two_processes_keep_one_codebook(tmp_path, data_dir):
@@ -185,10 +184,10 @@ def test_two_torchrun_agents_keep_one_codebook_and_resume_it_on_both(tmp_path, d
         return "".join(outputs)
 
     assert "codebook identical on all 2 processes" in agents("--steps", "4")
-    before = lab.load_checkpoint(out / "vqvae.pt")
+    before = files.load_checkpoint(out / "vqvae.pt")
     assert before["options"]["world_size"] == 2 and before["model"]["quantizer.initialized"]
     assert "codebook identical on all 2 processes" in agents("--steps", "6", "--resume")
-    assert lab.load_checkpoint(out / "vqvae.pt")["step"] == 6
+    assert files.load_checkpoint(out / "vqvae.pt")["step"] == 6
     with pytest.raises(SystemExit, match=r"trained with 2 process\(es\) \(now 1: another global batch\)"):
         run(out, data_dir, "--stages", "vqvae", "--kmeans-init", "--dead-code-threshold", "0.5", "--steps", "8",
             "--resume")
@@ -241,12 +240,12 @@ def test_any_image_folder_trains_every_stage(tmp_path, layout, extra, image_shap
     data = own_images(tmp_path / "images", layout, size=(80, 64) if extra else (64, 64), mode="RGBA")
     out = tmp_path / "run"
     train_cifar.main(["--data", str(data), "--data-dir", str(tmp_path / "cache"), "--out", str(out), *SMALL, *extra])
-    model, prior = lab.load_run(out)
+    model, prior = runs.load_run(out)
     assert model.config.in_channels == image_shape[0] and prior.num_classes == num_classes
     side = image_shape[1] // 4
-    assert lab.load_checkpoint(out / "codes.pt")["train"].shape[1:] == (side, side)
+    assert files.load_checkpoint(out / "codes.pt")["train"].shape[1:] == (side, side)
     report = json.loads((out / "metrics.json").read_text())
-    assert 0 < report["metrics"]["test_mse"] and report["metrics"]["prior_test_bits_per_latent"] > 0
+    assert 0 < report["metrics"]["test_mse"] and report["metrics"]["prior_test_bits_per_code"] > 0
     assert (out / "prior_samples.png").stat().st_size > 1000
 
 
@@ -278,8 +277,8 @@ def test_first_run_that_decodes_the_images_trains_as_a_later_run_from_the_cache(
     for out in runs:
         train_cifar.main(["--data", str(data), "--data-dir", str(tmp_path / "cache"), "--out", str(out), *SMALL,
                           "--steps", "3", "--stages", "vqvae"])
-    a, b = (lab.load_checkpoint(out / "vqvae.pt") for out in runs)
+    a, b = (files.load_checkpoint(out / "vqvae.pt") for out in runs)
     assert a["history"] == b["history"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    fresh = lab.images.read_image_folder(data)["train_x"]
+    fresh = images.read_image_folder(data)["train_x"]
     assert fresh.flags["C_CONTIGUOUS"] and fresh.shape[1:] == (3, 32, 32)

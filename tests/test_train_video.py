@@ -1,7 +1,7 @@
 """The video experiment's script (Sec. 4.4): its options, the transition bookkeeping and the
 pairing of frames with actions, and a few-step run of every stage, shared by the tests of what it
-leaves behind. The environment, the measures and the action classifier (lab/video.py) are tested
-in tests/lab/test_video.py; the models in test_video_model.py."""
+leaves behind. The environment, the measures and the action classifier (lab/episodes.py,
+lab/video_eval.py) are tested in tests/lab/test_video.py; the models in test_video_model.py."""
 import dataclasses
 import importlib.util
 import json
@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import lab
 import train_video
 import vqvae
 from conftest import require_vizdoom
-from lab import video
+from lab import episodes, files, guards, runs, video_eval
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
@@ -79,14 +78,14 @@ def test_each_transition_is_paired_with_the_action_that_produced_it(tmp_path_fac
     e, t = train_video.transitions(len(frames), actions.shape[1], context_frames=4).unbind(1)
     last, target, action = train_video.context_of(frames, e, t, 4)[:, -1], frames[e, t + 1], actions[e, t]
     shifts = torch.tensor([horizontal_shift(a, b) for a, b in zip(last, target)])
-    left, right = action == lab.ACTIONS.index("turn_left"), action == lab.ACTIONS.index("turn_right")
+    left, right = action == episodes.ACTIONS.index("turn_left"), action == episodes.ACTIONS.index("turn_right")
     assert left.sum() > 30 and right.sum() > 30
     assert (shifts[left] < 0).float().mean() >= 0.9 and (shifts[right] > 0).float().mean() >= 0.9
     assert shifts[left].median() <= -6 and shifts[right].median() >= 6       # a turn moves the view ~11 px
     # Evaluation: generated frame 6 + k follows from frame 5 + k under eval_actions[k].
-    turn = video.SCRIPTS.index("turn_right")
+    turn = episodes.SCRIPTS.index("turn_right")
     truth = data["eval_frames"][:, turn].float().mean(-1)                     # (S, 16, 84, 84)
-    assert (data["eval_actions"][:, turn] == lab.ACTIONS.index("turn_right")).all()
+    assert (data["eval_actions"][:, turn] == episodes.ACTIONS.index("turn_right")).all()
     steps = [horizontal_shift(clip[train_video.GIVEN - 1 + k], clip[train_video.GIVEN + k])
              for clip in truth for k in range(train_video.GENERATED)]
     assert np.mean([s > 0 for s in steps]) >= 0.9
@@ -115,7 +114,7 @@ def test_code_stability_counts_codes_kept_at_the_best_horizontal_shift():
 def test_seeds_run_the_pipeline_once_per_seed_into_its_own_folder(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(train_video, "run_pipeline", lambda args: seen.append(args))
-    monkeypatch.setattr(lab, "summarize_seeds", lambda out, runs: seen.append((out, runs)))
+    monkeypatch.setattr(train_video.video_eval, "summarize_seeds", lambda out, runs: seen.append((out, runs)))
     train_video.main(["--out", str(tmp_path), "--seeds", "3", "5", "--prior-steps", "7"])
     assert [(a.seed, a.out, a.seeds, a.prior_steps) for a in seen[:2]] == [
         (3, tmp_path / "seed_3", None, 7), (5, tmp_path / "seed_5", None, 7)]
@@ -153,13 +152,13 @@ def test_all_stages_write_their_files_and_metrics_that_agree_with_their_curves(t
                  "video_forward.gif"):
         assert (out / name).exists(), name
     metrics, curves = report["metrics"], report["curves"]
-    for variant in (*video.MODEL_PREDICTIONS, "copy_last_frame", "vqvae_reconstruction"):
+    for variant in (*video_eval.MODEL_PREDICTIONS, "copy_last_frame", "vqvae_reconstruction"):
         assert len(curves[f"mse_per_step_{variant}"]) == 10
         assert metrics[f"mse_{variant}"] == pytest.approx(np.mean(curves[f"mse_per_step_{variant}"]))
     assert report["timings"]["collect_seconds"] > 0 and report["timings"]["action_classifier_seconds"] > 0
     assert {k: v["options"] for k, v in report["checkpoints"].items()} == {
         "action_classifier.pt": {}, "prior.pt": {}, "vqvae.pt": {}}
-    model, prior = lab.load_run(out)  # the one loader of any run
+    model, prior = runs.load_run(out)  # the one loader of any run
     assert isinstance(model, vqvae.VQVAE) and isinstance(prior, vqvae.ActionConditionalPrior)
     assert report["prior_config"] == dataclasses.asdict(prior.config)
     assert torch.equal(prior.codebook, model.quantizer.codebook)   # the context frames enter as z_q
@@ -173,10 +172,10 @@ def test_a_finished_run_is_not_overwritten_without_resume(trained_run):
 
 def test_eval_is_repeatable_from_the_checkpoints_with_the_action_classifier_read_back(trained_run, monkeypatch):
     argv, out, report = trained_run
-    # The action classifier is cached for what it was made from: read back by the evaluation
-    # below, which would fail if it trained one.
-    assert lab.load_checkpoint(out / "action_classifier.pt")["made_from"]["steps"] == 4
-    monkeypatch.setattr(video, "train_action_classifier", lambda *a, **k: pytest.fail("action classifier not cached"))
+    # The action classifier of the action_classifier stage, made from this VQ-VAE and these
+    # episodes and settings: read back by an evaluation alone.
+    assert files.load_checkpoint(out / "action_classifier.pt")["made_from"]["steps"] == 4
+    monkeypatch.setattr(train_video, "train_action_classifier", lambda *a, **k: pytest.fail("action classifier trained"))
     train_video.main(argv + ["--resume", "--stages", "eval", "--prior-lr-schedule", "constant"])
     again = json.loads((out / "metrics.json").read_text())
     assert again["curves"] == report["curves"]
@@ -189,15 +188,18 @@ def test_draw_0_does_not_depend_on_the_draws_after_it_and_other_steps_train_anot
     argv, out, report = trained_run
     curves = report["curves"]
     # Draw 0 does not depend on how many draws follow it; the mean of one draw is that draw.
-    train_video.main(argv + ["--resume", "--stages", "eval", "--eval-draws", "1", "--action-classifier-steps", "3"])
+    with pytest.raises(SystemExit, match="action_classifier.pt: missing, unfinished, or made from another VQ-VAE"):
+        train_video.main(argv + ["--resume", "--stages", "eval", "--action-classifier-steps", "3"])
+    train_video.main(argv + ["--resume", "--stages", "action_classifier,eval", "--eval-draws", "1",
+                             "--action-classifier-steps", "3"])
     one = json.loads((out / "metrics.json").read_text())["curves"]
     for variant in ("true_actions", "shuffled_actions"):
         assert one[f"mse_per_step_{variant}"] == curves[f"mse_per_step_{variant}"]
         assert one[f"mse_per_step_mean_of_draws_{variant}"] == pytest.approx(one[f"mse_per_step_{variant}"], rel=1e-6)
         assert curves[f"mse_per_step_mean_of_draws_{variant}"] != curves[f"mse_per_step_{variant}"]
     # The action classifier was made for this VQ-VAE and seed; one for other steps is trained anew.
-    made_from = lab.load_checkpoint(out / "action_classifier.pt")["made_from"]
-    vqvae_id = lab.model_fingerprint(lab.load_checkpoint(out / "vqvae.pt"))
+    made_from = files.load_checkpoint(out / "action_classifier.pt")["made_from"]
+    vqvae_id = guards.model_fingerprint(files.load_checkpoint(out / "vqvae.pt"))
     assert made_from["steps"] == 3 and made_from["vqvae"] == vqvae_id and made_from["seed"] == 0
 
 
@@ -205,14 +207,14 @@ def test_codes_are_cached_for_one_vqvae_and_one_set_of_episodes(trained_run):
     """Other held-out episodes (here: the first training one) are encoded anew."""
     argv, out, report = trained_run
     args = train_video.parse_args(argv + ["--resume"])
-    run = lab.Run.start(args)
+    run = runs.Run.start(args)
     data = train_video.collect(args)
     run.use_data(data["train_frames"], data["train_actions"])
     model = run.load("vqvae")
     cached = train_video.frame_codes(run, model, data)
-    saved = lab.load_checkpoint(out / "codes.pt")
+    saved = files.load_checkpoint(out / "codes.pt")
     assert torch.equal(cached["test"], saved["test"]) and saved["made_from"]["vqvae"] == run.vqvae_id
     data.update(test_frames=data["train_frames"][:1], test_seeds=data["train_seeds"][:1])
     fresh = train_video.frame_codes(run, model, data)
-    assert torch.equal(fresh["test"], video.encode_frames(model, data["test_frames"], "cpu").to(torch.int16))
-    assert lab.load_checkpoint(out / "codes.pt")["made_from"]["test_seeds"] == data["train_seeds"][:1].tolist()
+    assert torch.equal(fresh["test"], episodes.encode_frames(model, data["test_frames"], "cpu").to(torch.int16))
+    assert files.load_checkpoint(out / "codes.pt")["made_from"]["test_seeds"] == data["train_seeds"][:1].tolist()

@@ -113,7 +113,7 @@ def test_figures_drawn_by_the_scripts_in_docs_are_small():
 
 
 SNIPPETS = [(doc, b) for doc in ("TUTORIAL.md", "README.md") for b in blocks(doc, "python")
-            if "import" in b and "lab.load_run" not in b]
+            if "import" in b and "load_run(" not in b]
 
 
 @pytest.mark.parametrize("doc,snippet", SNIPPETS, ids=lambda s: s.splitlines()[0][:40])
@@ -122,7 +122,7 @@ def test_python_snippets_run(doc, snippet):
 
 
 def test_readme_reuse_snippet_and_codebook_atlas_run_on_a_trained_run(tmp_path, data_dir):
-    (snippet,) = [b for b in blocks("README.md", "python") if "lab.load_run" in b]
+    (snippet,) = [b for b in blocks("README.md", "python") if "load_run(" in b]
     from conftest import CIFAR
     subprocess.run([sys.executable, str(ROOT / "train_cifar.py"), "--data", str(CIFAR), "--data-dir", str(data_dir),
                     "--out", "runs/cifar_quick", "--steps", "2", "--prior-steps", "2", "--prior-channels", "8",

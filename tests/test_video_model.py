@@ -1,6 +1,6 @@
 """The models of the video experiment (Sec. 4.4) in vqvae.py: the action-conditional prior
 (causality, conditioning, roll-out, argument checks) and the conditioned gated PixelCNN's sampler.
-The script train_video.py is tested in test_train_video.py, lab/video.py in lab/test_video.py."""
+The script train_video.py is tested in test_train_video.py, lab/episodes.py and lab/video_eval.py in lab/test_video.py."""
 import pytest
 import torch
 
@@ -48,10 +48,10 @@ def test_context_and_action_change_the_prediction():
 
 
 def test_context_read_through_the_codebook_sees_z_q_and_not_the_code_ids():
-    """With codebook_dim = D the context frames enter as their codebook vectors: two codes with one
+    """With embedding_dim = D the context frames enter as their codebook vectors: two codes with one
     vector are the same to the prior, another vector changes its prediction, and the table travels
     in the state dict."""
-    model = tiny_prior(codebook_dim=3).eval()
+    model = tiny_prior(embedding_dim=3).eval()
     codebook = torch.randn(6, 3)
     codebook[5] = codebook[2]
     model.set_codebook(codebook)
@@ -60,14 +60,14 @@ def test_context_read_through_the_codebook_sees_z_q_and_not_the_code_ids():
     context[:, :, 0, 0] = 2
     base = model(codes, context, action)
     assert torch.equal(base, model(codes, torch.where(context == 2, 5, context), action))
-    copy = tiny_prior(codebook_dim=3).eval()
+    copy = tiny_prior(embedding_dim=3).eval()
     copy.load_state_dict(model.state_dict())
     assert torch.equal(base, copy(codes, context, action))
     copy.set_codebook(codebook + (torch.arange(6) == 2)[:, None])
     assert not torch.allclose(base, copy(codes, context, action))
     with pytest.raises(ValueError, match=r"codebook: expected a \(6, 3\) tensor"):
         model.set_codebook(torch.zeros(6, 4))
-    with pytest.raises(ValueError, match=r"codebook: expected a \(6, 0\) tensor \(config.codebook_dim > 0\)"):
+    with pytest.raises(ValueError, match=r"codebook: expected a \(6, 0\) tensor \(config.embedding_dim > 0\)"):
         tiny_prior().set_codebook(codebook)
 
 

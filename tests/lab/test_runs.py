@@ -1,64 +1,17 @@
-"""The run machinery: Run.train reads metrics back only at log steps; pixel_variance is exact;
-the learning-rate schedule; run_main ends a torchrun process with main's status."""
+"""lab/runs.py: run_main ends a torchrun process with main's status and output."""
 import os
 import subprocess
 import sys
-from fractions import Fraction
 from pathlib import Path
 
 import pytest
-import torch
-
-import lab
-import lab.runs
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_metrics_are_read_back_once_per_log_step_and_averaged_exactly(tmp_path, monkeypatch):
-    reads = []
-    real_read = lab.runs.read_metrics
-    monkeypatch.setattr(lab.runs, "read_metrics", lambda metrics, device: reads.append(1) or real_read(metrics, device))
-    model = torch.nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    run = lab.Run(tmp_path, lab.runs.Env(torch.device("cpu")), log_every=5, checkpoint_every=100)
-    seen = []
-
-    def loss_fn(m, step):
-        loss = (m(torch.ones(1, 2)) ** 2).sum()
-        seen.append(loss.item())
-        return loss, {"loss": loss.detach(), "step_plus_half": torch.tensor(step + 0.5)}
-
-    history = run.train("toy", model, optimizer, loss_fn, 12)
-    assert len(reads) == 3 and history["step"] == [5, 10, 12]  # steps 5 and 10, and the last one
-    assert history["step_plus_half"] == [4.5, 9.5, 11.5]
-    assert history["loss"] == [seen[4], seen[9], seen[11]]     # float32 values, exactly
-
-
-def test_pixel_variance_is_exact_and_independent_of_the_memory_layout():
-    x = torch.randint(0, 256, (40, 3, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    values = [Fraction(int(v), 255) for v in x.flatten()]
-    mean = sum(values) / len(values)
-    exact = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    assert lab.pixel_variance(x) == float(exact)
-    assert lab.pixel_variance(x.permute(3, 1, 0, 2)) == lab.pixel_variance(x.clone()) == float(exact)
-
-
-def test_cosine_learning_rate_falls_from_lr_to_zero_as_hand_computed():
-    lrs = [lab.learning_rate(1e-3, "cosine", step, 4) for step in range(5)]
-    # (1 + cos(pi * step / 4)) / 2 = 1, (2 + sqrt 2) / 4, 1/2, (2 - sqrt 2) / 4, 0
-    expected = [1e-3, 1e-3 * (2 + 2 ** 0.5) / 4, 5e-4, 1e-3 * (2 - 2 ** 0.5) / 4, 0.0]
-    assert all(abs(a - b) < 1e-18 for a, b in zip(lrs, expected))
-    assert [lab.learning_rate(1e-3, "constant", step, 4) for step in range(5)] == [1e-3] * 5
-    # cooldown over the last 20% of 10 steps: 1e-3 up to step 8, then 1e-3 * (10 - step) / 2
-    lrs = [lab.learning_rate(1e-3, "cooldown", step, 10) for step in range(11)]
-    assert lrs == pytest.approx([1e-3] * 9 + [5e-4, 0.0], rel=1e-12, abs=1e-18)
-    with pytest.raises(ValueError, match="schedule"):
-        lab.learning_rate(1e-3, "linear", 0, 4)
-
-
 EXITING_SCRIPT = """
-import atexit, sys, lab
+import atexit, sys
+from lab import runs
 atexit.register(lambda: print("atexit ran", flush=True))
 
 class Finalized:
@@ -72,7 +25,7 @@ def main():
     if sys.argv[1] != "return":
         raise SystemExit(eval(sys.argv[1]))
 
-lab.run_main(main)
+runs.run_main(main)
 """
 
 

@@ -1,7 +1,6 @@
 """lab/speech.py: the readers on the real FSDD files and on synthetic VCTK layouts, the decoded
-corpus cache, resampling, crops, log-mel features and the classifiers' white noise. The speech
-models (mu-law, WaveNet, AudioVQVAE) are tested in test_speech_model.py, the script in
-test_vctk.py.
+corpus cache, resampling, crops and subsets. The speech models (mu-law, WaveNet, AudioVQVAE) are
+tested in test_speech_model.py, the script in test_train_vctk.py.
 
 The real data is ../shared/data/fsdd (or $VQVAE_FSDD).
 """
@@ -14,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import lab
-import lab.speech as speech
+from lab import files, speech, speech_eval
 
 ROOT = Path(__file__).resolve().parents[2]
 FSDD = Path(os.environ.get("VQVAE_FSDD", ROOT.parent / "shared/data/fsdd"))
@@ -49,7 +47,7 @@ def test_fsdd_reader_gives_the_official_split_speakers_digits_and_alignments(fsd
     assert len(data.alignments) == 2985 and data.alignments["0_george_0"][0] == ("Z", 0.0, 0.03)
     phones = sorted({p for segments in data.alignments.values() for p, _, _ in segments})
     assert len(phones) == 20 and "SIL" in phones
-    labels = speech.frame_phones("0_george_0", 5, 8000, data.alignments, phones)
+    labels = speech_eval.frame_phones("0_george_0", 5, 8000, data.alignments, phones)
     assert [phones[i] for i in labels] == ["Z", "Z", "Z", "Z", "IY"]  # centres 4, 12, 20, 28, 36 ms; Z ends at 30
 
 
@@ -146,12 +144,12 @@ def test_vctk_092_flac_without_soundfile_says_how_to_install_it(tmp_path, monkey
     for i in range(1, 11):
         (tmp_path / "wav48_silence_trimmed" / "p225" / f"p225_{i:03d}_mic1.flac").write_bytes(b"fLaC")
     monkeypatch.setitem(sys.modules, "soundfile", None)  # import soundfile raises ImportError
-    with pytest.raises(lab.DataError, match="pip install soundfile"):
+    with pytest.raises(files.DataError, match="pip install soundfile"):
         speech.load_speech(tmp_path, 16000)
 
 
 def test_unknown_layout_names_the_expected_folders(tmp_path):
-    with pytest.raises(lab.DataError, match="recordings/ .*wav48/"):
+    with pytest.raises(files.DataError, match="recordings/ .*wav48/"):
         speech.load_speech(tmp_path, 16000)
 
 
@@ -161,20 +159,6 @@ def test_random_crops_are_seeded_and_place_short_clips_inside_silence():
     assert torch.equal(a, speech.random_crops(clips, 32, torch.Generator().manual_seed(1)))
     assert a.shape == (2, 32) and (a[0] > 0).sum() == 10 and a[0][a[0] > 0].tolist() == list(range(1, 11))
     assert (a[1][1:] - a[1][:-1] == 1).all()  # a contiguous window of the long clip
-
-
-def test_log_mel_has_one_frame_per_code():
-    fb = speech.mel_filterbank(256, 8000, 40)
-    assert fb.shape == (40, 129) and (fb.sum(1) > 0).all() and fb.max() <= 1
-    assert speech.log_mel(torch.randn(3, 8192), 8000).shape == (3, 40, 8192 // 64 + 1)
-
-
-def test_white_noise_sits_the_asked_decibels_below_each_waveform():
-    t = torch.arange(200_000) / 8000
-    x = torch.stack([torch.sin(2 * math.pi * 440 * t), 0.1 * torch.sin(2 * math.pi * 300 * t)])  # power 0.5, 0.005
-    noisy = speech.add_white_noise(x, torch.tensor([[0.0], [20.0]]), torch.Generator().manual_seed(0))
-    noise_power = (noisy - x).pow(2).mean(1)
-    torch.testing.assert_close(noise_power, torch.tensor([0.5, 0.005 / 100]), rtol=0.01, atol=0)
 
 
 def test_subsets_are_seeded_and_keep_the_corpus_order(fsdd):
@@ -188,19 +172,3 @@ def test_subsets_are_seeded_and_keep_the_corpus_order(fsdd):
 
 
 # ----------------------------------------------------------------------------- classifiers
-def test_classifier_examples_are_noisy_crops_with_their_labels():
-    clips = [np.full(300, 0.5, np.float32), np.full(100, -0.5, np.float32)]
-    split = speech.Split(clips, np.array([1, 0]), ["a", "b"], np.array([7, 3]))
-    features, labels = speech.Classifiers.training_examples(split, np.array([1, 0]), 256, 8000,
-                                                            torch.Generator().manual_seed(0), "cpu")
-    assert features.shape == (2, 40, 256 // 64 + 1) and torch.isfinite(features).all()
-    assert labels["speaker"].tolist() == [0, 1] and labels["digit"].tolist() == [3, 7]
-    split.digit = None
-    assert set(speech.Classifiers.training_examples(split, np.array([0]), 256, 8000,
-                                                    torch.Generator().manual_seed(0), "cpu")[1]) == {"speaker"}
-
-
-def test_missing_classifiers_name_the_stage_that_trains_them(tmp_path):
-    data = speech.Speech(8000, ["a", "b"], speech.Split([], np.zeros(0, np.int64), [], None), None, None)
-    with pytest.raises(SystemExit, match="classifiers.pt not found: run the classifiers stage first"):
-        speech.Classifiers.load(tmp_path / "classifiers.pt", data, "cpu")

@@ -1,6 +1,6 @@
 """train_vctk.py: its options, and few-step runs of every stage (checkpoints, metrics, audio and
 figures; exact resume; the learning-rate schedule; torchrun; a stale prior refused). The data
-readers, features and classifiers of lab/speech.py are tested in tests/lab/test_speech.py, the
+readers, features and classifiers of lab/speech.py and lab/speech_eval.py are tested in tests/lab/test_speech.py, the
 models themselves (mu-law, WaveNet, AudioVQVAE) in test_speech_model.py.
 
 The real data is ../shared/data/fsdd (or $VQVAE_FSDD).
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import lab
 import train_vctk
 import vqvae
+from lab import files, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDD = Path(os.environ.get("VQVAE_FSDD", ROOT.parent / "shared/data/fsdd"))
@@ -85,11 +85,11 @@ def test_all_stages_write_checkpoints_metrics_audio_and_figures(tmp_path, fsdd):
     assert len(wavs) == 8 and sum("_as_" in w.name for w in wavs) == 2 and sum("prior_" in w.name for w in wavs) == 2
     with wave.open(str(wavs[0])) as w:
         assert w.getframerate() == 8000 and w.getnframes() > 100
-    assert len(lab.load_checkpoint(out / "vqvae.pt")["history"]["step"]) == 3
+    assert len(files.load_checkpoint(out / "vqvae.pt")["history"]["step"]) == 3
     # The one loader of any run restores the speech models, their weights as saved.
-    model, prior = lab.load_run(out)
+    model, prior = runs.load_run(out)
     assert isinstance(model, vqvae.AudioVQVAE) and isinstance(prior, vqvae.WaveNet) and not prior.training
-    saved = lab.load_checkpoint(out / "prior.pt")
+    saved = files.load_checkpoint(out / "prior.pt")
     assert saved["model_class"] == "WaveNet" and prior.config.num_categories == model.config.num_embeddings
     assert all(torch.equal(v, saved["model"][k]) for k, v in prior.state_dict().items())
     # Eval alone reads the VQ-VAE, the classifiers and the prior back and repeats every measure.
@@ -105,7 +105,7 @@ def test_resumed_run_repeats_uninterrupted_losses_and_refuses_to_overwrite(tmp_p
     with pytest.raises(SystemExit, match="--resume"):
         run(part, "--steps", "4", "--stages", "vqvae")
     run(part, "--steps", "4", "--stages", "vqvae", "--resume")
-    a, b = lab.load_checkpoint(full / "vqvae.pt"), lab.load_checkpoint(part / "vqvae.pt")
+    a, b = files.load_checkpoint(full / "vqvae.pt"), files.load_checkpoint(part / "vqvae.pt")
     assert a["history"] == b["history"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -114,7 +114,7 @@ def test_resumed_run_repeats_uninterrupted_losses_and_refuses_to_overwrite(tmp_p
 def test_cosine_schedule_sets_the_learning_rate_from_the_step(tmp_path, fsdd):
     out = run(tmp_path / "cos", "--steps", "3", "--stages", "vqvae", "--lr", "1e-3", "--lr-schedule", "cosine")
     # the last step taken is step 2 of 3: lr = 1e-3 * (1 + cos(2 pi / 3)) / 2 = 2.5e-4
-    lr = lab.load_checkpoint(out / "vqvae.pt")["optimizer"]["param_groups"][0]["lr"]
+    lr = files.load_checkpoint(out / "vqvae.pt")["optimizer"]["param_groups"][0]["lr"]
     assert lr == pytest.approx(2.5e-4, rel=1e-12)
 
 
@@ -135,7 +135,7 @@ def test_torchrun_two_processes_train_every_stage_and_evaluate_on_rank_0(tmp_pat
 
 def test_prior_of_an_earlier_vqvae_is_refused(tmp_path, fsdd):
     out = run(tmp_path / "stale", "--steps", "2", "--stages", "vqvae,prior")
-    assert lab.load_checkpoint(out / "prior.pt")["vqvae_id"].startswith("step 2, sha256 ")
+    assert files.load_checkpoint(out / "prior.pt")["vqvae_id"].startswith("step 2, sha256 ")
     run(out, "--steps", "3", "--stages", "vqvae", "--resume")
     with pytest.raises(SystemExit, match="delete prior.pt"):
         run(out, "--steps", "3", "--stages", "prior", "--resume")

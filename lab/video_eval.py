@@ -1,20 +1,10 @@
-"""Video: ViZDoom's first-person maze my_way_home in place of the paper's DeepMind Lab (Sec. 4.4).
-
-Episodes of a random agent, collected once and cached by their settings, with the eval starts
-replayed in the deterministic engine; the frames as the frame VQ-VAE sees them; and what the
-video experiment measures and draws: per-step errors of generated continuations against the
-truth, an action classifier that says whether a generated transition shows the action it was
-given, the figures, and the mean and spread of the runs of several seeds.
-
-The eval clips hold `given` real frames, then one frame per action of a continuation: the
-functions below read `given` off the shapes (clips of given + generated frames, actions of
-generated steps), so the script that fixes the protocol states it once.
-"""
+"""What the video experiment measures and draws: per-step errors of generated continuations
+against the truth; an action classifier that says whether a generated transition shows the action
+it was given (trained by train_video.py's action_classifier stage); the figures; and the mean and
+spread of the runs of several seeds."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,214 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lab.checkpoints import check_writable, content_key, load_checkpoint, load_npz, save_npz, write_json
+from lab.episodes import ACTIONS, SCRIPTS, decode_frames, encode_frames, shuffle_actions, to_uint8
 from lab.figures import plot_code_usage, plot_history, pyplot, save_image_rows
-from lab.images import encode, image_metrics, pixel_variance
-from lab.runs import DataError, Progress
-
-ACTIONS = ("forward", "turn_left", "turn_right")
-SCRIPTS = ("forward", "turn_right", "random")   # the continuations generated in eval
-FRAME_SIZE = 84                                 # the paper's DeepMind Lab frames
+from lab.files import load_checkpoint, write_json
+from lab.guards import content_key
+from lab.images import image_metrics
 
 
-# ============================================================================ environment
-def _vizdoom():
-    try:
-        import vizdoom
-    except ImportError:
-        raise SystemExit("the video experiment needs ViZDoom, an optional dependency: pip install vizdoom==1.3.2 "
-                         "(MIT; the wheel bundles the engine, the Freedoom data and the my_way_home scenario)") from None
-    return vizdoom
-
-
-class EpisodeEnded(Exception):
-    """The agent reached the goal before the actions ran out."""
-
-
-def rollout(seed: int, actions: np.ndarray, frame_skip: int) -> np.ndarray:
-    """Play `actions` (indices into ACTIONS) in my_way_home from the start of the episode of `seed`.
-
-    Returns the frames seen before each action and after the last: (len(actions) + 1, 84, 84, 3)
-    uint8. The engine is deterministic: the same seed and actions give the same frames.
-    Raises EpisodeEnded if the agent reaches the goal early.
-    """
-    vzd = _vizdoom()
-    game = vzd.DoomGame()
-    game.load_config(os.path.join(vzd.scenarios_path, "my_way_home.cfg"))
-    game.set_screen_resolution(vzd.ScreenResolution.RES_160X120)
-    game.set_screen_format(vzd.ScreenFormat.RGB24)
-    game.set_window_visible(False)
-    game.set_sound_enabled(False)
-    game.set_doom_config_path(os.path.join(tempfile.gettempdir(), "_vizdoom.ini"))  # not in the user's cwd
-    game.set_available_buttons([vzd.Button.MOVE_FORWARD, vzd.Button.TURN_LEFT, vzd.Button.TURN_RIGHT])
-    game.set_episode_timeout((len(actions) + 2) * frame_skip + 100)
-    game.set_seed(seed)
-    game.init()
-    try:
-        game.new_episode()
-        frames, buttons = [], np.eye(len(ACTIONS), dtype=int).tolist()
-        for i in range(len(actions) + 1):
-            if game.is_episode_finished():
-                raise EpisodeEnded(f"seed {seed}: the episode ended after {i} of {len(actions)} actions")
-            frames.append(game.get_state().screen_buffer)
-            if i < len(actions):
-                game.make_action(buttons[actions[i]], frame_skip)
-    finally:
-        game.close()
-    return resize(np.stack(frames))
-
-
-def resize(frames: np.ndarray) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, 84, 84, 3) uint8, antialiased (the 4:3 screen is squeezed, as in Atari work)."""
-    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=(FRAME_SIZE, FRAME_SIZE), mode="bilinear", antialias=True, align_corners=False)
-    return np.ascontiguousarray(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
-
-
-def random_actions(seed: int, length: int, max_hold: int) -> np.ndarray:
-    """The random agent: a uniformly drawn action held for 1..max_hold steps, again and again."""
-    rng, actions = np.random.default_rng(seed), []
-    while len(actions) < length:
-        actions += [int(rng.integers(len(ACTIONS)))] * int(rng.integers(1, max_hold + 1))
-    return np.array(actions[:length], dtype=np.int64)
-
-
-def play_episodes(first_seed: int, count: int, length: int, max_hold: int, frame_skip: int):
-    """`count` episodes of `length` actions (seeds from first_seed on; one whose agent reaches the
-    goal early is replaced by the next seed): frames (E, T+1, 84, 84, 3) uint8, actions (E, T),
-    seeds (E,)."""
-    frames, actions, seeds, seed = [], [], [], first_seed
-    progress = Progress("collect", count)
-    while len(seeds) < count:
-        a = random_actions(seed, length, max_hold)
-        try:
-            frames.append(rollout(seed, a, frame_skip))
-            actions.append(a)
-            seeds.append(seed)
-            progress.update(len(seeds))
-        except EpisodeEnded:
-            pass
-        seed += 1
-    return np.stack(frames), np.stack(actions), np.array(seeds)
-
-
-def eval_starts(test_actions: np.ndarray, test_seeds: np.ndarray, seed: int, frame_skip: int, given: int,
-                generated: int) -> dict[str, np.ndarray]:
-    """For each held-out episode, a start t0 and, per continuation in SCRIPTS, the given + generated
-    true frames.
-
-    The agent plays the episode's own actions up to frame t0 + given - 1, then `generated` steps of
-    the script ("random" continues the episode's own actions); the engine replays it from the same
-    seed. Returns frames (S, len(SCRIPTS), given + generated, 84, 84, 3) uint8, actions
-    (S, len(SCRIPTS), generated) and the starts t0 (S,) and episodes (S,) they come from.
-    """
-    rng = np.random.default_rng(seed)
-    frames, actions, starts, episodes = [], [], [], []
-    for episode, (a, episode_seed) in enumerate(zip(test_actions, test_seeds)):
-        t0 = int(rng.integers(0, len(a) - given - generated + 1))
-        scripts = {"forward": np.full(generated, ACTIONS.index("forward")),
-                   "turn_right": np.full(generated, ACTIONS.index("turn_right")),
-                   "random": a[t0 + given - 1:t0 + given - 1 + generated]}
-        per_script = []
-        for name in SCRIPTS:
-            played = np.concatenate([a[:t0 + given - 1], scripts[name]])
-            try:
-                per_script.append(rollout(int(episode_seed), played, frame_skip)[t0:])
-            except EpisodeEnded:   # the scripted agent found the goal: skip this start
-                break
-        if len(per_script) == len(SCRIPTS):
-            frames.append(np.stack(per_script))
-            actions.append(np.stack([scripts[name] for name in SCRIPTS]))
-            starts.append(t0)
-            episodes.append(episode)
-    if not frames:
-        raise DataError(f"no eval start: in each of the {len(test_seeds)} held-out episodes a scripted agent "
-                        "reached the goal; collect more held-out episodes")
-    return {"frames": np.stack(frames), "actions": np.stack(actions), "t0": np.array(starts), "episode": np.array(episodes)}
-
-
-def collect_episodes(data_dir: Path, episodes: int, test_episodes: int, episode_length: int, frame_skip: int,
-                     max_hold: int, seed: int, given: int, generated: int) -> dict:
-    """Training and held-out episodes of the random agent and the eval clips (eval_starts), played
-    once and cached in data_dir by their settings, as torch tensors; with the training pixels'
-    variance ("variance", of every 10th frame), the eval clips' actions shuffled between their
-    continuations ("eval_shuffled_actions", shuffle_actions) and the seconds the collection took."""
-    path = Path(data_dir) / (f"vizdoom_my_way_home_{episodes}+{test_episodes}x{episode_length}"
-                             f"_skip{frame_skip}_hold{max_hold}_seed{seed}.npz")
-    data = load_npz(path, keys=("train_frames", "test_frames", "eval_frames"))
-    if data is None:
-        check_writable(Path(data_dir))
-    if data is None or data["eval_frames"].shape[2] != given + generated:
-        t0 = time.perf_counter()
-        print(f"collecting {episodes} + {test_episodes} episodes of {episode_length} actions "
-              f"in my_way_home (frame skip {frame_skip}) -> {path}", flush=True)
-        # Seeds of held-out episodes start far above those of training episodes.
-        train_frames, train_actions, train_seeds = play_episodes(seed * 10_000_000, episodes, episode_length,
-                                                                 max_hold, frame_skip)
-        test_frames, test_actions, test_seeds = play_episodes(seed * 10_000_000 + 5_000_000, test_episodes,
-                                                              episode_length, max_hold, frame_skip)
-        starts = eval_starts(test_actions, test_seeds, seed, frame_skip, given, generated)
-        data = dict(train_frames=train_frames, train_actions=train_actions, train_seeds=train_seeds,
-                    test_frames=test_frames, test_actions=test_actions, test_seeds=test_seeds,
-                    eval_frames=starts["frames"], eval_actions=starts["actions"], eval_t0=starts["t0"],
-                    eval_episode=starts["episode"], collect_seconds=np.array(time.perf_counter() - t0))
-        save_npz(path, data)
-        print(f"collected {train_frames.shape[0] * train_frames.shape[1] + test_frames.shape[0] * test_frames.shape[1]} "
-              f"frames in {float(data['collect_seconds']):.1f} s", flush=True)
-    data = {k: torch.from_numpy(v) for k, v in data.items()}   # cached: every process reads one file
-    data["collect_seconds"] = data["collect_seconds"].item()
-    data["variance"] = pixel_variance(data["train_frames"][:, ::10])
-    data["eval_shuffled_actions"] = shuffle_actions(data["eval_actions"])
-    return data
-
-
-# ============================================================================ frames
-def frames_to_float(frames_uint8: torch.Tensor, device) -> torch.Tensor:
-    """uint8 (..., 84, 84, 3) -> float (..., 3, 84, 84) in [-0.5, 0.5], contiguous: the same memory
-    layout whatever the frames' (convolutions round differently on channels-last tensors)."""
-    return (frames_uint8.to(device).movedim(-1, -3).float() / 255 - 0.5).contiguous()
-
-
-def encode_frames(model, frames: torch.Tensor, device, batch_size: int = 128) -> torch.Tensor:
-    """Codes (..., 21, 21) int64 of frames (..., 84, 84, 3) uint8 (lab.images.encode)."""
-    codes = encode(model, frames.reshape(-1, *frames.shape[-3:]), device, frames_to_float, batch_size)
-    return codes.reshape(*frames.shape[:-3], *codes.shape[1:])
-
-
-@torch.no_grad()
-def decode_frames(model, codes: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
-    """Frames (..., 3, 84, 84) float in [0, 1] of codes (..., 21, 21)."""
-    flat = codes.reshape(-1, *codes.shape[-2:])
-    device = model.quantizer.codebook.device
-    out = [model.decode(flat[i:i + batch_size].to(device)).cpu() + 0.5 for i in range(0, len(flat), batch_size)]
-    return torch.cat(out).clamp(0, 1).reshape(*codes.shape[:-2], *out[0].shape[1:])
-
-
-def to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """Frames in [0, 1] -> uint8, as every frame the action classifier sees is stored."""
-    return (frames * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-# ============================================================================ measures
 # What the model predicts: one draw with the true and with shuffled actions, and the mean of the draws.
 MODEL_PREDICTIONS = ("true_actions", "shuffled_actions", "mean_of_draws_true_actions", "mean_of_draws_shuffled_actions")
 
 
-def shuffle_actions(actions: torch.Tensor) -> torch.Tensor:
-    """Each sequence of actions (S, 3, 10) replaced by another continuation's of the same start:
-    forward <- turn_right <- random <- forward."""
-    return actions.roll(-1, dims=1)
-
-
 @torch.no_grad()
-def evaluate_videos(run, model, data: dict, codes: dict, draws: dict, classifier_steps: int, seed: int):
+def evaluate_videos(model, classifier, data: dict, codes: dict, draws: dict, device):
     """Test-set numbers of the frame VQ-VAE (reconstruction error and code usage of the held-out
     episodes) and of the continuations that a prior generated from the eval clips.
 
-    codes: "test" (E, T+1, 21, 21) of the held-out episodes, "train" those of the training
-    episodes (for the action classifier) and "eval" (S, 3, given + generated, 21, 21) of the eval
-    clips; draws: {"true_actions", "shuffled_actions"} codes (N, S, 3, generated, 21, 21) of N
-    draws. Returns (metrics, videos): video_metrics and action_following, and the videos in [0, 1]
+    codes: "test" (E, T+1, 21, 21) of the held-out episodes and "eval" (S, 3, given + generated,
+    21, 21) of the eval clips; draws: {"true_actions", "shuffled_actions"} codes (N, S, 3, generated, 21, 21) of N
+    draws; classifier: the action classifier (train_video.py's action_classifier stage). Returns
+    (metrics, videos): video_metrics and action_following, and the videos in [0, 1]
     (S, 3, T, 3, 84, 84): "truth", "vqvae_reconstruction", draw 0 of each variant, the mean of the
     draws ("mean_of_draws_...", the model's mean prediction: a single draw x~ of an exact model
     costs E|x~ - x|^2 = 2 tr Var(x | past), the mean of N draws tr Var (1 + 1/N)) and every draw
@@ -242,12 +44,12 @@ def evaluate_videos(run, model, data: dict, codes: dict, draws: dict, classifier
     frames, given = data["eval_frames"], data["eval_frames"].shape[2] - data["eval_actions"].shape[2]
     videos = {"truth": frames.movedim(-1, -3).float() / 255,
               "vqvae_reconstruction": decode_frames(model, codes["eval"][:, :, given:])}
-    for name, z in draws.items():
-        decoded = torch.stack([decode_frames(model, z_k) for z_k in z])
+    for name, drawn in draws.items():
+        decoded = torch.stack([decode_frames(model, one_draw) for one_draw in drawn])
         videos[name], videos[f"mean_of_draws_{name}"] = decoded[0], decoded.mean(0)
         videos[f"draws_{name}"] = to_uint8(decoded)                      # for the action classifier: every draw
-    metrics.update(video_metrics(frames, codes["eval"], {name: z[0] for name, z in draws.items()}, videos))
-    metrics.update(action_following(run, model, data, codes, videos, classifier_steps, seed))
+    metrics.update(video_metrics(frames, codes["eval"], {name: drawn[0] for name, drawn in draws.items()}, videos))
+    metrics.update(action_following(classifier, model, data, codes, videos, device))
     return metrics, videos
 
 
@@ -356,59 +158,52 @@ ACTION_CLASSIFIER = dict(channels=64, batch_size=64, lr=1e-3, max_shift=ActionCl
                          max_vertical_shift=ActionClassifier.max_vertical_shift)
 
 
-def action_classifier(run, model, codes: dict, actions: torch.Tensor, steps: int, seed: int) -> ActionClassifier:
-    """The action classifier of the training episodes' frames decoded from their codes (E, T+1,
-    21, 21) under actions (E, T), in <out>/action_classifier.pt, which records what it was made
-    from: the VQ-VAE, the episodes (their codes and actions), steps, seed and ACTION_CLASSIFIER.
-    One made from the same is read back (it does not depend on the prior, so an evaluation of
-    another prior or sampler judges with the same one); one made from others is trained anew; an
-    unfinished one is continued with --resume. Trained on this process alone (the main one, after
-    end_training)."""
-    path = run.out / "action_classifier.pt"
-    made_from = {"vqvae": run.vqvae_id, "episodes": content_key(codes["train"], actions), "steps": steps,
-                 "seed": seed, **ACTION_CLASSIFIER}
+def action_classifier_made_from(vqvae_id: str, train_codes: torch.Tensor, actions: torch.Tensor, steps: int,
+                                seed: int) -> dict:
+    """What an action classifier is made from, recorded in action_classifier.pt: the VQ-VAE, the
+    training episodes (their codes (E, T+1, 21, 21) and actions (E, T)), steps, seed and
+    ACTION_CLASSIFIER. It does not depend on the prior, so an evaluation of another prior or
+    sampler judges with the same classifier."""
+    return {"vqvae": vqvae_id, "episodes": content_key(train_codes, actions), "steps": steps, "seed": seed,
+            **ACTION_CLASSIFIER}
+
+
+def new_action_classifier(seed: int, device) -> ActionClassifier:
+    """An untrained classifier whose weights depend on `seed` alone (the global random state is kept)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        classifier = ActionClassifier(ACTION_CLASSIFIER["channels"]).to(run.device)
+        return ActionClassifier(ACTION_CLASSIFIER["channels"]).to(device)
+
+
+def load_action_classifier(path: Path, made_from: dict, device) -> ActionClassifier | None:
+    """The finished classifier of `path` if it was made from `made_from`, else None."""
     state = load_checkpoint(path) if path.exists() else None
-    if state is not None and state.get("made_from") == made_from and state.get("step") == steps:
-        classifier.load_state_dict(state["model"])
-        print(f"[eval] action classifier read from {path}", flush=True)
-        return classifier.eval()
-    if state is not None and state.get("made_from") != made_from:
-        path.unlink()   # made from another VQ-VAE, other episodes or settings
-    frames = to_uint8(decode_frames(model, codes["train"].long()))
-    train_action_classifier(run.alone(), classifier, frames, actions, steps, seed, made_from)
+    if state is None or state.get("made_from") != made_from or state.get("step") != made_from["steps"]:
+        return None
+    classifier = ActionClassifier(ACTION_CLASSIFIER["channels"]).to(device)
+    classifier.load_state_dict(state["model"])
+    print(f"[action_classifier] read from {path}", flush=True)
     return classifier.eval()
 
 
-@torch.enable_grad()   # evaluation runs under no_grad
-def train_action_classifier(run, classifier: ActionClassifier, frames: torch.Tensor, actions: torch.Tensor,
-                            steps: int, seed: int, made_from: dict) -> None:
-    """run.train on batches of transitions of frames (E, T+1, 3, 84, 84) uint8 under actions (E, T),
-    each mirrored (mirror) with probability 1/2, drawn from one random stream seeded by `seed`; the
-    learning rate cooled down linearly over the last 20% of steps."""
-    batch_size, (E, T) = ACTION_CLASSIFIER["batch_size"], actions.shape
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=ACTION_CLASSIFIER["lr"])
-    # One random stream seeded by `seed`, drawn up front (the transitions, then whether to mirror
-    # them, for each step and one more for run.train's check), so that a step's batch depends on the
-    # step alone, as a resumed run needs.
-    generator = torch.Generator().manual_seed(seed)
-    draws = [(torch.randint(E * T, (batch_size,), generator=generator), torch.rand(batch_size, generator=generator) < 0.5)
-             for _ in range(steps + 1)]
+def transition_draws(num_episodes: int, episode_length: int, steps: int, seed: int) -> list:
+    """For each training step, (transitions (64,), whether to mirror each): one random stream seeded
+    by `seed`, drawn up front so that a step's batch depends on the step alone, as a resumed run
+    needs. One draw more than `steps`: lab.train.fit's check of a checkpoint looks at the next batch."""
+    generator, batch_size = torch.Generator().manual_seed(seed), ACTION_CLASSIFIER["batch_size"]
+    return [(torch.randint(num_episodes * episode_length, (batch_size,), generator=generator),
+             torch.rand(batch_size, generator=generator) < 0.5) for _ in range(steps + 1)]
 
-    def loss_fn(classifier, step):
-        i, flip = draws[step]
-        e, t = i // T, i % T
-        pairs, target = torch.stack([frames[e, t], frames[e, t + 1]], 1), actions[e, t]
-        flipped_pairs, flipped_target = mirror(pairs, target)
-        pairs = torch.where(flip[:, None, None, None, None], flipped_pairs, pairs)
-        target = torch.where(flip, flipped_target, target)
-        loss = F.cross_entropy(classifier(pairs.to(run.device)), target.to(run.device))
-        return loss, {"loss": loss.detach()}
 
-    run.train("action_classifier", classifier, optimizer, loss_fn, steps, lr_schedule="cooldown",
-              extra={"made_from": made_from})
+def transition_batch(frames: torch.Tensor, actions: torch.Tensor, index: torch.Tensor, flip: torch.Tensor):
+    """(pairs (B, 2, 3, 84, 84) uint8, actions (B,)) of the transitions `index` (into episode x step)
+    of frames (E, T+1, 3, 84, 84) under actions (E, T), each mirrored where `flip`."""
+    T = actions.shape[1]
+    e, t = index // T, index % T
+    pairs, target = torch.stack([frames[e, t], frames[e, t + 1]], 1), actions[e, t]
+    flipped_pairs, flipped_target = mirror(pairs, target)
+    return (torch.where(flip[:, None, None, None, None], flipped_pairs, pairs),
+            torch.where(flip, flipped_target, target))
 
 
 @torch.no_grad()
@@ -421,16 +216,15 @@ def predict_actions(classifier: ActionClassifier, pairs: torch.Tensor, batch_siz
 
 
 @torch.no_grad()
-def action_following(run, model, data: dict, codes: dict, videos: dict, steps: int, seed: int) -> dict:
-    """Score the action classifier (action_classifier; action_accuracies) on the held-out episodes
-    and the eval videos, all decoded from their codes."""
+def action_following(classifier, model, data: dict, codes: dict, videos: dict, device) -> dict:
+    """The action classifier's verdicts (action_accuracies) on the held-out episodes and the eval
+    videos, all decoded from their codes."""
     t0 = time.perf_counter()
-    classifier = action_classifier(run, model, codes, data["train_actions"], steps, seed)
     given = data["eval_frames"].shape[2] - data["eval_actions"].shape[2]
-    last = decode_frames(model, encode_frames(model, data["eval_frames"][:, :, given - 1:given], run.device))
+    last = decode_frames(model, encode_frames(model, data["eval_frames"][:, :, given - 1:given], device))
     metrics = action_accuracies(classifier, to_uint8(decode_frames(model, codes["test"].long())), data["test_actions"],
                                 last, videos, data["eval_actions"])
-    print(f"[eval] action classifier trained and applied in {time.perf_counter() - t0:.0f} s: "
+    print(f"[eval] action classifier applied in {time.perf_counter() - t0:.0f} s: "
           f"real held-out {metrics['action_accuracy_real_test']:.1%}, generated with true actions "
           f"{metrics['action_accuracy_true_actions']:.1%}, with shuffled {metrics['action_accuracy_shuffled_actions']:.1%}",
           flush=True)
@@ -540,7 +334,7 @@ def video_figures(run, model, data: dict, codes: dict, metrics: dict, videos: di
                     "held-out frames' code usage:")
     plot_history(out / "vqvae_curves.png", run.histories["vqvae"], ["loss", "recon_loss", "perplexity"],
                  "frame VQ-VAE training")
-    plot_history(out / "prior_curves.png", run.histories["prior"], ["prior_loss"], "prior (nats per latent)")
+    plot_history(out / "prior_curves.png", run.histories["prior"], ["prior_loss"], "prior (nats per code)")
     plot_error_curves(out / "error_curves.png", metrics)
     save_strips(out, videos)
     for v, name in enumerate(SCRIPTS[:2]):

@@ -1,30 +1,25 @@
-"""lab/video.py: repeatable collection in ViZDoom and its cache, the frames as the model sees them,
-the action classifier (its features, its scoring, and its training through the one training loop:
-cached for what it is made from, deterministic and resumable), and the summary of several seeds.
-The script train_video.py is tested in tests/test_train_video.py."""
+"""lab/video_eval.py: the action classifier (its features, its scoring, and its training by
+train_video.py's action_classifier stage through the one training loop: cached for what it is
+made from, deterministic and resumable), and the summary of several seeds. The collection is
+tested in test_episodes.py, the script in tests/test_train_video.py."""
 import dataclasses
 import json
 import os
 import signal
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import lab
+import train_video
 import vqvae
 from conftest import require_vizdoom
-from lab import video
-from lab.runs import Env, Run
+from lab import episodes as video_data
+from lab import files, guards, train, video_eval
+from lab.runs import Run
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
-
-
-def collect(data_dir, episodes=2, test_episodes=2, episode_length=20, seed=0):
-    return video.collect_episodes(data_dir, episodes, test_episodes, episode_length, frame_skip=4, max_hold=4,
-                                  seed=seed, given=6, generated=10)
 
 
 @pytest.fixture(scope="module")
@@ -32,72 +27,21 @@ def long_episodes(tmp_path_factory):
     """Three training and two held-out episodes of 60 actions, collected once into the session's
     shared data folder (tests/test_train_video.py reads the same cache)."""
     require_vizdoom()
-    return collect(tmp_path_factory.getbasetemp() / "video_data", episodes=3, test_episodes=2, episode_length=60)
-
-
-# ----------------------------------------------------------------------------- frames
-def test_frames_reach_the_model_in_one_memory_layout_whether_fresh_or_cached():
-    # Freshly collected frames were an (N, H, W, 3) view of (N, 3, H, W) memory and cached ones
-    # (N, H, W, 3) memory: convolutions round differently on the two, so runs diverged.
-    cached = torch.randint(0, 256, (4, 84, 84, 3), dtype=torch.uint8)
-    fresh = cached.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
-    a, b = video.frames_to_float(cached, "cpu"), video.frames_to_float(fresh, "cpu")
-    assert a.is_contiguous() and b.is_contiguous() and torch.equal(a, b)
-    assert video.resize(np.zeros((2, 120, 160, 3), np.uint8)).flags["C_CONTIGUOUS"]
-
-
-def test_missing_vizdoom_says_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "vizdoom", None)
-    with pytest.raises(SystemExit, match=r"pip install vizdoom==1\.3\.2"):
-        video.rollout(0, np.zeros(3, dtype=np.int64), 4)
-
-
-# ----------------------------------------------------------------------------- the environment
-def test_rollouts_repeat_exactly_for_a_seed_and_differ_between_seeds(vizdoom):
-    actions = video.random_actions(7, 30, max_hold=4)
-    assert np.array_equal(actions, video.random_actions(7, 30, max_hold=4)) and set(actions) <= {0, 1, 2}
-    frames = video.rollout(7, actions, frame_skip=4)
-    assert frames.shape == (31, 84, 84, 3) and frames.dtype == np.uint8
-    assert np.array_equal(frames, video.rollout(7, actions, frame_skip=4))
-    assert not np.array_equal(frames[0], video.rollout(8, actions[:1], frame_skip=4)[0])
-    turned = video.rollout(7, np.full(3, video.ACTIONS.index("turn_right")), frame_skip=4)
-    assert not np.array_equal(turned[0], turned[-1])
-
-
-def test_eval_truth_replays_the_held_out_episode_and_collection_is_cached(tmp_path, vizdoom, monkeypatch):
-    data = collect(tmp_path)
-    assert data["train_frames"].shape == (2, 21, 84, 84, 3) and data["train_actions"].shape == (2, 20)
-    assert not set(data["train_seeds"].tolist()) & set(data["test_seeds"].tolist())
-    S = len(data["eval_frames"])
-    assert data["eval_frames"].shape == (S, 3, 16, 84, 84, 3) and S >= 1
-    for s in range(S):
-        e, t0 = data["eval_episode"][s], data["eval_t0"][s]
-        episode = data["test_frames"][e, t0:t0 + 16]
-        random = video.SCRIPTS.index("random")
-        assert torch.equal(data["eval_frames"][s, random], episode)         # replayed from the seed
-        assert torch.equal(data["eval_actions"][s, random], data["test_actions"][e, t0 + 5:t0 + 15])
-        for v, name in enumerate(video.SCRIPTS[:2]):
-            assert torch.equal(data["eval_frames"][s, v, :6], episode[:6])     # the same 6 given frames
-            assert (data["eval_actions"][s, v] == video.ACTIONS.index(name)).all()
-    assert torch.equal(data["eval_shuffled_actions"], video.shuffle_actions(data["eval_actions"]))
-    assert data["variance"] == lab.pixel_variance(data["train_frames"][:, ::10]) and data["collect_seconds"] > 0
-    monkeypatch.setattr(video, "rollout", lambda *a: pytest.fail("the cache was not used"))
-    again = collect(tmp_path)
-    assert again.keys() == data.keys()
-    assert all(torch.equal(again[k], data[k]) for k in data if isinstance(data[k], torch.Tensor))
+    return video_data.collect_episodes(tmp_path_factory.getbasetemp() / "video_data", 3, 2, 60, frame_skip=4,
+                                       max_hold=4, seed=0, given=6, generated=10)
 
 
 # ----------------------------------------------------------------------------- the action classifier's features
 def test_frame_pairs_put_each_frame_beside_the_next():
     frames = torch.arange(2 * 4).reshape(2, 4, 1, 1, 1).expand(2, 4, 3, 2, 2)     # value = frame id
-    pairs = video.frame_pairs(frames)
+    pairs = video_eval.frame_pairs(frames)
     assert pairs.shape == (2, 3, 2, 3, 2, 2)
     assert pairs[..., 0, 0, 0].tolist() == [[[4 * e + t, 4 * e + t + 1] for t in range(3)] for e in range(2)]
 
 
 def best_horizontal_shifts(pairs: torch.Tensor) -> torch.Tensor:
     """The shift (B,) of the classifier's cost volume that best matches x_t+1 to x_t, per pair."""
-    classifier = video.ActionClassifier(channels=8)   # the cost volume has no weights
+    classifier = video_eval.ActionClassifier(channels=8)   # the cost volume has no weights
     cost = classifier.cost_volume(pairs)
     assert cost.shape == (len(pairs), 2 * classifier.max_shift + 1 + 2 * classifier.max_vertical_shift + 1, 21, 21)
     return cost[:, :2 * classifier.max_shift + 1].sum((2, 3)).argmin(1) - classifier.max_shift
@@ -105,19 +49,19 @@ def best_horizontal_shifts(pairs: torch.Tensor) -> torch.Tensor:
 
 def turn_shifts(shifts: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The shifts of the transitions labelled turn_left and of those labelled turn_right."""
-    return shifts[actions == video.ACTIONS.index("turn_left")], shifts[actions == video.ACTIONS.index("turn_right")]
+    return shifts[actions == video_data.ACTIONS.index("turn_left")], shifts[actions == video_data.ACTIONS.index("turn_right")]
 
 
 def test_cost_volume_of_real_turns_points_the_way_the_view_moved(long_episodes, vizdoom):
     """The classifier's features on real frames: the shift that best matches frame t+1 to frame t
     is to the left after turn_left and to the right after turn_right, by about a turn (11 px); the
-    mirrored transitions the classifier also trains on (video.mirror) are labelled the other turn
+    mirrored transitions the classifier also trains on (video_eval.mirror) are labelled the other turn
     and move the other way, and `forward` stays forward."""
     data = long_episodes
     frames = data["train_frames"].movedim(-1, -3)                               # (E, T+1, 3, 84, 84)
-    pairs, actions = video.frame_pairs(frames).flatten(0, 1), data["train_actions"].flatten()
-    mirrored_pairs, mirrored_actions = video.mirror(pairs, actions)
-    forward = video.ACTIONS.index("forward")
+    pairs, actions = video_eval.frame_pairs(frames).flatten(0, 1), data["train_actions"].flatten()
+    mirrored_pairs, mirrored_actions = video_eval.mirror(pairs, actions)
+    forward = video_data.ACTIONS.index("forward")
     assert torch.equal(mirrored_actions == forward, actions == forward) and not torch.equal(mirrored_actions, actions)
     for shifts, acts in ((best_horizontal_shifts(pairs), actions), (best_horizontal_shifts(mirrored_pairs), mirrored_actions)):
         left, right = turn_shifts(shifts, acts)
@@ -133,7 +77,7 @@ def test_shift_costs_are_lowest_at_the_shift_between_the_frames(dim, shift):
     texture = torch.rand(1, 1, 120, 120, generator=torch.Generator().manual_seed(0))
     dy, dx = (shift, 0) if dim == -2 else (0, shift)
     gray = torch.cat([texture[..., 16:100, 16:100], texture[..., 16 + dy:100 + dy, 16 + dx:100 + dx]], 1)
-    cost = video.shift_costs(gray, 8, dim)
+    cost = video_eval.shift_costs(gray, 8, dim)
     assert cost.shape == (1, 17, 21, 21)
     assert int(cost[..., 3:-3, 3:-3].sum((2, 3)).argmin(1)) - 8 == shift
 
@@ -150,7 +94,7 @@ class HeadingOracle(torch.nn.Module):
     def forward(self, pairs):
         step = (pairs[:, 1, 0, 0, 0].long() - pairs[:, 0, 0, 0, 0].long()) // 5
         index = {0: "forward", -1: "turn_left", 1: "turn_right"}
-        return torch.nn.functional.one_hot(torch.tensor([video.ACTIONS.index(index[int(s)]) for s in step]), 3)
+        return torch.nn.functional.one_hot(torch.tensor([video_data.ACTIONS.index(index[int(s)]) for s in step]), 3)
 
 
 def frames_of_headings(headings: torch.Tensor) -> torch.Tensor:
@@ -167,24 +111,24 @@ def test_each_generated_transition_is_scored_against_the_action_it_was_given():
     videos = {"vqvae_reconstruction": frames_of_headings(followed), "true_actions": frames_of_headings(followed),
               "shuffled_actions": frames_of_headings(followed)}               # ignores the shuffled actions
     test_headings = torch.cat([torch.full((4, 1), 25), 25 + turn[test_actions].cumsum(-1)], 1)
-    test_frames = video.to_uint8(frames_of_headings(test_headings))
+    test_frames = video_data.to_uint8(frames_of_headings(test_headings))
     test_frames[0, 3:] = test_frames[0, 2]            # episode 0 stands still from transition 2 on
-    metrics = video.action_accuracies(HeadingOracle(), test_frames, test_actions,
+    metrics = video_eval.action_accuracies(HeadingOracle(), test_frames, test_actions,
                                       frames_of_headings(start), videos, actions)
-    wrong = (test_actions[0, 2:] != video.ACTIONS.index("forward")).sum().item()
+    wrong = (test_actions[0, 2:] != video_data.ACTIONS.index("forward")).sum().item()
     assert wrong > 0 and metrics["action_accuracy_real_test"] == pytest.approx(1 - wrong / test_actions.numel())
     assert metrics["action_accuracy_true_actions"] == metrics["action_accuracy_vqvae_reconstruction"] == 1.0
-    agree = (video.shuffle_actions(actions) == actions).float()
+    agree = (video_data.shuffle_actions(actions) == actions).float()
     assert metrics["action_accuracy_shuffled_actions"] == pytest.approx(agree.mean().item())
     assert metrics["action_accuracy_per_step_shuffled_actions"] == pytest.approx(agree.mean((0, 1)).tolist())
-    for v, name in enumerate(video.SCRIPTS):
+    for v, name in enumerate(video_data.SCRIPTS):
         assert metrics[f"action_accuracy_{name}_shuffled_actions"] == pytest.approx(agree[:, v].mean().item())
     # With several draws every one is judged: here draw 0 follows the actions and draw 1 stands still.
     still = frames_of_headings(start.expand(2, 3, 10))
-    videos["draws_true_actions"] = video.to_uint8(torch.stack([videos["true_actions"], still]))
-    metrics = video.action_accuracies(HeadingOracle(), test_frames, test_actions,
+    videos["draws_true_actions"] = video_data.to_uint8(torch.stack([videos["true_actions"], still]))
+    metrics = video_eval.action_accuracies(HeadingOracle(), test_frames, test_actions,
                                       frames_of_headings(start), videos, actions)
-    forward = (actions == video.ACTIONS.index("forward")).float()
+    forward = (actions == video_data.ACTIONS.index("forward")).float()
     assert 0 < forward.mean() < 1
     assert metrics["action_accuracy_true_actions"] == pytest.approx((1 + forward.mean().item()) / 2)
     assert metrics["action_accuracy_per_step_true_actions"] == pytest.approx(((1 + forward.mean((0, 1))) / 2).tolist())
@@ -200,10 +144,16 @@ def tiny_vqvae() -> vqvae.VQVAE:
 
 
 def a_run(out, resume=False, checkpoint_every=100) -> Run:
-    run = Run(out, Env(torch.device("cpu")), resume=resume, log_every=2, checkpoint_every=checkpoint_every,
+    run = Run(out, torch.device("cpu"), resume=resume, log_every=2, checkpoint_every=checkpoint_every,
               options={"seed": 0, "world_size": 1})
     run.vqvae_id = "step 1, sha256 0123456789abcdef"
     return run
+
+
+def action_classifier(run, model, codes, actions, steps, seed):
+    """train_video.py's action_classifier stage."""
+    args = dataclasses.make_dataclass("Args", ["out", "action_classifier_steps", "seed"])(run.out, steps, seed)
+    return train_video.train_action_classifier(args, run, model, codes["train"], {"train_actions": actions})
 
 
 @pytest.fixture
@@ -213,20 +163,20 @@ def episodes():
 
 
 def reference_classifier(frames, actions, steps, seed, batch_size=64, lr=1e-3):
-    """The action classifier as the script's own loop trained it before it moved to run.train."""
+    """The action classifier as the script's own loop trained it before it moved to the one loop."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        classifier = video.ActionClassifier(64)
+        classifier = video_eval.ActionClassifier(64)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
     generator, (E, T) = torch.Generator().manual_seed(seed), actions.shape
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = lab.learning_rate(lr, "cooldown", step - 1, steps)
+            group["lr"] = train.learning_rate(lr, "cooldown", step - 1, steps)
         i = torch.randint(E * T, (batch_size,), generator=generator)
         e, t = i // T, i % T
         pairs, target = torch.stack([frames[e, t], frames[e, t + 1]], 1), actions[e, t]
         flip = torch.rand(batch_size, generator=generator) < 0.5
-        flipped_pairs, flipped_target = video.mirror(pairs, target)
+        flipped_pairs, flipped_target = video_eval.mirror(pairs, target)
         pairs = torch.where(flip[:, None, None, None, None], flipped_pairs, pairs)
         target = torch.where(flip, flipped_target, target)
         loss = F.cross_entropy(classifier(pairs), target)
@@ -245,54 +195,53 @@ def same_weights(a: dict, b: dict) -> bool:
 
 
 def test_action_classifier_trains_in_the_one_loop_as_its_own_loop_did_and_is_cached(tmp_path, episodes, monkeypatch):
-    """The same seeded draws, initial weights and cool-down as before the move to run.train (the
+    """The same seeded draws, initial weights and cool-down as before the move to the one loop (the
     same weights, bit for bit); the checkpoint records what it was made from and is read back
-    while that holds, in the global random state the evaluation leaves; other steps, another seed
-    or another VQ-VAE train a new one."""
+    while that holds, leaving the global random state as it was; other steps, another seed or
+    another VQ-VAE train a new one."""
     model, (codes, actions) = tiny_vqvae(), episodes
     run = a_run(tmp_path)
     state = torch.get_rng_state()
-    with torch.no_grad():   # as in evaluation
-        trained = weights(video.action_classifier(run, model, codes, actions, steps=5, seed=3))
+    trained = weights(action_classifier(run, model, codes, actions, steps=5, seed=3))
     assert torch.equal(torch.get_rng_state(), state)                         # the global stream untouched
-    frames = video.to_uint8(video.decode_frames(model, codes["train"]))
+    frames = video_data.to_uint8(video_data.decode_frames(model, codes["train"]))
     assert same_weights(trained, weights(reference_classifier(frames, actions, steps=5, seed=3)))
-    saved = lab.load_checkpoint(tmp_path / "action_classifier.pt")
-    assert saved["step"] == 5 and saved["made_from"] == {"vqvae": run.vqvae_id, "episodes": lab.content_key(
-        codes["train"], actions), "steps": 5, "seed": 3, **video.ACTION_CLASSIFIER}
+    saved = files.load_checkpoint(tmp_path / "action_classifier.pt")
+    assert saved["step"] == 5 and saved["made_from"] == {"vqvae": run.vqvae_id, "episodes": guards.content_key(
+        codes["train"], actions), "steps": 5, "seed": 3, **video_eval.ACTION_CLASSIFIER}
     assert run.histories["action_classifier"]["step"] == [2, 4, 5] and "action_classifier_seconds" in run.timings
 
-    monkeypatch.setattr(video, "train_action_classifier", lambda *a, **k: pytest.fail("not read back"))
-    again = video.action_classifier(a_run(tmp_path), model, codes, actions, steps=5, seed=3)
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("not read back"))
+    again = action_classifier(a_run(tmp_path), model, codes, actions, steps=5, seed=3)
     assert same_weights(weights(again), trained) and not again.training
     monkeypatch.undo()
     other = a_run(tmp_path)
     other.vqvae_id = "step 2, sha256 fedcba9876543210"
-    video.action_classifier(other, model, codes, actions, steps=4, seed=3)
-    assert lab.load_checkpoint(tmp_path / "action_classifier.pt")["made_from"]["vqvae"] == other.vqvae_id
+    action_classifier(other, model, codes, actions, steps=4, seed=3)
+    assert files.load_checkpoint(tmp_path / "action_classifier.pt")["made_from"]["vqvae"] == other.vqvae_id
 
 
 def test_an_interrupted_action_classifier_resumes_to_the_same_weights(tmp_path, episodes, monkeypatch):
     """Stopped by Ctrl-C (its checkpoint saved), continued with --resume: the batches of the steps
     before are drawn again, so it ends as one trained in one go, checkpoints or not."""
     model, (codes, actions) = tiny_vqvae(), episodes
-    whole = weights(video.action_classifier(a_run(tmp_path / "whole"), model, codes, actions, steps=7, seed=0))
-    calls, mirror = [], video.mirror
+    whole = weights(action_classifier(a_run(tmp_path / "whole"), model, codes, actions, steps=7, seed=0))
+    calls, mirror = [], video_eval.mirror
 
     def interrupting_mirror(*args):
         calls.append(1)
         if len(calls) == 4:
             os.kill(os.getpid(), signal.SIGINT)
         return mirror(*args)
-    monkeypatch.setattr(video, "mirror", interrupting_mirror)
+    monkeypatch.setattr(video_eval, "mirror", interrupting_mirror)
     with pytest.raises(SystemExit) as stopped:
-        video.action_classifier(a_run(tmp_path / "cut", checkpoint_every=2), model, codes, actions, steps=7, seed=0)
+        action_classifier(a_run(tmp_path / "cut", checkpoint_every=2), model, codes, actions, steps=7, seed=0)
     monkeypatch.undo()
     assert stopped.value.code == 130
-    assert 2 <= lab.load_checkpoint(tmp_path / "cut" / "action_classifier.pt")["step"] < 7
+    assert 2 <= files.load_checkpoint(tmp_path / "cut" / "action_classifier.pt")["step"] < 7
     with pytest.raises(SystemExit, match="exists: pass --resume"):
-        video.action_classifier(a_run(tmp_path / "cut"), model, codes, actions, steps=7, seed=0)
-    resumed = video.action_classifier(a_run(tmp_path / "cut", resume=True), model, codes, actions, steps=7, seed=0)
+        action_classifier(a_run(tmp_path / "cut"), model, codes, actions, steps=7, seed=0)
+    resumed = action_classifier(a_run(tmp_path / "cut", resume=True), model, codes, actions, steps=7, seed=0)
     assert same_weights(weights(resumed), whole)
 
 
@@ -301,9 +250,9 @@ def test_the_action_classifier_of_a_torchrun_evaluation_trains_on_the_main_proce
     classifier for data parallelism (DDP would need the group)."""
     model, (codes, actions) = tiny_vqvae(), episodes
     run = a_run(tmp_path)
-    run.env = dataclasses.replace(run.env, world_size=2)
-    classifier = video.action_classifier(run, model, codes, actions, steps=2, seed=0)
-    assert isinstance(classifier, video.ActionClassifier) and run.env.world_size == 2
+    run.world_size = 2
+    classifier = action_classifier(run, model, codes, actions, steps=2, seed=0)
+    assert isinstance(classifier, video_eval.ActionClassifier) and run.world_size == 2
 
 
 # ----------------------------------------------------------------------------- several seeds
@@ -315,12 +264,12 @@ def test_runs_of_several_seeds_are_summarized_by_their_mean_and_spread(tmp_path)
         mse = {"true_actions": true, "shuffled_actions": shuffled, "copy_last_frame": 0.015,
                "mean_of_draws_true_actions": true / 2, "mean_of_draws_shuffled_actions": 0.016 - seed / 1000}
         curves = {f"mse_per_step_{v}": [x * (1 + k / 10) for k in range(10)] for v, x in mse.items()}
-        lab.write_json(runs[-1] / "metrics.json", {
+        files.write_json(runs[-1] / "metrics.json", {
             "config": {"seed": seed}, "threads": 1, "curves": curves,
             "metrics": {**{f"mse_{v}": x for v, x in mse.items()},
                         "action_accuracy_real_test": 0.9, "action_accuracy_true_actions": 0.5 + seed / 10,
                         "action_accuracy_shuffled_actions": 0.4, "backend": "PyTorch"}})
-    means = video.summarize_seeds(tmp_path, runs)
+    means = video_eval.summarize_seeds(tmp_path, runs)
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["seeds"] == [0, 1, 2] and report["metrics"] == means
     assert means["mse_true_actions"] == pytest.approx(0.014) and "backend" not in means
