@@ -3,9 +3,11 @@
     pip install --no-build-isolation -e .    # against the torch already installed
 
 vqvae_ext registers the operators torch.ops.vqvae_ext.nearest_code and ema_stats (see
-csrc/vqvae_ext/__init__.py). vqvae.py runs without it, in pure PyTorch, so a failed build prints
-one warning and the install goes on. `python -c "import vqvae_ext; print(vqvae_ext.describe('cuda'))"`
-says what runs on a GPU.
+csrc/vqvae_ext/__init__.py). vqvae.py runs without it, in pure PyTorch. Where the CUDA kernels
+cannot be built (a toolkit that cannot link: the nvcc on PATH a wrapper script, CUDA_HOME unset),
+the CPU kernels are built alone; where nothing builds, vqvae is installed without the extension.
+Either way the reason is recorded beside the extension (_build.json): `import vqvae_ext`, the
+first line of every run and `vqvae_ext.build_info()` say it, with the command that fixes it.
 
 GPU architectures: TORCH_CUDA_ARCH_LIST when set; else those of the GPUs visible at build time
 (torch's default); else DEFAULT_CUDA_ARCH_LIST, whose PTX the driver compiles for newer GPUs.
@@ -18,7 +20,9 @@ Environment variables:
     MAX_JOBS=N          parallel compile jobs
 """
 import glob
+import json
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -31,21 +35,47 @@ def flag(name):
     return os.environ.get(name) == "1"
 
 
+def first_line(error: Exception) -> str:
+    """The error's type and the start of its message (a failed command's line can be long)."""
+    text = (str(error).splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text[:120] + '...' if len(text) > 120 else text}"
+
+
 def warn(message):
     print(f"\n{'!' * 78}\nvqvae setup: {message}\n{'!' * 78}\n", file=sys.stderr, flush=True)
 
 
-def get_extensions():
-    """[vqvae_ext._C] with its CPU kernels, and its CUDA kernels where torch and the toolkit allow."""
+def cuda_problem() -> str | None:
+    """Why the CUDA kernels cannot be built here, or None: torch without CUDA, no toolkit, or one
+    without the CUDA runtime library that torch links against (the case of a wrapper script nvcc)."""
+    import torch
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if flag("VQVAE_NO_CUDA"):
+        return "VQVAE_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU build"
+    if home is None:
+        return "no CUDA toolkit found (set CUDA_HOME)"
+    if not glob.glob(os.path.join(home, "lib64", "libcudart.so*")) + glob.glob(os.path.join(home, "lib", "libcudart.so*")):
+        return (f"the toolkit torch found, CUDA_HOME={home}, holds no lib64/libcudart.so to link against (is the nvcc on "
+                "PATH a wrapper script?); set CUDA_HOME to the toolkit, e.g. CUDA_HOME=/usr/local/cuda")
+    return None
+
+
+def get_extensions(with_cuda: bool | None = None):
+    """[vqvae_ext._C] with its CPU kernels, and its CUDA kernels where torch and the toolkit allow
+    (with_cuda: None asks cuda_problem)."""
     if flag("VQVAE_NO_EXT"):
         return []
     import torch
     from torch.utils import cpp_extension
 
-    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and not flag("VQVAE_NO_CUDA")
-    if flag("VQVAE_FORCE_CUDA") and not with_cuda:
-        raise SystemExit("vqvae setup: VQVAE_FORCE_CUDA=1, but torch has no CUDA, no CUDA_HOME was found, "
-                         "or VQVAE_NO_CUDA=1")
+    problem = cuda_problem()
+    if flag("VQVAE_FORCE_CUDA") and problem:
+        raise SystemExit(f"vqvae setup: VQVAE_FORCE_CUDA=1, but the CUDA kernels cannot be built: {problem}")
+    with_cuda = problem is None if with_cuda is None else with_cuda
     # -fopenmp: at::parallel_for is a header template, serial unless compiled with OpenMP.
     args = {"cxx": ["-O3", "-fopenmp", "-Wno-psabi"]}
     sources = glob.glob("csrc/*.cpp")
@@ -62,20 +92,53 @@ def get_extensions():
 
 
 def build_ext_class():
-    """torch's BuildExtension, except that a failed build leaves the pure-Python install intact."""
+    """torch's BuildExtension, except that a CUDA build that fails falls back to the CPU kernels, a
+    build that fails altogether leaves the pure-Python install intact, and what was built and why is
+    recorded in _build.json beside the extension, for vqvae_ext to say."""
     from torch.utils.cpp_extension import BuildExtension
 
     class BuildOrSkip(BuildExtension):
         def build_extensions(self):
+            cuda = any(s.endswith(".cu") for e in self.extensions for s in e.sources)
+            record = {"built": True, "cuda": cuda, "why": None if cuda else f"no CUDA kernels: {cuda_problem()}"}
             try:
                 super().build_extensions()
             except Exception as error:  # compiler, linker or ninja failure
                 if flag("VQVAE_FORCE_CUDA"):
                     raise
-                cuda = any(s.endswith(".cu") for e in self.extensions for s in e.sources)
-                warn(f"building vqvae_ext FAILED ({type(error).__name__}: {error}). vqvae is installed without "
-                     "it and uses pure PyTorch." + (" VQVAE_NO_CUDA=1 builds the CPU kernels alone." if cuda else ""))
-                self.extensions = []  # nothing for setuptools to copy or record
+                record = self.fall_back(error, cuda)
+            if record["why"]:
+                warn(f"vqvae_ext: {record['why']}")
+            os.makedirs(os.path.dirname(self.record_path()), exist_ok=True)
+            with open(self.record_path(), "w") as f:
+                json.dump(record, f)
+
+        def record_path(self) -> str:
+            return os.path.join(self.build_lib, "vqvae_ext", "_build.json")
+
+        def copy_extensions_to_source(self):   # --inplace (pip's -e): the record goes beside the extension too
+            super().copy_extensions_to_source()
+            shutil.copyfile(self.record_path(), os.path.join(
+                self.get_finalized_command("build_py").get_package_dir("vqvae_ext"), "_build.json"))
+
+        def fall_back(self, error, cuda: bool) -> dict:
+            """After a failed build: the CPU kernels alone where CUDA's failed, else no extension."""
+            if cuda:
+                warn(f"building the CUDA kernels FAILED ({first_line(error)}); building the CPU kernels alone "
+                     "(`pip install -v` shows the compiler's output)")
+                cuda_ext, (cpu_ext,) = self.extensions[0], get_extensions(with_cuda=False)
+                for name in ("_full_name", "_links_to_dynamic", "_needs_stub", "_file_name"):   # setuptools' own
+                    setattr(cpu_ext, name, getattr(cuda_ext, name))
+                self.extensions = [cpu_ext]
+                self.ext_map = {key: cpu_ext if ext is cuda_ext else ext for key, ext in self.ext_map.items()}
+                try:
+                    super().build_extensions()
+                    return {"built": True, "cuda": False, "why": f"the CUDA kernels failed to build ({first_line(error)})"}
+                except Exception as cpu_error:
+                    error = cpu_error
+            warn(f"building vqvae_ext FAILED ({first_line(error)}). vqvae is installed without it and uses pure PyTorch.")
+            self.extensions = []  # nothing for setuptools to copy or record
+            return {"built": False, "cuda": False, "why": f"its build failed ({first_line(error)})"}
 
     return BuildOrSkip
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import vqvae
-from lab import cli, figures, images, runs, train
+from lab import cli, figures, guards, images, runs, train
 
 # Each preset sets the defaults of the options below (named after the config fields); any option on
 # the command line wins. What each costs and scores: docs/results/cifar10.md.
@@ -184,11 +184,15 @@ def main(argv=None) -> None:
     data = images.load_images(args.data, args.data_dir, args.image_size, args.channels, args.max_train_images,
                            args.max_test_images, args.seed)
     run.use_data(data["train_x"], data["train_y"])
-    run.print(f"CIFAR-10: {len(data['train_x'])} train / {len(data['test_x'])} test images; preset {args.preset}; "
-              f"{run.describe()}")
-    if "prior" in args.stages and args.prior_batch_size * run.world_size > len(data["train_x"]):
-        raise SystemExit(f"--prior-batch-size {args.prior_batch_size} x {run.world_size} process(es): more than "
-                         f"the {len(data['train_x'])} training images")
+    run.print(f"CIFAR-10: {len(data['train_x'])} train / {len(data['test_x'])} test images; preset {args.preset}")
+    if "prior" in args.stages:
+        if args.prior_batch_size * run.world_size > len(data["train_x"]):
+            raise SystemExit(f"--prior-batch-size {args.prior_batch_size} x {run.world_size} process(es): more than "
+                             f"the {len(data['train_x'])} training images")
+        codes = math.prod(s // 4 for s in data["train_x"].shape[2:]) * args.num_groups   # per image
+        guards.check_fits(f"--num-embeddings {args.num_embeddings}: the prior's logits of a batch, with their softmax "
+                          "and gradient,", 3 * args.prior_batch_size * codes * args.num_embeddings, run.device,
+                          "lower --num-embeddings or --prior-batch-size")
 
     if "vqvae" in args.stages:
         train_vqvae(args, run, data)

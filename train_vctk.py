@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import vqvae
-from lab import cli, figures, runs, speech, speech_eval, train
+from lab import cli, figures, guards, runs, speech, speech_eval, train
 from lab.speech import HOP
 
 # Each preset sets the defaults of the options below (named after the config fields); any option on
@@ -88,7 +88,7 @@ def parse_args(argv=None):
     g.add_argument("--dilation-cycle", type=count, help="dilations 1, 2, ..., 2^(cycle-1), repeated")
     g.add_argument("--crop", type=count, help=f"training crop in samples, a multiple of {HOP}")
     p.add_optimizer_options(g)
-    g.add_argument("--classifier-steps", type=count, help="steps of the log-mel classifiers (batch 32)")
+    g.add_argument("--classifier-steps", type=cli.STEPS, help="steps of the log-mel classifiers (batch 32)")
     g = p.add_argument_group("prior over codes: a WaveNet conditioned on the speaker (defaults from --preset)",
                              "Its skip channels are twice --prior-channels; a batch is --prior-batch-size code\n"
                              "sequences of --clip-seconds per process.")
@@ -225,7 +225,11 @@ def main(argv=None) -> None:
     run.use_data(*data.train.audio, data.train.speaker)
     seconds = sum(len(a) for a in data.train.audio) / data.sample_rate
     run.print(f"speech: {len(data.train.audio)} train clips ({seconds / 60:.1f} min) / {len(data.test.audio)} test; "
-              f"{len(data.speakers)} speakers; {data.sample_rate} Hz; preset {args.preset}; {run.describe()}")
+              f"{len(data.speakers)} speakers; {data.sample_rate} Hz; preset {args.preset}")
+    if "prior" in args.stages:
+        guards.check_fits(f"--num-embeddings {args.num_embeddings}: the prior's logits of a batch, with their softmax "
+                          "and gradient,", 3 * args.prior_batch_size * clip_length(args, data) // HOP
+                          * args.num_embeddings, run.device, "lower --num-embeddings or --prior-batch-size")
 
     if "vqvae" in args.stages:
         train_vqvae(args, run, data)

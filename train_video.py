@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import vqvae
-from lab import cli, episodes, runs, train, video_eval
+from lab import cli, episodes, guards, runs, train, video_eval
 from lab.files import load_checkpoint
 
 GIVEN, GENERATED = 6, 10   # the paper's protocol: 6 real frames, then 10 generated
@@ -95,7 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seeds", type=cli.checked(int, at_least=0, below=2 ** 32), nargs="+", metavar="N",
                    help="run the pipeline once per seed (collection, training, sampling), each into <out>/seed_<N>, "
                         "then write their mean and spread to <out>/metrics.json and <out>/error_curves.png")
-    g.add_argument("--action-classifier-steps", type=count,
+    g.add_argument("--action-classifier-steps", type=cli.STEPS,
                    help="steps of the action classifier that names the action between two frames (batch 64)")
     p.may_change_on_resume("temperature", "guidance", "eval_draws", "action_classifier_steps", "data_dir")
     args = p.parse(argv)
@@ -294,7 +294,11 @@ def run_pipeline(args: argparse.Namespace) -> None:
     run.use_data(data["train_frames"], data["train_actions"])
     run.print(f"my_way_home: {data['train_frames'].shape[0]} x {data['train_frames'].shape[1]} training frames, "
               f"{len(data['test_frames'])} held-out episodes, {len(data['eval_frames'])} eval starts; preset "
-              f"{args.preset}; {run.describe()}")
+              f"{args.preset}")
+    if "prior" in args.stages:
+        guards.check_fits(f"--num-embeddings {args.num_embeddings}: the prior's logits of a batch, with their softmax "
+                          "and gradient,", 3 * args.prior_batch_size * (episodes.FRAME_SIZE // 4) ** 2
+                          * args.num_embeddings, run.device, "lower --num-embeddings or --prior-batch-size")
 
     if "vqvae" in args.stages:
         train_vqvae(args, run, data)

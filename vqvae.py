@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -38,7 +39,7 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Codes (N,) int64: the index of the nearest codebook row to each row of z (Eq. 1), ties to the lowest.
 
     z: (N, D) floating; codebook: (K, D), same dtype and device. The extension's operator where
-    vqvae_ext.supports(z), else PyTorch, with the same codes. Raises ValueError on bad shapes or dtypes,
+    vqvae_ext.supports(z) (not in torch.export), else PyTorch, with the same codes. Raises ValueError on bad shapes or dtypes,
     NonFiniteError (a ValueError) on NaN/Inf in z or the codebook or overflowing squared distances (on a
     GPU or compiled: an asynchronous assert, see _require)."""
     _require(z.dim() == 2 and z.is_floating_point(), "z: expected a floating (N, D) tensor", z)
@@ -46,9 +47,11 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
              and codebook.dtype == z.dtype, f"codebook: expected a (K, {z.shape[1]}) {z.dtype} tensor, K > 0", codebook)
     norms = (codebook * codebook).sum(1)                                         # ||e_k||^2, (K,)
     message = "nearest_code: z or codebook contains NaN or Inf (or their squared distances overflow)"
-    if vqvae_ext is not None and vqvae_ext.supports(z):
-        _require(torch.isfinite(z).all() & torch.isfinite(norms).all(), message, error=NonFiniteError)
-        return torch.ops.vqvae_ext.nearest_code(z.detach(), codebook.detach())
+    if _extension_runs(z):
+        _require(torch.isfinite(norms).all(), message, error=NonFiniteError)
+        codes = torch.ops.vqvae_ext.nearest_code(z.detach(), codebook.detach())
+        _require((codes >= 0).all(), message, error=NonFiniteError)          # -1: a row with no finite distance
+        return codes
     # ||z - e_k||^2 = ||z||^2 - 2 <z, e_k> + ||e_k||^2, where ||z||^2 is the same for every k
     distances = torch.addmm(norms, z, codebook.t(), alpha=-2)                   # (N, K)
     codes = distances.argmin(1)
@@ -59,10 +62,15 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 def _code_statistics(z: torch.Tensor, codes: torch.Tensor, num_embeddings: int):
     """Per-code counts (K,) int64 and sums of z (K, D), without a one-hot (N, K) matrix."""
-    if vqvae_ext is not None and vqvae_ext.supports(z):
+    if _extension_runs(z):
         return torch.ops.vqvae_ext.ema_stats(z, codes, num_embeddings)
     counts = torch.bincount(codes, minlength=num_embeddings)
     return counts, z.new_zeros(num_embeddings, z.shape[1]).index_add_(0, codes, z)
+
+
+def _extension_runs(z: torch.Tensor) -> bool:
+    """Whether vqvae_ext's operators run for z; never in torch.export, whose programs then run without it."""
+    return vqvae_ext is not None and not torch.compiler.is_exporting() and vqvae_ext.supports(z)
 
 
 def _distributed() -> bool:
@@ -73,7 +81,7 @@ USAGE_DECAY = 0.99  # the paper's EMA decay, also of code usage without the EMA 
 
 
 class VQOutput(NamedTuple):
-    z_q: torch.Tensor              # (B, D, *S) quantized latents, straight-through gradient to z_e
+    z_q: torch.Tensor              # z_e's shape: quantized latents, straight-through gradient to z_e
     codes: torch.Tensor            # (B, *S) int64
     codebook_loss: torch.Tensor    # scalar, ||sg[z_e] - e||^2 (zero with the EMA codebook)
     commitment_loss: torch.Tensor  # scalar, beta * ||z_e - sg[e]||^2
@@ -86,42 +94,50 @@ class VectorQuantizer(nn.Module):
     with D = 64 is flattened to (1024, 64) latents, each replaced by the nearest of the K codebook rows: z_q (16, 64,
     8, 8), codes (16, 8, 8). Args: num_embeddings K; embedding_dim D (z_e's channels); commitment_cost: beta of Eq. 3
     (paper: 0.25); decay: if set (paper: 0.99), the codebook is the moving average of App. A.1 (a buffer, no codebook
-    loss); epsilon: Laplace smoothing of the EMA cluster sizes. Not in the paper: kmeans_init (k-means on the first
-    training batch) and dead_code_threshold (codes whose average usage per batch falls below it restart from random
-    encoder outputs). Raises ValueError for arguments out of range."""
+    loss), else None: the codebook loss of Eq. 3; epsilon: Laplace smoothing of the EMA cluster sizes; channel_last:
+    vectors on the last axis, z_e (B, *S, D) as a transformer's tokens, instead of (B, D, *S). Not in the paper, on by
+    default: dead_code_threshold, codes whose moving-average use per batch falls below it restart from random latents
+    of the batch (None: the paper's quantizer); off by default: kmeans_init, the codebook from k-means on the first
+    training batch. The codebook starts at N(0, 1/D) per entry, codes of norm about 1 (Sonnet v2's scale). Its state
+    stays in float32 under .to(bfloat16) or .half(). Raises ValueError for arguments out of range."""
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  decay: float | None = None, epsilon: float = 1e-5, kmeans_init: bool = False,
-                 dead_code_threshold: float | None = None):
+                 dead_code_threshold: float | None = 0.1, channel_last: bool = False):
         super().__init__()
         _check_fields("VectorQuantizer", num_embeddings=num_embeddings, embedding_dim=embedding_dim, epsilon=epsilon,
-                      commitment_cost=commitment_cost, decay=decay, dead_code_threshold=dead_code_threshold)
+                      commitment_cost=commitment_cost, decay=decay, dead_code_threshold=dead_code_threshold,
+                      kmeans_init=kmeans_init, channel_last=channel_last)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon
-        self.kmeans_init, self.dead_code_threshold = kmeans_init, dead_code_threshold
+        self.kmeans_init, self.dead_code_threshold, self.channel_last = kmeans_init, dead_code_threshold, channel_last
+        # Codes of norm about 1, as an untrained encoder's outputs: N(0, 1) codes (norm sqrt(D)) lie so far from
+        # them that the few of smallest norm take every latent.
+        codebook = torch.randn(num_embeddings, embedding_dim) / math.sqrt(embedding_dim)
         if decay is None:
-            bound = 1 / num_embeddings
-            self.codebook = nn.Parameter(torch.empty(num_embeddings, embedding_dim).uniform_(-bound, bound))
+            self.codebook = nn.Parameter(codebook)
         else:
-            self.register_buffer("codebook", torch.randn(num_embeddings, embedding_dim))
+            self.register_buffer("codebook", codebook)
             # As if each code had been chosen once with its own value: m / N = e at step 0. A code never
             # chosen then shrinks towards the origin, e_i = gamma^t e0 / (gamma^t + ~epsilon), once
-            # gamma^t nears epsilon (~1,100 steps at gamma = 0.99, epsilon = 1e-5).
-            self.register_buffer("ema_embed_sum", self.codebook.clone())
+            # gamma^t nears epsilon (t = ln(epsilon) / ln(gamma), 1,146 steps at 0.99 and 1e-5).
+            self.register_buffer("ema_embed_sum", codebook.clone())
         # Moving average of code usage N_i (Eq. 6); also serves dead-code detection.
         self.register_buffer("ema_cluster_size", torch.ones(num_embeddings))
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        self._initialized = not kmeans_init   # the buffer as a Python bool: torch.compile specializes on it
 
     def forward(self, z_e: torch.Tensor) -> VQOutput:
-        """Quantize z_e (B, D, *spatial), in float32 whatever the autocast state (z_q comes back in
-        z_e's dtype). Raises ValueError for a wrong shape or dtype, NaN/Inf, and in training for an EMA
-        update that would leave non-finite codes (see _update_codebook)."""
+        """Quantize z_e (B, D, *S), or (B, *S, D) with channel_last, in float32 whatever the autocast state
+        (z_q comes back in z_e's dtype and layout). Raises ValueError for a wrong shape or dtype,
+        NonFiniteError for NaN/Inf, and in training for an EMA update that would leave non-finite codes."""
         D, K = self.embedding_dim, self.num_embeddings
-        _require(z_e.dim() >= 3 and z_e.shape[1] == D and z_e.is_floating_point() and z_e.numel() > 0,
-                 f"z_e: expected a floating (B, {D}, *spatial) tensor with B > 0", z_e)
+        axis, layout = (-1, f"(B, *S, {D})") if self.channel_last else (1, f"(B, {D}, *S)")
+        _require(z_e.dim() >= (2 if self.channel_last else 3) and z_e.shape[axis] == D and z_e.is_floating_point()
+                 and z_e.numel() > 0, f"z_e: expected a floating {layout} tensor with B > 0", z_e)
         with torch.autocast(device_type=z_e.device.type, enabled=False):
-            z = z_e.float().movedim(1, -1)                             # (B, *S, D)
+            z = z_e.float().movedim(axis, -1)                          # (B, *S, D)
             flat = z.reshape(-1, D)                                    # (N, D), N = B * prod(S)
-            if self.kmeans_init and self.training and not self.initialized:
+            if self.training and not self._initialized:
                 self._kmeans_init(flat.detach())
             codebook = self.codebook.float()
             codes = nearest_code(flat.detach(), codebook.detach())     # Eq. 1, (N,)
@@ -138,13 +154,13 @@ class VectorQuantizer(nn.Module):
             perplexity = torch.exp(torch.special.entr(counts / counts.sum()).sum())
             if self.training:
                 self._update_codebook(counts, sums, flat.detach())
-        z_q = z_q.reshape(z.shape).movedim(-1, 1).to(z_e.dtype)        # (B, D, *S)
+        z_q = z_q.reshape(z.shape).movedim(-1, axis).to(z_e.dtype)     # z_e's layout
         return VQOutput(z_q, codes.reshape(z.shape[:-1]), codebook_loss, commitment_loss, perplexity, counts)
 
     @torch.no_grad()
     def _update_codebook(self, counts: torch.Tensor, sums: torch.Tensor, flat: torch.Tensor) -> None:
         """App. A.1 (Eq. 6-8) and the dead-code restart, identical on every process. A new EMA codebook with
-        a non-finite squared norm, which no search can use, is refused (ValueError, state unchanged)."""
+        a non-finite squared norm, which no search can use, is refused (NonFiniteError, state unchanged)."""
         if _distributed():  # the statistics of the whole global batch, so that codebooks stay equal
             counts, sums = counts.clone(), sums.clone()
             dist.all_reduce(counts)
@@ -163,47 +179,87 @@ class VectorQuantizer(nn.Module):
             self.codebook.copy_(codebook)
         self.ema_cluster_size.copy_(cluster_size)
         if self.dead_code_threshold is not None:
-            dead = self.ema_cluster_size < self.dead_code_threshold
-            if dead.any():  # the same decision on every process: the counts were all-reduced
-                self._broadcast_assign(dead, flat[torch.randint(len(flat), (int(dead.sum()),), device=flat.device)])
+            self._restart_dead_codes(flat)
 
-    # ---- Not in the paper: k-means initialisation and dead-code restarts, against codebook collapse ----
+    # ---- Not in the paper: dead-code restarts and k-means initialisation, against codebook collapse ----
+    def _restart_dead_codes(self, flat: torch.Tensor) -> None:
+        """Each code whose moving-average use per batch fell below dead_code_threshold takes a random latent
+        of the batch (process 0's), as if chosen once. Branch-free, with one draw per code whether it is dead
+        or not, so that torch.compile takes it whole and every process decides alike."""
+        if not torch.compiler.is_compiling() and self.dead_code_threshold >= len(flat) / self.num_embeddings:
+            warnings.warn(f"VectorQuantizer: dead_code_threshold {self.dead_code_threshold} is not below the mean use of a "
+                          f"code per batch (N / K = {len(flat)} / {self.num_embeddings}): even codes in use restart; "
+                          "lower it, or quantize larger batches", stacklevel=4)
+        dead = self.ema_cluster_size < self.dead_code_threshold                      # (K,), equal on all processes
+        self._assign(dead, flat[torch.randint(len(flat), (self.num_embeddings,), device=flat.device)])
+
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor, iterations: int = 10) -> None:
-        """Codebook from k-means on the first batch (process 0's), broadcast to all processes."""
-        K = self.num_embeddings
-        # k-means++ seeding: each next centroid is a latent drawn with probability proportional to its squared
-        # distance to the nearest centroid so far, so that separate clusters get one each (uniform seeding
-        # often puts two in one cluster, a local minimum that Lloyd's steps never leave).
-        centroids = flat[torch.randint(len(flat), (1,), device=flat.device)]
-        d2 = ((flat - centroids) ** 2).sum(1)                                      # (N,)
-        for _ in range(1, K):
-            weights = d2 if d2.sum() > 0 else torch.ones_like(d2)  # fewer distinct latents than K
-            centroids = torch.cat([centroids, flat[torch.multinomial(weights, 1)]])
-            d2 = torch.minimum(d2, ((flat - centroids[-1]) ** 2).sum(1))
-        for _ in range(iterations):
-            counts, sums = _code_statistics(flat, nearest_code(flat, centroids), K)
-            used = counts > 0  # an empty cluster keeps its centroid
-            centroids[used] = sums[used] / counts[used, None]
-        self._broadcast_assign(torch.ones(K, dtype=torch.bool, device=flat.device), centroids)
+        """Codebook from k-means on the latents flat (N, D) of the first training batch (process 0's). With
+        K >= N, every latent is a code (and random ones again): nothing to cluster. Branch-free, for torch.compile."""
+        K, N = self.num_embeddings, len(flat)
+        if K >= N:
+            extra = torch.randint(N, (K - N,), device=flat.device)
+            self._assign(torch.ones(K, dtype=torch.bool, device=flat.device), flat[torch.cat([torch.randperm(
+                N, device=flat.device), extra])])
+        else:
+            # k-means++ seeding: each next centroid is a latent drawn with probability proportional to its squared
+            # distance to the nearest centroid so far, so that separate clusters get one each (uniform seeding
+            # often puts two in one cluster, a local minimum that Lloyd's steps never leave).
+            centroids = flat[torch.randint(N, (1,), device=flat.device)]
+            d2 = ((flat - centroids) ** 2).sum(1)                                  # (N,)
+            for _ in range(1, K):
+                weights = torch.where(d2.sum() > 0, d2, 1.0)                      # all 0: fewer distinct latents than K
+                centroids = torch.cat([centroids, flat[torch.multinomial(weights, 1)]])
+                d2 = torch.minimum(d2, ((flat - centroids[-1]) ** 2).sum(1))
+            for _ in range(iterations):
+                counts, sums = _code_statistics(flat, nearest_code(flat, centroids), K)
+                # an empty cluster keeps its centroid
+                centroids = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centroids)
+            self._assign(torch.ones(K, dtype=torch.bool, device=flat.device), centroids)
         self.initialized.fill_(True)
+        self._initialized = True
 
-    def _broadcast_assign(self, mask: torch.Tensor, values: torch.Tensor) -> None:
-        """codebook[mask] = values (process 0's values), resetting the EMA state of those codes."""
-        codebook = self.codebook.detach().clone()
-        codebook[mask] = values.to(codebook.dtype)
+    def _assign(self, mask: torch.Tensor, values: torch.Tensor) -> None:
+        """codebook[mask] = values (process 0's), the EMA state of those codes reset: chosen once, by themselves."""
         if _distributed():
-            dist.broadcast(codebook, src=0)
-        self.codebook.data.copy_(codebook)
-        self.ema_cluster_size[mask] = 1.0
+            values = values.contiguous()
+            dist.broadcast(values, src=0)
+        self.codebook.data.copy_(torch.where(mask[:, None], values.to(self.codebook.dtype), self.codebook.data))
+        self.ema_cluster_size.copy_(torch.where(mask, 1.0, self.ema_cluster_size))
         if self.decay is not None:
-            self.ema_embed_sum[mask] = self.codebook[mask]
+            self.ema_embed_sum.copy_(torch.where(mask[:, None], self.codebook, self.ema_embed_sum))
+
+    @torch.no_grad()
+    def kmeans(self, z_e: torch.Tensor) -> None:
+        """The codebook from k-means on the latents z_e (as forward() takes them), as kmeans_init does on the
+        first training batch."""
+        self._kmeans_init(z_e.float().movedim(-1 if self.channel_last else 1, -1).reshape(-1, self.embedding_dim))
+
+    # ---- PyTorch's module plumbing: the state in float32, the flag of k-means done kept with its buffer ----
+    def _apply(self, fn, recurse=True):
+        """.to(), .half(), .bfloat16(), .cuda(): devices change, but the codebook and its statistics stay in
+        float32 (or float64): in 16 bits the moving averages stall and distances lose the codes' order."""
+        kept = {name: t.data for name, t in [*self.named_parameters(recurse=False), *self.named_buffers(recurse=False)]
+                if t.is_floating_point()}   # .data: the tensors as they are, whatever _apply puts in their place
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            now = getattr(self, name)
+            if now.dtype in (torch.float16, torch.bfloat16):
+                now.data = before.to(now.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """Integer codes (B, *S) -> z_q (B, D, *S). Raises ValueError for values outside [0, K)."""
-        _require(codes.dim() >= 2, "codes: expected an integer (B, *spatial) tensor", codes)
+        """Integer codes (B, *S) -> z_q (B, D, *S), or (B, *S, D) with channel_last. Raises ValueError for
+        values outside [0, K)."""
+        _require(codes.dim() >= (1 if self.channel_last else 2), "codes: expected an integer (B, *S) tensor", codes)
         _check_range(codes, "codes", self.num_embeddings)
-        return F.embedding(codes.long(), self.codebook).movedim(-1, 1)
+        z_q = F.embedding(codes.long(), self.codebook)
+        return z_q if self.channel_last else z_q.movedim(-1, 1)
 
 
 # ---- Encoder and decoder (Sec. 4.1): strided 4x4 convolutions and residual blocks ------------------
@@ -288,7 +344,7 @@ class VQVAEConfig(_Config):
     decay: float | None = None           # 0.99 for the EMA codebook of App. A.1
     epsilon: float = 1e-5
     kmeans_init: bool = False
-    dead_code_threshold: float | None = None
+    dead_code_threshold: float | None = 0.1     # not in the paper (VectorQuantizer); None: the paper's quantizer
     likelihood: str = "gaussian"         # "gaussian" (MSE) or "categorical" (256-way per channel)
     data_variance: float = 1.0           # Gaussian decoder: loss = MSE / data_variance (Sonnet)
 
@@ -725,7 +781,7 @@ class AudioVQVAEConfig(_Config):
     commitment_cost: float = 0.25        # beta
     decay: float | None = 0.99           # EMA codebook (App. A.1), or None for the codebook loss
     kmeans_init: bool = False            # not in the paper, see VectorQuantizer
-    dead_code_threshold: float | None = None
+    dead_code_threshold: float | None = 0.1     # not in the paper (VectorQuantizer); None: the paper's quantizer
     wavenet_channels: int = 64
     skip_channels: int = 64
     wavenet_layers: int = 10
@@ -902,13 +958,14 @@ def _check_range(x: torch.Tensor, name: str, count: int) -> None:
 _COUNT = (lambda v: v is None or isinstance(v, int) and v >= 1, "an integer >= 1")
 _RULES = {  # what config fields must hold, by name or owner.name; any other field: _COUNT
     "commitment_cost": (lambda v: 0 <= v < math.inf, ">= 0"),
-    "decay": (lambda v: v is None or 0 <= v < 1, "in [0, 1) or None"),
+    "decay": (lambda v: v is None or 0 < v < 1, "in (0, 1), or None for the codebook loss of Eq. 3 (decay=0 would "
+                                                "replace the codebook by each batch's means)"),
     "dead_code_threshold": (lambda v: v is None or 0 < v < math.inf, "> 0 or None"),
     **dict.fromkeys(("epsilon", "data_variance"), (lambda v: 0 < v < math.inf, "> 0")),
     "likelihood": (lambda v: v in ("gaussian", "categorical"), "'gaussian' or 'categorical'"),
     "dims": (lambda v: v in (1, 2, 3), "1, 2 or 3"),
     "kernel_size": (lambda v: isinstance(v, int) and v >= 3 and v % 2 == 1, "odd and >= 3"),
-    "kmeans_init": (lambda v: isinstance(v, bool), "a bool"),
+    **dict.fromkeys(("kmeans_init", "channel_last"), (lambda v: isinstance(v, bool), "a bool")),
     **dict.fromkeys(("num_res_layers", "num_downsamples", "cond_channels",
                      "ActionConditionalPriorConfig.embedding_dim"), (lambda v: isinstance(v, int) and v >= 0, ">= 0")),
 }

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -257,8 +258,8 @@ def check_train(device, quick, data, data_dir, workdir):
         rates = [float(w) for line in run.stdout.splitlines() if "it/s" in line
                  for w, nxt in zip(line.split(), line.split()[1:]) if nxt == "it/s"]
         history = torch.load(out / "vqvae.pt", weights_only=True)["history"]
-        backend = next((line.split("quantizer ")[1].split(";")[0] for line in run.stdout.splitlines()
-                        if "quantizer " in line), "?")
+        backend = next((m.group(1) for m in map(re.compile(r"quantizer (extension: CPU|extension: CUDA sm_\d+|"
+                                                             r"PyTorch)").search, run.stdout.splitlines()) if m), "?")
         results[name] = {"backend": backend, "seconds": seconds, "steps/s (last report)": rates[-1] if rates else None,
                          "final loss": history["loss"][-1], "final perplexity": history["perplexity"][-1]}
     a, b = results["extension"]["final loss"], results["PyTorch"]["final loss"]

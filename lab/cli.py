@@ -14,13 +14,13 @@ AMP = ("off", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine", "cooldown")
 
 
-def checked(kind=int, at_least=None, above=None, below=None):
+def checked(kind=int, at_least=None, above=None, below=None, hint: str = ""):
     """An argparse type: `kind` (int or float), finite, >= at_least or > above (and < below); the
-    refusal names what was expected and what was given ("expected an integer >= 1; got 0")."""
+    refusal names what was expected and what was given ("expected an integer >= 1; got 0"), then
+    the hint of an out-of-range value."""
     what = "an integer" if kind is int else "a finite number"
     bound = f" >= {at_least}" if at_least is not None else f" > {above}" if above is not None else ""
     bound += f" and < {below}" if below is not None else ""
-    skip = " (leave a stage out of --stages to skip it)" if kind is int and at_least == 1 else ""
 
     def parse(text: str):
         try:
@@ -29,7 +29,7 @@ def checked(kind=int, at_least=None, above=None, below=None):
             raise argparse.ArgumentTypeError(f"expected {what}{bound}; got {text!r}") from None
         if (not math.isfinite(value) or (at_least is not None and value < at_least)
                 or (above is not None and value <= above) or (below is not None and value >= below)):
-            raise argparse.ArgumentTypeError(f"expected {what}{bound}{skip}; got {value}")
+            raise argparse.ArgumentTypeError(f"expected {what}{bound}{hint}; got {value}")
         return value
     parse.__name__ = kind.__name__
     return parse
@@ -44,15 +44,18 @@ def optional(kind):
 
 
 def decay(text: str) -> float | None:
+    """--decay: the EMA codebook's gamma in (0, 1), or 'none' for the codebook loss (gamma 0 would
+    replace the codebook by each batch's means)."""
     if text == "none":
         return None
-    value = checked(float, at_least=0)(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), or 'none'; got {value}")
+    value = checked(float)(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), or 'none' for the codebook loss; got {value}")
     return value
 
 
 COUNT, SIZE = checked(int, at_least=1), checked(int, at_least=0)
+STEPS = checked(int, at_least=1, hint=" (leave a stage out of --stages to skip it)")
 POSITIVE, NON_NEGATIVE = checked(float, above=0), checked(float, at_least=0)
 
 
@@ -104,7 +107,7 @@ class Parser(argparse.ArgumentParser):
     def add_optimizer_options(self, g, batch_help: str = "per process") -> None:
         g.add_argument("--lr", type=POSITIVE, help="Adam's learning rate")
         g.add_argument("--batch-size", type=COUNT, help=batch_help)
-        g.add_argument("--steps", type=COUNT, help="training steps")
+        g.add_argument("--steps", type=STEPS, help="training steps")
         g.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                        help="constant: --lr throughout; cosine: from --lr down to 0 over --steps; cooldown: "
                             "--lr, then linearly down to 0 over the last 20%% of --steps")
@@ -114,7 +117,7 @@ class Parser(argparse.ArgumentParser):
         g.add_argument("--prior-num-layers", type=COUNT, help="layers of the prior")
         g.add_argument("--prior-lr", type=POSITIVE, help="Adam's learning rate")
         g.add_argument("--prior-batch-size", type=COUNT, help="per process")
-        g.add_argument("--prior-steps", type=COUNT, help="training steps")
+        g.add_argument("--prior-steps", type=STEPS, help="training steps")
         if schedule:
             g.add_argument("--prior-lr-schedule", choices=LR_SCHEDULES, help="as --lr-schedule, over --prior-steps")
 
@@ -129,6 +132,7 @@ class Parser(argparse.ArgumentParser):
         self.set_defaults(**self.presets[self.parse_known_args(argv)[0].preset])
         args = self.parse_args(argv)
         args.out = args.out or Path("runs") / f"{self.name}_{args.preset}"
+        args.experiment = self.name   # recorded with the options: --resume of another script's folder is refused
         valid = self.get_default("stages").split(",")
         args.stages = set(args.stages.split(","))
         if not args.stages <= set(valid):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from lab.files import write_atomically
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend."""
@@ -13,6 +15,12 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save(fig, path: str | Path, **savefig_kwargs) -> None:
+    """fig as a PNG at `path` (written atomically, like every file of a run), then closed."""
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, **savefig_kwargs))
+    pyplot().close(fig)
 
 
 def save_image_rows(path: str | Path, rows: list[tuple[str, torch.Tensor]], title: str = "",
@@ -36,12 +44,15 @@ def save_image_rows(path: str | Path, rows: list[tuple[str, torch.Tensor]], titl
         x, bottom = (left.x1 + right.x0) / 2, axes[-1][divider].get_position().y0
         fig.add_artist(plt.Line2D([x, x], [bottom, left.y1], transform=fig.transFigure, color="red", linewidth=1.5))
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save(fig, path, bbox_inches="tight")
 
 
 def plot_history(path: str | Path, history: dict[str, list[float]], keys: list[str], title: str = "") -> None:
-    """One panel per key of a history {"step": [...], key: [...]}, against step."""
+    """One panel per key of a history {"step": [...], key: [...]}, against step; nothing for a history
+    without points (a run stopped before its first log step) or without those keys."""
+    keys = [k for k in keys if history and history.get(k)]
+    if not keys:
+        return
     plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -52,8 +63,7 @@ def plot_history(path: str | Path, history: dict[str, list[float]], keys: list[s
             ax.set_yscale("log")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_code_usage(path: str | Path, codes: torch.Tensor, num_embeddings: int, title: str = "") -> None:
@@ -68,8 +78,7 @@ def plot_code_usage(path: str | Path, codes: torch.Tensor, num_embeddings: int, 
     ax.set_ylabel("fraction of latents")
     ax.set_title(f"{title} {int((counts > 0).sum())}/{len(counts)} codes in use", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def training_curves(out: Path, histories: dict, titles: dict[str, str]) -> None:

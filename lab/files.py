@@ -4,6 +4,8 @@ readers share: DataError, decoded-data caches (.npz), seeded subsets."""
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import json
 import os
 import pickle
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 import vqvae
-from lab.guards import check_digest, tensors_digest
+from lab.guards import check_digest, temporary, tensors_digest
 
 
 class DataError(SystemExit):
@@ -23,17 +25,27 @@ class DataError(SystemExit):
 
 
 def write_atomically(path: str | Path, write) -> None:
-    """write(tmp) into a temporary file of this process beside `path`, then rename it to `path`: a
-    crash never leaves half a file, and processes that write the same file at once (torchrun's,
-    making one data cache) never clash on the temporary one."""
+    """write(tmp) into a temporary file of this process beside `path` (guards.temporary), then rename
+    it to `path`: a crash never leaves half a file, and processes that write the same file at once
+    (torchrun's, making one data cache) never clash on the temporary one. Every file of a run is
+    written so; a full disk ends the run with one line that names the file and what was kept."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")  # keeps .npz: np.savez wants it
+    tmp = temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise full_disk(path) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def full_disk(path: Path) -> SystemExit:
+    """The one line of a write of `path` that found the disk full: what failed, and what was kept."""
+    kept = f"the earlier {path.name} is kept" if path.exists() and ".tmp" not in path.name else "it was not written"
+    return SystemExit(f"no space left on the device of {path.parent}: writing {path.name} failed and {kept}; free "
+                      "some space, then run again (--resume continues from the last checkpoint)")
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -44,11 +56,12 @@ def write_json(path: str | Path, obj) -> None:
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """torch.save, fsynced, through write_atomically, with the SHA-256 of every tensor in it
     ("tensors_sha256"), which load_checkpoint checks."""
-    state = {**state, "tensors_sha256": tensors_digest(state)}
+    buffer = io.BytesIO()   # serialized first: a full disk then fails in our write, as an OSError
+    torch.save({**state, "tensors_sha256": tensors_digest(state)}, buffer)
 
     def write(tmp):
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
     write_atomically(path, write)
@@ -60,7 +73,13 @@ def load_checkpoint(path: str | Path) -> dict:
     names it (SystemExit)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:
+        if zipfile.is_zipfile(path):   # an archive of torch.save whose pickle weights_only refused
+            raise SystemExit(f"{path}: not a checkpoint of this project: it holds Python objects that are not "
+                             "tensors or plain values, which loading would run as code; it was not loaded") from None
+        raise SystemExit(f"{path}: not a readable checkpoint (not an archive of torch.save: {e}); delete it to train "
+                         "it again, or train into another --out") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SystemExit(f"{path}: not a readable checkpoint ({first[:200]}); delete it to train it again, "
                          "or train into another --out") from None

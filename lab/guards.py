@@ -19,7 +19,10 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import math
 import os
+import re
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +30,21 @@ import torch
 
 
 # ----------------------------------------------------------------------------- the lock
+def temporary(path: Path) -> Path:
+    """The temporary file beside `path` that this process writes before renaming it to `path`:
+    <stem>.<pid>.tmp<suffix> (the suffix kept: np.savez and savefig read it)."""
+    return path.with_name(f"{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+_TEMPORARY = re.compile(r".+\.(\d+)\.tmp(\.\w+)?")   # temporary()'s names, the process id in group 1
+
+
 def lock_out(out: Path) -> None:
     """Create --out and its lock file `.lock` (holding this process id), removed at exit. A folder
     that cannot be written is refused, and so is a second run on it while the first lives; a lock
-    left by a dead process is taken over with a message, and so are the temporary files it left
-    (a kill during a checkpoint write). Under torchrun, process 0 speaks for the run."""
+    left by a dead process is taken over with a message, and so are the temporary files that dead
+    processes left (a kill during a checkpoint write): only names of temporary()'s pattern whose
+    process no longer runs, never another file. Under torchrun, process 0 speaks for the run."""
     if int(os.environ.get("RANK", "0")) != 0:
         return
     try:
@@ -39,10 +52,21 @@ def lock_out(out: Path) -> None:
         _lock(out / ".lock")
     except OSError as e:
         raise SystemExit(f"--out {out}: not a writable folder ({e.strerror or e})") from e
-    for tmp in sorted(out.glob("*.tmp*")):   # with the lock held, no live writer owns one
-        if tmp.is_file():
-            print(f"{tmp}: left by an interrupted write; deleted", flush=True)
+    for tmp in sorted(out.iterdir()):
+        match = _TEMPORARY.fullmatch(tmp.name)
+        if match and tmp.is_file() and not _alive(int(match.group(1))):
+            print(f"{tmp}: left by an interrupted write of process {match.group(1)}; deleted", flush=True)
             tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass    # alive, under another user
+    return True
 
 
 def _lock(lock: Path) -> None:
@@ -52,15 +76,14 @@ def _lock(lock: Path) -> None:
         except FileExistsError:
             try:
                 pid = int(lock.read_text() or 0)
-                if pid == os.getpid():
-                    return  # this process holds it already (main() called again, as tests do)
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError, FileNotFoundError):
+            except (ValueError, FileNotFoundError):
+                pid = 0
+            if pid == os.getpid():
+                return  # this process holds it already (main() called again, as tests do)
+            if not pid or not _alive(pid):
                 print(f"{lock}: left by a process that no longer runs; taking it over", flush=True)
                 lock.unlink(missing_ok=True)
                 continue
-            except PermissionError:
-                pass  # alive, under another user
             raise SystemExit(f"--out {lock.parent}: another run (process {pid}) is using this folder; wait for it to "
                              f"end or choose another --out (delete {lock} if that process is not a run)")
         with os.fdopen(fd, "w") as f:
@@ -122,7 +145,7 @@ def content_key(*arrays) -> str:
     return digest.hexdigest()[:16]
 
 
-CACHE_FORMAT = 2  # part of every data-cache key: bump when the decoding of a data set changes
+CACHE_FORMAT = 3  # part of every data-cache key: bump when the decoding of a data set changes (3: EXIF)
 
 
 def source_key(source: Path, *settings) -> str:
@@ -159,6 +182,9 @@ def check_resume(path: Path, saved: dict | None, now: dict, resumable) -> dict:
     if saved is None or "world_size" not in saved:
         raise SystemExit(f"--resume: {path} does not record the options, data and processes it was trained "
                          "with (an older version wrote it): train into another --out")
+    if saved.get("experiment", now.get("experiment")) != now.get("experiment"):
+        raise SystemExit(f"--resume: {path} was written by the {saved['experiment']} experiment, not by this "
+                         f"{now['experiment']} one: train into another --out")
     fixed = {k for k in saved.keys() | now.keys() if k not in resumable}
     scheduled = {steps: schedule for schedule, steps in SCHEDULED_STEPS.items()
                  if now.get(schedule) not in (None, "constant")}
@@ -193,16 +219,49 @@ def check_data(path: Path, trained_on: str | None, now: str | None) -> None:
                          f"{now}): use the data it was trained on, or another --out")
 
 
-# ----------------------------------------------------------------------------- folders
+# ----------------------------------------------------------------------------- folders and memory
 def check_writable(folder: Path, option: str = "--data-dir") -> None:
-    """Refuse, before any decoding, a cache folder that cannot be created or written (the message
-    names the option); nothing is created here."""
-    existing = next(p for p in [folder, *folder.parents] if p.exists())
-    if not (existing.is_dir() and os.access(existing, os.W_OK)):
-        raise SystemExit(f"{option} {folder}: cannot be created or written ({existing} is not a writable folder)")
+    """Refuse, before any decoding, a folder that cannot be created or written, found by creating it
+    and a temporary file in it (os.access trusts a root user's permissions even on /proc)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SystemExit(f"{option} {folder}: cannot be created or written ({e.strerror or e})") from None
+
+
+def check_outside(folder: Path, option: str, data: Path | None) -> None:
+    """Refuse a folder the run writes into (--out, --data-dir) inside the --data folder it reads: its
+    own files (figures, caches) would be read as data by the next run."""
+    if data is not None and data.is_dir() and folder.resolve().is_relative_to(data.resolve()):
+        raise SystemExit(f"{option} {folder}: inside --data {data}, where the run's own files would be read as "
+                         "data; choose a folder outside it")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for tensors: the GPU's free memory, or the host's MemAvailable (Linux), else 0."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+def check_fits(what: str, floats: int, device: torch.device, advice: str) -> None:
+    """Refuse, before any training, `what` of `floats` float32 values that this device cannot hold."""
+    needed, free = 4 * floats, available_memory(device)
+    if free and needed > free:
+        raise SystemExit(f"{what} needs about {needed / 2**30:.1f} GiB on {device}, which has {free / 2**30:.1f} "
+                         f"GiB free: {advice}")
 
 
 # ----------------------------------------------------------------------------- divergence
+EXPLODING = 10.0   # a checkpoint's loss above this many times the run's first loss is not good
+
+
 def non_finite(loss: torch.Tensor, parameters, one_process: bool) -> torch.Tensor:
     """A device flag: the total gradient norm of `parameters` is not finite, or (on one process:
     under DDP a process's loss is its own, the gradients are all-reduced) the loss is not."""
@@ -211,13 +270,23 @@ def non_finite(loss: torch.Tensor, parameters, one_process: bool) -> torch.Tenso
     return bad | ~torch.isfinite(loss.detach()) if one_process else bad
 
 
-def finite_weights(model: torch.nn.Module) -> bool:
-    return all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+def check_good(name: str, step: int, loss: float, first_loss: float, model: torch.nn.Module, last_good: str) -> None:
+    """A checkpoint is good if its weights are finite and give, on the next batch, a finite loss no
+    more than EXPLODING times the run's first loss (`first_loss`, that of its first step): weights
+    a too large step sent off are finite at first, with a loss of 1e22. Raises diverged otherwise."""
+    if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise diverged(name, step, "a weight is not finite", last_good)
+    if not math.isfinite(loss):
+        raise diverged(name, step, "the loss is not finite", last_good)
+    if abs(loss) > EXPLODING * max(abs(first_loss), 1e-8):
+        raise diverged(name, step, f"the loss is exploding ({loss:.3g} on the next batch, over {EXPLODING:g}x the "
+                                   f"first step's {first_loss:.3g})", last_good)
 
 
 def diverged(name: str, step: int, what: str, last_good: str) -> SystemExit:
-    """The refusal of a run whose `what` became non-finite at `step`: nothing is saved, and the last
-    good checkpoint ("none" or "<path> (step N)") is where a lower learning rate goes on."""
-    return SystemExit(f"[{name}] step {step}: {what} is not finite; stopped without saving. Last good "
-                      f"checkpoint: {last_good}. Try a lower learning rate (--resume with a lower --lr "
-                      "continues from that checkpoint).")
+    """The refusal of a run in which `what` happened at `step`: nothing is saved. last_good, "none" or
+    "<path> (step N)", is where a lower learning rate goes on."""
+    advice = ("--resume with a lower --lr continues from it" if last_good != "none"
+              else "start again with a lower --lr")
+    return SystemExit(f"[{name}] step {step}: {what}; stopped without saving. Last good checkpoint: {last_good}: "
+                      f"{advice}.")

@@ -49,13 +49,13 @@ def load_images(source: Path | None, data_dir: Path, image_size: int | None = No
 
 def load_cifar10(source: Path | None, data_dir: Path, image_size: int | None = None, channels: int = 3) -> dict:
     """The arrays of load_images, before subsets, decoded once and cached as .npz in data_dir."""
+    check_writable(data_dir)   # before any download or decoding
     if source is None:
         source = data_dir / "cifar-10-python.tar.gz"
         if not source.exists():
             download_official(source)
     if not source.exists():
         raise DataError(f"--data {source}: no such file or folder")
-    check_writable(data_dir)
     cache = data_dir / f"{source.name.split('.')[0]}-{source_key(source, image_size, channels)}.npz"
     data = load_npz(cache, keys=("train_x", "train_y", "test_x", "test_y", "classes"))
     if data is not None:
@@ -179,9 +179,9 @@ def _image_files(path: Path) -> list[tuple[str, bytes]]:
 
 def _decode_image(path: Path, rel: str, data: bytes, channels: int, image_size: int | None) -> np.ndarray:
     """One image file's bytes -> uint8 (C, H, W): converted, centre-cropped and resized with image_size."""
-    from PIL import Image  # a matplotlib dependency
+    from PIL import Image, ImageOps  # a matplotlib dependency
     try:
-        img = Image.open(io.BytesIO(data))
+        img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))   # upright, as a viewer shows a photo
         if img.mode.startswith("I"):   # 16-bit grayscale (PIL's convert would clip at 255): scale it
             img = Image.fromarray((np.asarray(img, np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         img = img.convert("L" if channels == 1 else "RGB")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,13 +24,15 @@ from lab import files, guards
 
 try:
     import vqvae_ext
-except ImportError:
-    vqvae_ext = None
+    WHY_NOT_EXTENSION = None
+except ImportError as missing:   # its message says why, and how to build it
+    vqvae_ext, WHY_NOT_EXTENSION = None, str(missing)
 
 
 # ----------------------------------------------------------------------------- processes
 def parse_device(text: str) -> torch.device:
-    """--device: auto (CUDA when present), cpu, cuda or cuda:N; refused in one line otherwise."""
+    """--device (or a device argument): auto (CUDA when present), cpu, cuda or cuda:N; refused in one
+    line otherwise, and cuda where no GPU is visible."""
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -69,17 +72,36 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+INTERRUPTED = "stopped (Ctrl-C, SIGTERM or SIGHUP): the checkpoints written so far are kept; continue with --resume"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_main(main: Callable[[], None]) -> None:
-    """Run a script's main(). Under torchrun the process then ends as multiprocessing's children do:
-    the atexit handlers, a flush, and os._exit with main's status. Why: DDP leaves references to the
-    gloo process group behind, and a worker thread that releases the last collective's tensors after
-    Python has begun to finalize aborts the process ("terminate called without an active
-    exception"); os._exit never finalizes. tests/stress_distributed_exit.py checks the exits."""
+    """Run a script's main(). SIGTERM and SIGHUP (a closed terminal) stop it as Ctrl-C does: outside a
+    training loop, or in a step that does not end soon after (lab.train.StopRequest), at once, with
+    one line and status 130, the lock freed and the checkpoints kept. Under torchrun the process then
+    ends as multiprocessing's children do: the atexit handlers, a flush, and os._exit with main's
+    status. Why: DDP leaves references to the gloo process group behind, and a worker thread that
+    releases the last collective's tensors after Python has begun to finalize aborts the process
+    ("terminate called without an active exception"); os._exit never finalizes.
+    tests/stress_distributed_exit.py checks the exits."""
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, _interrupt)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return main()
+        try:
+            return main()
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
     try:
         main()
         status = 0
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        status = 130
     except SystemExit as e:  # reported as Python would report it
         status = 0 if e.code is None else e.code
         if not isinstance(status, int):
@@ -117,8 +139,15 @@ def check_replicas_equal(name: str, *tensors: torch.Tensor) -> None:
 
 def quantizer_backend(device) -> str:
     """What runs the quantizer's nearest-code search on `device`: "extension: CPU", "extension: CUDA
-    sm_XY" or "PyTorch" (vqvae_ext.describe, which warns once where the extension cannot run)."""
-    return vqvae_ext.describe(device) if vqvae_ext is not None else "PyTorch"
+    sm_XY" or "PyTorch", then why not the extension and how to build it (vqvae_ext.describe, which
+    warns once where the extension cannot run)."""
+    if vqvae_ext is None:
+        return f"PyTorch ({WHY_NOT_EXTENSION})"
+    backend = vqvae_ext.describe(device)
+    why = vqvae_ext.build_info()["why"]
+    if backend == "PyTorch" and torch.device(device).type == "cuda" and why:
+        return f"PyTorch (vqvae_ext: {why}; to rebuild it: {vqvae_ext.FIX})"
+    return backend
 
 
 # ----------------------------------------------------------------------------- the run
@@ -144,14 +173,20 @@ class Run:
 
     @classmethod
     def start(cls, args) -> "Run":
-        """A script's first steps: lock --out, then processes, device and seed (before any data is read)."""
+        """A script's first steps: --out and --data-dir checked to lie outside --data, --out locked, then
+        processes, device and seed (before any data is read)."""
+        for option in ("out", "data_dir"):
+            if hasattr(args, option):
+                guards.check_outside(getattr(args, option), guards.flag(option), getattr(args, "data", None))
         guards.lock_out(args.out)
         options = {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v)
                    for k, v in vars(args).items() if k != "resumable"}
         device, rank, world_size = setup(args.seed, args.device)
         options["world_size"] = world_size   # a resume with another world size changes the batch
-        return cls(args.out, device, rank, world_size, args.resume, args.log_every, args.checkpoint_every, args.amp,
-                   options, set(getattr(args, "resumable", ())))
+        run = cls(args.out, device, rank, world_size, args.resume, args.log_every, args.checkpoint_every, args.amp,
+                  options, set(getattr(args, "resumable", ())))
+        run.print(run.describe())   # the first line: where the run computes, before any data is read
+        return run
 
     @property
     def is_main(self) -> bool:
@@ -266,7 +301,7 @@ def load_run(out: str | Path, device="cpu"):
     """(VQ-VAE, prior or None), both in eval mode, from a run's --out folder, of any of the three
     scripts: how to reuse a trained model. The prior is refused if it was fitted to the codes of
     another VQ-VAE."""
-    out = Path(out)
+    out, device = Path(out), parse_device(str(device))
     model, state = files.load_model(out / "vqvae.pt", device)
     prior = None
     if (out / "prior.pt").exists():

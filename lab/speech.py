@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lab.files import DataError, load_npz, save_npz, seeded_subset
+from lab.files import DataError, load_npz, save_npz, seeded_subset, write_atomically
 from lab.guards import check_writable, source_key
 
 VCTK_URL = "https://datashare.ed.ac.uk/handle/10283/3443"
@@ -102,17 +102,20 @@ def read_soundfile(path: Path, what: str = "FLAC (VCTK 0.92)") -> tuple[np.ndarr
         raise DataError(f"{path}: not a readable audio file ({e})") from e
     if len(x) == 0:
         raise DataError(f"{path}: holds no samples")
+    if not np.isfinite(x).all():   # a float WAV can hold NaN or Inf, which would silently train on NaN
+        raise DataError(f"{path}: holds {int((~np.isfinite(x)).sum())} NaN or infinite samples; repair or remove it")
     return x.mean(1), rate
 
 
 def write_wav(path: Path, x: np.ndarray, rate: int) -> None:
     """Mono 16-bit PCM WAV of x in [-1, 1] (clipped), creating the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes())
+    def write(tmp):
+        with wave.open(str(tmp), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(rate)
+            w.writeframes((np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes())
+    write_atomically(path, write)
 
 
 @functools.lru_cache(maxsize=8)

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import vqvae
-from lab.figures import pyplot
+from lab.figures import pyplot, save
 from lab.files import load_checkpoint
 from lab.speech import HOP, Speech, Split, fixed_length, write_wav
 
@@ -209,11 +209,7 @@ def random_encoder_probes(seed: int, data: Speech, config, device) -> dict:
     with torch.no_grad():
         z_e = torch.cat([random_model.encode(vqvae.mu_law_encode(fixed_length([c], -(-len(c) // HOP) * HOP)).to(device))
                          for c in clips], 2)                                   # (1, D, frames)
-        quantizer = random_model.quantizer
-        quantizer.kmeans_init = True
-        quantizer.initialized.fill_(False)
-        quantizer.train()(z_e)
-        quantizer.eval()
+        random_model.quantizer.kmeans(z_e)
     results["random_encoder_kmeans"] = phone_probe(random_model, data, device)["accuracy"]
     return results
 
@@ -337,11 +333,11 @@ def score_prior_samples(classifiers: Classifiers, data: Speech, waves: torch.Ten
 # ============================================================================ files and figures
 def write_eval_files(out: Path, data: Speech, clips: EvalClips, waves: EvalWaves, wav_clips: int) -> None:
     """WAVs (original, reconstruction, conversion) of the first eval clip of each of the first
-    wav_clips speakers, and spectrograms of up to four of them."""
+    wav_clips speakers, and spectrograms of those of the first four speakers."""
     test, rate = data.test, data.sample_rate
     src, tgt = clips.source.cpu().numpy(), clips.target.cpu().numpy()
-    shown = [int(np.flatnonzero(src == s)[0]) for s in range(len(data.speakers)) if (src == s).any()][:wav_clips]
-    for j in shown:
+    shown = [int(np.flatnonzero(src == s)[0]) for s in range(len(data.speakers)) if (src == s).any()]
+    for j in shown[:wav_clips]:
         name, n = test.names[clips.picks[j]], min(len(test.audio[clips.picks[j]]), clips.length)
         write_wav(out / "audio" / f"{name}_original.wav", waves.original[j, :n].numpy(), rate)
         write_wav(out / "audio" / f"{name}_reconstruction.wav", waves.reconstruction[j, :n].numpy(), rate)
@@ -369,6 +365,8 @@ def write_prior_samples(out: Path, data: Speech, waves: torch.Tensor, per_speake
 def plot_spectrograms(path: Path, rows, rate: int, title: str) -> None:
     """One row per clip, one log-mel panel per (label, waveform) of that row: time in seconds
     across, the 40 mel bands from low to high frequency up."""
+    if not rows:
+        return
     plt = pyplot()
     cols = max(len(panels) for _, panels in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(3.2 * cols, 1.8 * len(rows) + 0.4), squeeze=False)
@@ -385,8 +383,7 @@ def plot_spectrograms(path: Path, rows, rate: int, title: str) -> None:
                 ax.set_ylabel("mel band", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_code_phone(path: Path, probe: dict, num_codes: int = 60) -> None:
@@ -405,5 +402,4 @@ def plot_code_phone(path: Path, probe: dict, num_codes: int = 60) -> None:
     ax.set_title(f"P(phone | code); test frame accuracy of code -> most frequent phone: {probe['accuracy']:.1%} "
                  f"(majority phone {probe['majority_accuracy']:.1%})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)

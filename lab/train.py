@@ -4,6 +4,7 @@ What keeps the run safe (resume checks, checksums, the non-finite stop) is in la
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import signal
@@ -35,7 +36,7 @@ def fit(run: Run, name: str, model: torch.nn.Module, loss_fn, steps: int, lr: fl
     last_good = "none" if step == 0 else f"{path} (step {step})"
     ddp = DistributedDataParallel(model) if run.world_size > 1 and dist.is_initialized() else model
     bad = torch.zeros((), dtype=torch.bool, device=run.device)   # a non-finite loss or gradient, kept on the device
-    progress, shown = Progress(name, steps, step, enabled=run.is_main), {}
+    progress, shown, first_loss = Progress(name, steps, step, enabled=run.is_main), {}, None
     model.train()
     with StopRequest() as stop, MetricsLog(path.with_suffix(".jsonl"), step, run.is_main) as log:
         run.print(f"[{name}] training to step {steps} from step {step} in "   # said once Ctrl-C is caught
@@ -45,29 +46,29 @@ def fit(run: Run, name: str, model: torch.nn.Module, loss_fn, steps: int, lr: fl
                 group["lr"] = learning_rate(lr, schedule, step, steps)
             with torch.autocast(run.device.type, dtype=amp, enabled=amp is not None):
                 loss, metrics = forward(loss_fn, ddp, step, name, last_good)
+            first_loss = loss.detach() if first_loss is None else first_loss
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if not scaler.is_enabled():   # fp16's scaler skips non-finite steps itself
                 bad = bad | guards.non_finite(loss, model.parameters(), one_process=run.world_size == 1)
                 if run.device.type == "cpu" and run.world_size == 1 and bool(bad):   # free to check here
-                    raise guards.diverged(name, step + 1, "the loss or a gradient", last_good)
+                    raise guards.diverged(name, step + 1, "the loss or a gradient is not finite", last_good)
             scaler.step(optimizer)
             scaler.update()
             step += 1
             if step % run.log_every == 0 or step == steps:   # elsewhere the host never waits for the device
                 shown = read_metrics({**metrics, "_bad": bad}, run.device)
                 if shown.pop("_bad") or not all(map(math.isfinite, shown.values())):
-                    raise guards.diverged(name, step, "the loss, a gradient or a metric", last_good)
+                    raise guards.diverged(name, step, "the loss, a gradient or a metric is not finite", last_good)
                 log.record(history, step, shown, lr=optimizer.param_groups[0]["lr"], steps_per_s=progress.rate(step))
             progress.update(step, **shown)
             stopping = stop.should_stop()
             if step % run.checkpoint_every == 0 or step == steps or stopping:
-                # Good: no non-finite loss or gradient so far, finite weights, and a finite loss of those
-                # weights on the next batch: the one place where loss_fn runs twice for a step.
-                if bool(bad) or not finite_loss_at(run, model, loss_fn, step, name, last_good):
-                    raise guards.diverged(name, step, "the loss or a gradient", last_good)
-                if not guards.finite_weights(model):
-                    raise guards.diverged(name, step, "a weight", last_good)
+                if bool(bad):
+                    raise guards.diverged(name, step, "the loss or a gradient is not finite", last_good)
+                # Saved only if good: finite weights whose loss on the next batch is finite and not exploding.
+                # That loss is the one place where loss_fn runs twice for a step (next_loss).
+                guards.check_good(name, step, *next_loss(run, model, loss_fn, step, first_loss), model, last_good)
                 if run.is_main:
                     files.save_checkpoint(path, {
                         **files.model_state(model), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
@@ -91,19 +92,23 @@ def forward(loss_fn, model, step: int, name: str, last_good: str):
     try:
         return loss_fn(model, step)
     except vqvae.NonFiniteError as e:
-        raise guards.diverged(name, step + 1, f"an activation ({e})", last_good) from None
+        raise guards.diverged(name, step + 1, f"an activation ({e}) is not finite", last_good) from None
 
 
-def finite_loss_at(run: Run, model, loss_fn, step: int, name: str, last_good: str) -> bool:
-    """Whether the weights about to be saved give a finite loss on the next batch: a forward pass
-    in eval mode (the codebook does not move) with the random state put back afterwards, so that
-    the run goes on exactly as without it. The same answer on every process."""
+def next_loss(run: Run, model, loss_fn, step: int, first_loss: torch.Tensor) -> tuple[float, float]:
+    """(the loss of the weights about to be saved on the next batch, the run's first loss), averaged
+    over processes: a forward pass in eval mode (the codebook does not move) with the random state
+    put back afterwards, so that the run goes on exactly as without it. A non-finite activation
+    gives a NaN loss, which guards.check_good refuses."""
     model.eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        loss, _ = forward(loss_fn, model, step, name, last_good)
+        try:
+            loss = loss_fn(model, step)[0].detach()
+        except vqvae.NonFiniteError:
+            loss = torch.tensor(math.nan, device=run.device)
     model.train()
-    finite = torch.isfinite(loss.detach()).float()
-    return bool(finite) if not dist.is_initialized() else read_metrics({"finite": finite}, run.device)["finite"] == 1
+    values = read_metrics({"next": loss, "first": first_loss}, run.device)
+    return values["next"], values["first"]
 
 
 def resume(run: Run, path: Path, model, optimizer, scaler, made_for: str | None) -> tuple[int, dict, list]:
@@ -152,26 +157,39 @@ def learning_rate(lr: float, schedule: str, step: int, steps: int) -> float:
 
 # ----------------------------------------------------------------------------- Ctrl-C, the live log
 class StopRequest:
-    """Turns Ctrl-C (SIGINT) and SIGTERM into a flag the loop checks between steps, so that the
-    checkpoint written on the way out is of a finished step; a second Ctrl-C stops at once."""
+    """Turns Ctrl-C (SIGINT), SIGTERM and SIGHUP (a closed terminal) into a flag the loop checks
+    between steps, so that the checkpoint written on the way out is of a finished step. A step that
+    has not ended GRACE seconds later (a huge codebook, a slow device) is stopped at once
+    (KeyboardInterrupt: lab.runs.run_main ends the program, the last checkpoint kept), and so is
+    every step after a second Ctrl-C."""
+    GRACE = 5
 
     def __enter__(self):
         self.requested = False
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._interrupt)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        signal.alarm(self.GRACE)
+        print(f"\nstopping after this step (Ctrl-C again, or {self.GRACE} s more of this step, stops at once)",
+              file=sys.stderr, flush=True)
+
+    def _interrupt(self, signum, frame):
+        raise KeyboardInterrupt
 
     def __exit__(self, *exc):
+        signal.alarm(0)
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
     def should_stop(self) -> bool:
         """True on every process as soon as any process was asked to stop."""
+        if self.requested:
+            signal.alarm(0)   # the step ended in time: stop after it, with a checkpoint
         if not dist.is_initialized():
             return self.requested
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
@@ -199,8 +217,11 @@ class MetricsLog(contextlib.AbstractContextManager):
         for k, v in metrics.items():
             history.setdefault(k, []).append(v)
         if self.file is not None:
-            self.file.write(json.dumps({"step": step, **metrics, **extra}) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps({"step": step, **metrics, **extra}) + "\n")
+                self.file.flush()
+            except OSError as e:
+                raise files.full_disk(Path(self.file.name)) if e.errno in (errno.ENOSPC, errno.EDQUOT) else e from None
 
     def __exit__(self, *exc):
         if self.file is not None:

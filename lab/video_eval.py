@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lab.episodes import ACTIONS, SCRIPTS, decode_frames, encode_frames, shuffle_actions, to_uint8
-from lab.figures import plot_code_usage, plot_history, pyplot, save_image_rows
-from lab.files import load_checkpoint, write_json
+from lab.figures import plot_code_usage, plot_history, pyplot, save, save_image_rows
+from lab.files import load_checkpoint, write_atomically, write_json
 from lab.guards import content_key
 from lab.images import image_metrics
 
@@ -284,8 +284,7 @@ def plot_error_curves(path: Path, curves: dict, bands: dict | None = None, title
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def save_strips(out: Path, videos: dict, num_starts: int = 3) -> None:
@@ -318,7 +317,8 @@ def save_gif(path: Path, videos: dict, v: int, num_starts: int = 4) -> None:
     grid = torch.cat([side_by_side(top), side_by_side(bottom)], -2)     # (16, 3, 2H, n W)
     images = [Image.fromarray((f.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).quantize(
         64, dither=Image.Dither.NONE) for f in grid]   # undithered: noisy textures make GIFs large
-    images[0].save(path, save_all=True, append_images=images[1:], duration=300, loop=0, optimize=True)
+    write_atomically(path, lambda tmp: images[0].save(tmp, save_all=True, append_images=images[1:], duration=300,
+                                                       loop=0, optimize=True))
 
 
 def video_figures(run, model, data: dict, codes: dict, metrics: dict, videos: dict) -> None:

@@ -10,19 +10,26 @@ import pytest
 import torch
 
 import vqvae
-from conftest import ROOT
+from conftest import ROOT, require_extension
 
 pytestmark = pytest.mark.usefixtures("seeded_single_thread")
 
-needs_ext = pytest.mark.skipif(vqvae.vqvae_ext is None, reason="the compiled vqvae_ext extension is not built")
+@pytest.fixture
+def extension():
+    return require_extension()
+
+
+needs_ext = pytest.mark.usefixtures("extension")
 
 
 # ------------------------------------------------------------------ setup.py's extensions
 @pytest.fixture
-def setup_py(monkeypatch):
+def setup_py(monkeypatch, tmp_path):
     """setup.py's module (setup() runs only as __main__) in a build environment: a CUDA build of torch,
-    a toolkit found, no GPU visible, none of the VQVAE_* switches set."""
+    a toolkit found (one with its CUDA runtime library), no GPU visible, none of the VQVAE_* switches set."""
     from torch.utils import cpp_extension
+    (tmp_path / "cuda" / "lib64").mkdir(parents=True)
+    (tmp_path / "cuda" / "lib64" / "libcudart.so").touch()
     spec = importlib.util.spec_from_file_location("vqvae_setup", ROOT / "setup.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -30,7 +37,7 @@ def setup_py(monkeypatch):
     for name in ("TORCH_CUDA_ARCH_LIST", "VQVAE_NO_EXT", "VQVAE_NO_CUDA", "VQVAE_FORCE_CUDA"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "12.8")
-    monkeypatch.setattr(cpp_extension, "CUDA_HOME", cpp_extension.CUDA_HOME or "/usr/local/cuda")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     return module
 
@@ -65,10 +72,21 @@ def test_env_switches_leave_out_cuda_or_the_extension_or_fail_without_cuda(setup
         setup_py.get_extensions()
     monkeypatch.delenv("VQVAE_NO_CUDA")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
-    with pytest.raises(SystemExit, match="no CUDA_HOME"):
+    with pytest.raises(SystemExit, match=r"VQVAE_FORCE_CUDA=1, but the CUDA kernels cannot be built: no CUDA toolkit "
+                                         r"found \(set CUDA_HOME\)"):
         setup_py.get_extensions()
     monkeypatch.setenv("VQVAE_NO_EXT", "1")
     assert setup_py.get_extensions() == []
+
+
+def test_a_toolkit_that_cannot_link_leaves_the_cuda_kernels_out_and_says_why(setup_py, monkeypatch, tmp_path):
+    """The stranger's machine: torch takes the parent of a wrapper script nvcc as CUDA_HOME, a folder
+    without the CUDA runtime library; the CPU kernels are built, with the reason and the remedy."""
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    assert "CUDA_HOME=" in setup_py.cuda_problem() and "holds no lib64/libcudart.so" in setup_py.cuda_problem()
+    [extension] = setup_py.get_extensions()
+    assert not any(s.endswith(".cu") for s in extension.sources) and "nvcc" not in extension.extra_compile_args
 
 
 # --------------------------------------------------------- vqvae_ext.supports and describe
@@ -83,6 +101,15 @@ def test_supports_float32_and_float64_on_the_cpu(dtype, supported):
 
 @needs_ext
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer where no GPU is")
+def test_describe_refuses_what_is_not_a_device_or_a_gpu_where_none_is_visible(monkeypatch):
+    ext = require_extension()
+    with pytest.raises(ValueError, match=r"device: expected 'cpu', 'cuda' or 'cuda:N'; got 'foo'$"):
+        ext.describe("foo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device cuda: no CUDA GPU is visible to torch"):
+        ext.describe("cuda")
+
+
 def test_the_compiled_query_says_no_gpu_runs_the_kernels_where_there_is_none():
     assert vqvae.vqvae_ext._C.cuda_kernels_run_on(0) is False
 
@@ -90,11 +117,11 @@ def test_the_compiled_query_says_no_gpu_runs_the_kernels_where_there_is_none():
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """cuda:0 of compute capability 7.0 and an extension whose compiled query answers `runs`."""
-    ext = pytest.importorskip("vqvae_ext")
+    ext = require_extension()
 
     def make(cuda_built, runs):
         monkeypatch.setattr(ext, "_runs_on", {})
-        monkeypatch.setattr(ext, "build_info", lambda: {"cuda": cuda_built})
+        monkeypatch.setattr(ext, "build_info", lambda: {"cuda": cuda_built, "why": None})
         def query(index):  # like the compiled query, nothing torch.compile can trace
             torch._dynamo.graph_break()
             return runs
@@ -111,8 +138,9 @@ def gpu_tensor(dtype=torch.float32):
                            is_floating_point=lambda: dtype.is_floating_point)
 
 
-def test_gpu_the_kernels_run_on_uses_them(fake_gpu):
+def test_gpu_the_kernels_run_on_uses_them(fake_gpu, monkeypatch):
     ext = fake_gpu(True, True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ext.describe("cuda") == ext.describe("cuda:0") == "extension: CUDA sm_70"
@@ -122,8 +150,10 @@ def test_gpu_the_kernels_run_on_uses_them(fake_gpu):
 
 @pytest.mark.parametrize("cuda_built, why", [(True, "it holds no CUDA code that runs on this GPU"),
                                              (False, "it was built without CUDA kernels")])
-def test_gpu_the_build_cannot_run_falls_back_to_pytorch_with_exactly_one_warning(fake_gpu, cuda_built, why):
+def test_gpu_the_build_cannot_run_falls_back_to_pytorch_with_exactly_one_warning(fake_gpu, cuda_built, why,
+                                                                                  monkeypatch):
     ext = fake_gpu(cuda_built, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert ext.describe("cuda:0") == "PyTorch"
@@ -168,18 +198,33 @@ def run_steps(q, inputs):
     return results
 
 
+# Not in the paper, both data-dependent: k-means on the first batch and dead-code restarts (a threshold
+# just under the EMA's starting count of 1, so that codes unused in a step restart at the next).
+REMEDIES = {"paper": dict(dead_code_threshold=None), "remedies": dict(kmeans_init=True, dead_code_threshold=0.995)}
+
+
+@pytest.mark.parametrize("remedies", REMEDIES)
 @pytest.mark.parametrize("decay", [None, 0.99], ids=["codebook_loss", "ema"])
-def test_compiled_quantizer_has_no_graph_break_and_matches_eager(backend, decay):
+def test_compiled_quantizer_has_no_graph_break_and_matches_eager(backend, decay, remedies, monkeypatch):
+    # Compiled random ops draw from PyTorch's generator as eager ones do (the k-means seeding, the restarts).
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(4, 8, 5, 5, generator=g) for _ in range(3)]
-    eager = vqvae.VectorQuantizer(32, 8, decay=decay)
-    compiled_module = vqvae.VectorQuantizer(32, 8, decay=decay)
+    eager = vqvae.VectorQuantizer(32, 8, decay=decay, **REMEDIES[remedies])
+    compiled_module = vqvae.VectorQuantizer(32, 8, decay=decay, **REMEDIES[remedies])
     compiled_module.load_state_dict(eager.state_dict())
     compiled = torch.compile(compiled_module, fullgraph=True)  # a graph break raises
     for mode in ("train", "eval"):
         eager.train(mode == "train")
         compiled.train(mode == "train")
-        for (want, want_grad), (got, got_grad) in zip(run_steps(eager, inputs), run_steps(compiled, inputs)):
+        torch.manual_seed(1)
+        want_steps = run_steps(eager, inputs)
+        torch.manual_seed(1)
+        got_steps = run_steps(compiled, inputs)
+        if mode == "train" and remedies == "remedies":   # the remedies ran: k-means, then restarts
+            assert compiled_module._initialized and bool(compiled_module.initialized)
+            assert (want_steps[1][0].counts == 0).any() and (want_steps[2][0].counts == 0).any()
+        for (want, want_grad), (got, got_grad) in zip(want_steps, got_steps):
             assert torch.equal(got.codes, want.codes) and torch.equal(got.counts, want.counts)
             for field in ("z_q", "codebook_loss", "commitment_loss", "perplexity"):
                 torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-6)

@@ -1,9 +1,12 @@
 """Bad input and faults, one table each: every case is refused with one line naming the option,
 file or argument, what was expected and what was given, before any training step runs; or, for
 the faults, handled without losing a result."""
+import json
 import math
 import os
 import re
+import subprocess
+import sys
 import wave
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import train_vctk
 import train_video
 import vqvae
 from conftest import CIFAR
-from lab import files, images, runs, speech
+from lab import files, guards, images, runs, speech
 
 SCRIPTS = {"cifar": train_cifar, "vctk": train_vctk, "video": train_video}
 
@@ -24,32 +27,36 @@ SCRIPTS = {"cifar": train_cifar, "vctk": train_vctk, "video": train_video}
 OPTION_CASES = [
     ("cifar", ["--steps", "0"], r"--steps: expected an integer >= 1 \(leave a stage out of --stages to skip it\); got 0"),
     ("cifar", ["--prior-steps", "0"], r"--prior-steps: expected an integer >= 1 .*got 0"),
-    ("cifar", ["--batch-size", "-3"], r"--batch-size: expected an integer >= 1 .*got -3"),
-    ("cifar", ["--prior-batch-size", "0"], r"--prior-batch-size: expected an integer >= 1 .*got 0"),
-    ("cifar", ["--log-every", "0"], r"--log-every: expected an integer >= 1 .*got 0"),
-    ("cifar", ["--checkpoint-every", "0"], r"--checkpoint-every: expected an integer >= 1 .*got 0"),
-    ("cifar", ["--num-embeddings", "0"], r"--num-embeddings: expected an integer >= 1 .*got 0"),
-    ("cifar", ["--max-train-images", "0"], r"--max-train-images: expected an integer >= 1 .*got 0"),
+    ("cifar", ["--batch-size", "-3"], r"--batch-size: expected an integer >= 1; got -3"),
+    ("cifar", ["--prior-batch-size", "0"], r"--prior-batch-size: expected an integer >= 1; got 0"),
+    ("cifar", ["--log-every", "0"], r"--log-every: expected an integer >= 1; got 0"),
+    ("cifar", ["--checkpoint-every", "0"], r"--checkpoint-every: expected an integer >= 1; got 0"),
+    ("cifar", ["--num-embeddings", "0"], r"--num-embeddings: expected an integer >= 1; got 0"),
+    ("cifar", ["--max-train-images", "0"], r"--max-train-images: expected an integer >= 1; got 0"),
     ("cifar", ["--num-res-layers", "-1"], r"--num-res-layers: expected an integer >= 0; got -1"),
     ("cifar", ["--lr", "0"], r"--lr: expected a finite number > 0; got 0.0"),
     ("cifar", ["--lr", "nan"], r"--lr: expected a finite number > 0; got nan"),
     ("cifar", ["--prior-lr=-1e-3"], r"--prior-lr: expected a finite number > 0; got -0.001"),
     ("cifar", ["--commitment-cost", "-0.25"], r"--commitment-cost: expected a finite number >= 0; got -0.25"),
-    ("cifar", ["--decay", "1"], r"--decay: expected a number in \[0, 1\), or 'none'; got 1.0"),
+    ("cifar", ["--decay", "0"], r"--decay: expected a number in \(0, 1\), or 'none' for the codebook loss; got 0.0"),
+    ("cifar", ["--decay", "1"], r"--decay: expected a number in \(0, 1\), or 'none' for the codebook loss; got 1.0"),
     ("cifar", ["--dead-code-threshold", "0"], r"--dead-code-threshold: expected a finite number > 0; got 0.0"),
     ("cifar", ["--stages", "vqvae,fit"], r"--stages: expected a subset of vqvae,prior,eval; got fit,vqvae"),
     ("vctk", ["--temperature", "0"], r"--temperature: expected a finite number > 0; got 0.0"),
     ("vctk", ["--temperature", "-1"], r"--temperature: expected a finite number > 0; got -1.0"),
-    ("vctk", ["--crop", "0"], r"--crop: expected an integer >= 1 .*got 0"),
+    ("vctk", ["--crop", "0"], r"--crop: expected an integer >= 1; got 0"),
     ("vctk", ["--clip-seconds", "0"], r"--clip-seconds: expected a finite number > 0; got 0.0"),
-    ("vctk", ["--classifier-steps", "0"], r"--classifier-steps: expected an integer >= 1 .*got 0"),
-    ("vctk", ["--eval-clips", "0"], r"--eval-clips: expected an integer >= 1 .*got 0"),
+    ("vctk", ["--classifier-steps", "0"], r"--classifier-steps: expected an integer >= 1 \(leave a stage out of "
+                                          r"--stages to skip it\); got 0"),
+    ("video", ["--action-classifier-steps", "0"], r"--action-classifier-steps: expected an integer >= 1 \(leave a "
+                                                  r"stage out of --stages to skip it\); got 0"),
+    ("vctk", ["--eval-clips", "0"], r"--eval-clips: expected an integer >= 1; got 0"),
     ("video", ["--temperature", "-0.5"], r"--temperature: expected a finite number > 0; got -0.5"),
-    ("video", ["--episodes", "0"], r"--episodes: expected an integer >= 1 .*got 0"),
-    ("video", ["--episode-length", "0"], r"--episode-length: expected an integer >= 1 .*got 0"),
-    ("video", ["--prior-context-frames", "0"], r"--prior-context-frames: expected an integer >= 1 .*got 0"),
+    ("video", ["--episodes", "0"], r"--episodes: expected an integer >= 1; got 0"),
+    ("video", ["--episode-length", "0"], r"--episode-length: expected an integer >= 1; got 0"),
+    ("video", ["--prior-context-frames", "0"], r"--prior-context-frames: expected an integer >= 1; got 0"),
     ("video", ["--guidance=-1"], r"--guidance: expected a finite number >= 0; got -1.0"),
-    ("video", ["--eval-draws", "0"], r"--eval-draws: expected an integer >= 1 .*got 0"),
+    ("video", ["--eval-draws", "0"], r"--eval-draws: expected an integer >= 1; got 0"),
 ]
 
 
@@ -300,18 +307,24 @@ def test_unusable_device_is_refused_in_one_line_before_any_work(device, message,
         train_cifar.main(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "missing"), "--device", device])
 
 
-def test_leftover_temporary_checkpoint_is_deleted_and_the_run_goes_on(tmp_path, data_dir, capsys):
+def test_leftover_temporary_checkpoint_is_deleted_and_a_users_files_are_kept(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     run(out, data_dir)
-    (out / "vqvae.99999.tmp.pt").write_bytes((out / "vqvae.pt").read_bytes()[:5000])   # a kill -9 mid-write
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                                                  # a process that no longer runs
+    (out / f"vqvae.{dead.pid}.tmp.pt").write_bytes((out / "vqvae.pt").read_bytes()[:5000])   # killed mid-write
+    users = ["notes.tmp.txt", "data.tmp", f"vqvae.{os.getpid()}x.tmp.pt", f"prior.{os.getppid()}.tmp.pt"]
+    for name in users:                  # not the pattern, or the temporary file of a process that lives
+        (out / name).write_text("mine")
     run(out, data_dir, "--resume", "--stages", "eval")
-    assert "vqvae.99999.tmp.pt: left by an interrupted write; deleted" in capsys.readouterr().out
-    assert (out / "metrics.json").exists() and not list(out.glob("*.tmp*"))
+    assert f"vqvae.{dead.pid}.tmp.pt: left by an interrupted write of process {dead.pid}; deleted" in capsys.readouterr().out
+    assert (out / "metrics.json").exists() and sorted(f.name for f in out.glob("*.tmp*")) == sorted(users)
+    assert all((out / name).read_text() == "mine" for name in users)
 
 
 @pytest.mark.parametrize("damage, message", [
     (lambda path: path.write_bytes(path.read_bytes()[:3000]), r"vqvae.pt: not a readable checkpoint"),
-    (lambda path: path.write_bytes(b"garbage" * 100), r"vqvae.pt: not a readable checkpoint"),
+    (lambda path: path.write_bytes(b"garbage" * 100), r"vqvae.pt: not a readable checkpoint \(not an archive"),
     (lambda path: (lambda s: (s["model"][next(iter(s["model"]))].view(-1)[:1].add_(1), torch.save(s, path)))(
         torch.load(path, weights_only=True)), r"vqvae.pt: damaged: its tensors do not match the checksum"),
 ], ids=["truncated", "garbage", "flipped-weight"])
@@ -417,8 +430,7 @@ def test_non_utf8_file_name_is_named_in_the_refusal(tmp_path):
 ], ids=["images", "speech"])
 def test_data_dir_that_cannot_be_made_is_refused_before_decoding(load, tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match=r"--data-dir .*/file/cache: cannot be created or written \(.*/file is not a "
-                                         r"writable folder\)"):
+    with pytest.raises(SystemExit, match=r"--data-dir .*/file/cache: cannot be created or written \(Not a directory\)"):
         load(tmp_path, tmp_path / "file" / "cache")
 
 
@@ -426,7 +438,135 @@ def test_data_dir_that_cannot_be_made_is_refused_before_decoding(load, tmp_path)
 def test_a_learning_rate_that_diverges_stops_the_run_naming_the_cause_not_the_input(lr, tmp_path, data_dir):
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"\[vqvae\] step \d+: .* not finite; stopped without saving\. Last good "
-                                         r"checkpoint: .*Try a lower learning rate"):
+                                         r"checkpoint: .*(start again|--resume) with a lower --lr"):
         run(out, data_dir, "--lr", lr, "--steps", "20", "--log-every", "100")
     if (out / "vqvae.pt").exists():   # whatever was kept gives a finite loss: a lower rate continues from it
         run(out, data_dir, "--lr", "1e-3", "--steps", "20", "--resume")
+
+
+# ------------------------------------------------------------------ the third pass (issue 44)
+def test_eval_after_a_checkpoint_of_no_history_point_writes_its_metrics(tmp_path, data_dir):
+    """A checkpoint saved before the first --log-every step (Ctrl-C early, a divergence at step 1)
+    holds an empty history: evaluation draws no curve for it and still writes metrics.json."""
+    out = tmp_path / "run"
+    run(out, data_dir)
+    state = files.load_checkpoint(out / "vqvae.pt")
+    files.save_checkpoint(out / "vqvae.pt", {**state, "history": {"step": []}})
+    run(out, data_dir, "--resume", "--stages", "eval")
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["test_codes_used"] > 0
+    assert not (out / "vqvae_curves.png").exists() and (out / "reconstructions.png").exists()
+
+
+def test_a_codebook_whose_prior_cannot_fit_is_refused_before_any_training(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(guards, "available_memory", lambda device: 16 * 2 ** 30)
+    with pytest.raises(SystemExit, match=r"--num-embeddings 1048576: the prior's logits of a batch, with their "
+                                         r"softmax and gradient, needs about 24.0 GiB on cpu, which has 16.0 GiB "
+                                         r"free: lower --num-embeddings or --prior-batch-size"):
+        run(tmp_path / "run", data_dir, "--num-embeddings", "1048576", "--stages", "vqvae,prior",
+            "--prior-batch-size", "32")
+    assert not (tmp_path / "run" / "vqvae.pt").exists()
+
+
+@pytest.mark.parametrize("option", ["--out", "--data-dir"])
+def test_a_folder_the_run_writes_inside_data_is_refused(option, tmp_path):
+    root = image_folder(tmp_path / "images")
+    argv = ["--data", str(root), "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "cache")]
+    argv[argv.index(option) + 1] = str(root / "train" / "zz_run")
+    with pytest.raises(SystemExit, match=rf"{option} .*train/zz_run: inside --data .*images, where the run's own files "
+                                         r"would be read as data"):
+        train_cifar.main(argv)
+    assert not (root / "train" / "zz_run").exists()
+
+
+def test_a_data_dir_that_passes_os_access_but_cannot_be_written_is_refused_before_decoding(tmp_path):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    with pytest.raises(SystemExit, match=r"--data-dir /proc/x: cannot be created or written"):
+        images.load_cifar10(image_folder(tmp_path / "images"), Path("/proc/x"))
+
+
+def test_a_float_wav_holding_nan_is_refused_naming_the_file(tmp_path):
+    soundfile = pytest.importorskip("soundfile")
+    root = fsdd_folder(tmp_path / "fsdd", "none")
+    samples = np.sin(np.arange(800) / 5.0).astype(np.float32)
+    samples[100] = np.nan
+    soundfile.write(root / "recordings" / "1_bob_5.wav", samples, 8000, subtype="FLOAT")
+    with pytest.raises(files.DataError, match=r"1_bob_5.wav: holds 1 NaN or infinite samples"):
+        speech.load_speech(root, 8000)
+
+
+@pytest.mark.parametrize("lr", ["0.5", "0.1"])
+def test_an_exploding_loss_is_no_good_checkpoint_and_the_advice_works(lr, tmp_path, data_dir):
+    """Weights a too large step sent off are finite, with a loss of 1e13 or more: not good, so nothing
+    is saved, and starting again with a lower --lr, as the message advises, trains."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"\[vqvae\] step 1: the loss is exploding \(.* on the next batch, over 10x "
+                                         r"the first step's .*\); stopped without saving\. Last good checkpoint: none: "
+                                         r"start again with a lower --lr"):
+        run(out, data_dir, "--lr", lr, "--checkpoint-every", "1", "--steps", "3")
+    assert not (out / "vqvae.pt").exists()
+    run(out, data_dir, "--lr", "1e-3", "--checkpoint-every", "1", "--steps", "3")
+    assert files.load_checkpoint(out / "vqvae.pt")["step"] == 3
+
+
+def test_resume_of_another_experiments_folder_names_it(tmp_path, data_dir):
+    out = tmp_path / "run"
+    run(out, data_dir)
+    with pytest.raises(SystemExit, match=r"--resume: .*vqvae.pt was written by the cifar experiment, not by this "
+                                         r"speech one: train into another --out"):
+        train_vctk.main(["--data", str(fsdd_folder(tmp_path / "fsdd", "none")), "--out", str(out), "--resume",
+                         "--stages", "vqvae", "--steps", "2", "--crop", "256", "--batch-size", "2"])
+
+
+def test_a_foreign_pickle_is_refused_without_advising_to_unpickle_it(tmp_path, data_dir):
+    out = tmp_path / "run"
+    run(out, data_dir)
+    torch.save({"model": Path("x")}, out / "vqvae.pt")   # an object weights_only refuses to build
+    with pytest.raises(SystemExit) as refused:
+        run(out, data_dir, "--resume", "--stages", "eval")
+    assert re.search(r"vqvae.pt: not a checkpoint of this project: it holds Python objects .* it was not loaded",
+                     str(refused.value)) and "weights_only" not in str(refused.value)
+
+
+def test_a_full_disk_says_which_file_failed_and_what_was_kept(tmp_path, data_dir):
+    """A real full disk: --out on a 1 MiB tmpfs, where the first checkpoint fits and the second does not."""
+    out = tmp_path / "run"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        run(out, data_dir, "--checkpoint-every", "1", "--steps", "1")       # about 0.5 MB: fits
+        ballast = out / "ballast"
+        ballast.write_bytes(b"\0" * (out.stat().st_blksize * 8))
+        free = os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
+        ballast.write_bytes(b"\0" * max(0, len(ballast.read_bytes()) + free - 100_000))   # 100 kB left
+        with pytest.raises(SystemExit, match=rf"no space left on the device of {out}: writing vqvae.pt failed and "
+                                             r"the earlier vqvae.pt is kept; free some space"):
+            run(out, data_dir, "--checkpoint-every", "1", "--steps", "2", "--resume")
+        assert files.load_checkpoint(out / "vqvae.pt")["step"] == 1 and not list(out.glob("*.tmp*"))
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+
+
+def test_a_model_read_back_on_a_gpu_that_is_not_there_is_refused_in_one_line(tmp_path, data_dir):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    out = tmp_path / "run"
+    run(out, data_dir)
+    with pytest.raises(SystemExit, match=r"--device cuda: no CUDA GPU is visible"):
+        runs.load_run(out, device="cuda")
+
+
+def test_a_jpegs_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+    root = image_folder(tmp_path / "images")
+    upright = np.zeros((32, 32, 3), np.uint8)
+    upright[:8] = 255                                                   # a white band at the top
+    image = Image.fromarray(np.rot90(upright).copy())                   # stored turned, the band on the left
+    exif = image.getexif()
+    exif[0x0112] = 6                                                    # "rotate 90 degrees clockwise to view"
+    image.save(root / "train" / "cat" / "0.jpg", exif=exif, quality=100)
+    (root / "train" / "cat" / "0.png").unlink()
+    data = images.read_image_folder(root)
+    top = data["train_x"][0]                                            # train/cat/0.jpg, the first image
+    assert top[:, :8].mean() > 200 and top[:, 8:].mean() < 50

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from conftest import CIFAR, ROOT
+from conftest import CIFAR, ROOT, require_extension
 
 
 def test_gpu_check_runs_every_check_on_the_cpu(tmp_path, data_dir):
-    pytest.importorskip("vqvae_ext", reason="vqvae_ext is not built (pip install --no-build-isolation -e .)")
+    require_extension()
     out = tmp_path / "report.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_check.py"), "--device", "cpu", "--quick",
                           "--out", str(out), "--data", str(CIFAR), "--data-dir", str(data_dir)],

@@ -190,9 +190,11 @@ def test_unused_code_is_restarted_from_a_batch_encoder_output_once_its_usage_dec
 @pytest.mark.parametrize("seed", range(6))
 def test_kmeans_init_puts_one_codebook_row_on_each_well_separated_cluster(seed):
     torch.manual_seed(seed)
-    means = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [5.0, -5.0], [-5.0, -5.0]])
+    # Clusters 100 apart, of spread 0.1: k-means++ draws a latent of a cluster it already holds with
+    # probability below 1e-5 at each seed.
+    means = torch.tensor([[50.0, 50.0], [-50.0, 50.0], [50.0, -50.0], [-50.0, -50.0]])
     z = means.repeat_interleave(50, 0) + 0.1 * torch.randn(200, 2)
-    q = vqvae.VectorQuantizer(4, 2, kmeans_init=True).train()
+    q = vqvae.VectorQuantizer(4, 2, kmeans_init=True, dead_code_threshold=None).train()
     assert not q.initialized
     q(z.T[None])
     codebook = q.codebook.detach().clone()
@@ -244,7 +246,7 @@ def test_a_code_never_chosen_shrinks_towards_the_origin_as_laplace_smoothing_pre
     e_i(t) = g^t e_0 / ((g^t + eps) n / (n + K eps)) with n the summed usage: it holds e_0 while
     g^t >> eps, then falls towards the origin (float64 reference, step by step)."""
     K, D, g, eps = 4, 2, 0.99, 1e-5
-    q = vqvae.VectorQuantizer(K, D, decay=g, epsilon=eps)
+    q = vqvae.VectorQuantizer(K, D, decay=g, epsilon=eps, dead_code_threshold=None)   # the paper's quantizer
     set_codebook(q, [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [20.0, 0.0]])     # code 3: far from every z
     z_e = torch.tensor([[0.1, 0.0], [0.9, 0.1], [0.0, 0.8], [0.2, 0.1]]).t()[None]   # (1, D, 4)
     usage, unused = torch.ones(K, dtype=torch.float64), []
@@ -258,3 +260,38 @@ def test_a_code_never_chosen_shrinks_towards_the_origin_as_laplace_smoothing_pre
     for got, expected in unused:
         assert got == pytest.approx(expected, rel=1e-3)
     assert unused[500][0] > 19 and unused[999][0] > 10 and unused[-1][0] < 1   # held, then collapsed
+
+
+# ---------------------------------------------------------------- a copier's model: layouts and precision
+def test_channel_last_quantizes_the_last_axis_even_where_n_equals_d(assert_nearest):
+    """A token sequence (B, N, D), the layout of transformers: with N == D the channel-first default
+    would quantize the wrong axis, and nothing in the shapes says so."""
+    q = quantizer(16, 4, channel_last=True).eval()
+    tokens = torch.randn(3, 4, 4)                                        # (B, N, D), N == D == 4
+    out = q(tokens)
+    assert out.z_q.shape == tokens.shape and out.codes.shape == (3, 4)
+    assert_nearest(out.codes.flatten(), tokens.reshape(-1, 4), q.codebook.detach())
+    torch.testing.assert_close(out.z_q, q.codebook.detach()[out.codes])   # straight-through: z_e + (e - z_e)
+    assert torch.equal(q.lookup(out.codes), q.codebook.detach()[out.codes])
+    first = quantizer(16, 4).eval()
+    first.load_state_dict(q.state_dict())
+    assert torch.equal(first(tokens.transpose(1, 2)).codes, out.codes)   # the same codes, channel-first
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("decay", [None, 0.99], ids=["codebook_loss", "ema"])
+def test_a_half_precision_model_keeps_the_codebook_and_its_statistics_in_float32(dtype, decay):
+    full = quantizer(16, 4, decay=decay)
+    half = quantizer(16, 4, decay=decay)
+    half.load_state_dict(full.state_dict())
+    half.to(dtype)
+    assert all(t.dtype == torch.float32 for t in half.state_dict().values() if t.is_floating_point())
+    z_e = torch.randn(2, 4, 5, 5).to(dtype)                              # the same input to both
+    for step in range(3):
+        torch.manual_seed(step)
+        want = full.train()(z_e.float())
+        torch.manual_seed(step)
+        got = half.train()(z_e)
+        assert torch.equal(got.codes, want.codes) and got.z_q.dtype == dtype
+    for name, t in full.state_dict().items():   # the moving averages moved exactly as in float32
+        assert torch.equal(half.state_dict()[name], t), name

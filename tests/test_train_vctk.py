@@ -92,8 +92,12 @@ def test_all_stages_write_checkpoints_metrics_audio_and_figures(tmp_path, fsdd):
     saved = files.load_checkpoint(out / "prior.pt")
     assert saved["model_class"] == "WaveNet" and prior.config.num_categories == model.config.num_embeddings
     assert all(torch.equal(v, saved["model"][k]) for k, v in prior.state_dict().items())
-    # Eval alone reads the VQ-VAE, the classifiers and the prior back and repeats every measure.
-    run(out, "--steps", "3", "--classifier-steps", "2", "--stages", "eval")
+    # Eval alone reads the VQ-VAE, the classifiers and the prior back and repeats every measure; with
+    # --wav-clips 0 it writes no WAV but still the figures.
+    for f in [*wavs, out / "conversion.png"]:
+        f.unlink()
+    run(out, "--steps", "3", "--classifier-steps", "2", "--stages", "eval", "--wav-clips", "0")
+    assert not list((out / "audio").glob("*.wav")) and (out / "conversion.png").exists()
     again = json.loads((out / "metrics.json").read_text())["metrics"]
     timed = {"generation_seconds", "generated_samples_per_second"}
     assert {k: v for k, v in again.items() if k not in timed} == {k: v for k, v in m.items() if k not in timed}

@@ -112,8 +112,7 @@ def test_figures_drawn_by_the_scripts_in_docs_are_small():
         assert figure.stat().st_size < 200_000, f"{figure}: {figure.stat().st_size} bytes"
 
 
-SNIPPETS = [(doc, b) for doc in ("TUTORIAL.md", "README.md") for b in blocks(doc, "python")
-            if "import" in b and "load_run(" not in b]
+SNIPPETS = [(doc, b) for doc in DOCS for b in blocks(doc, "python") if "import" in b and "load_run(" not in b]
 
 
 @pytest.mark.parametrize("doc,snippet", SNIPPETS, ids=lambda s: s.splitlines()[0][:40])

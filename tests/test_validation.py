@@ -16,7 +16,7 @@ nan_latents = torch.zeros(2, D, 3).index_fill_(2, torch.tensor([1]), float("nan"
 
 CASES = {
     "z_e-channel-count": (lambda: quantizer()(torch.randn(2, 3, 4, 4)),
-                          r"z_e: expected a floating \(B, 4, \*spatial\) tensor.*got shape \(2, 3, 4, 4\)"),
+                          r"z_e: expected a floating \(B, 4, \*S\) tensor.*got shape \(2, 3, 4, 4\)"),
     "z_e-rank": (lambda: quantizer()(torch.randn(2, D)), r"z_e: expected .*got shape \(2, 4\)"),
     "z_e-integer": (lambda: quantizer()(torch.ones(2, D, 3, dtype=torch.int64)),
                     r"z_e: expected a floating .*got shape \(2, 4, 3\), dtype torch.int64"),
@@ -62,7 +62,10 @@ CONFIG_CASES = {
     "data_variance": (vqvae.VQVAEConfig, dict(data_variance=0.0), r"VQVAEConfig.data_variance: expected > 0"),
     "data_variance-nan": (vqvae.VQVAEConfig, dict(data_variance=float("nan")), r"VQVAEConfig.data_variance"),
     "commitment_cost": (vqvae.VQVAEConfig, dict(commitment_cost=-0.1), r"VQVAEConfig.commitment_cost: expected >= 0"),
-    "decay": (vqvae.VQVAEConfig, dict(decay=1.0), r"VQVAEConfig.decay: expected in \[0, 1\) or None; got 1.0"),
+    "decay": (vqvae.VQVAEConfig, dict(decay=1.0), r"VQVAEConfig.decay: expected in \(0, 1\), or None for the codebook "
+                                                  r"loss of Eq. 3 .*; got 1.0"),
+    "decay-0": (vqvae.VQVAEConfig, dict(decay=0.0), r"VQVAEConfig.decay: .* \(decay=0 would replace the codebook by "
+                                                    r"each batch's means\); got 0.0"),
     "likelihood": (vqvae.VQVAEConfig, dict(likelihood="laplace"),
                    r"VQVAEConfig.likelihood: expected 'gaussian' or 'categorical'; got 'laplace'"),
     "size": (vqvae.VQVAEConfig, dict(num_embeddings=0), r"VQVAEConfig.num_embeddings: expected an integer >= 1; got 0"),
@@ -92,7 +95,7 @@ def test_default_configs_are_valid():
     for config in (vqvae.VQVAEConfig, vqvae.GatedPixelCNNConfig, vqvae.WaveNetConfig, vqvae.AudioVQVAEConfig,
                    vqvae.ActionConditionalPriorConfig):
         config()
-    vqvae.VQVAEConfig(num_res_layers=0, num_downsamples=0, decay=0.0, dims=3, likelihood="categorical")
+    vqvae.VQVAEConfig(num_res_layers=0, num_downsamples=0, decay=0.5, dims=3, likelihood="categorical")
 
 
 # ------------------------------------------------------------------ GatedPixelCNN.sample arguments

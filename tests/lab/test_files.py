@@ -1,9 +1,12 @@
-"""lab/files.py: processes that write one cache at once never clash."""
+"""lab/files.py: processes that write one cache at once never clash; a full disk is one line."""
+import errno
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from lab import files
 
@@ -22,3 +25,18 @@ def test_processes_making_the_same_cache_at_once_do_not_clash(tmp_path):
     assert all(p.returncode == 0 for p in procs), errors
     assert files.load_npz(tmp_path / "cache.npz", keys=("x",))["x"][0] == 199
     assert [f.name for f in tmp_path.iterdir()] == ["cache.npz"]
+
+
+def test_a_full_disk_ends_the_run_in_one_line_naming_the_file_and_what_was_kept(tmp_path):
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    path = tmp_path / "metrics.json"
+    with pytest.raises(SystemExit, match=rf"no space left on the device of {tmp_path}: writing metrics.json failed "
+                                         r"and it was not written; free some space"):
+        files.write_atomically(path, full)
+    files.write_json(path, {"a": 1})
+    with pytest.raises(SystemExit, match=r"writing metrics.json failed and the earlier metrics.json is kept"):
+        files.write_atomically(path, full)
+    assert path.read_text() == '{\n  "a": 1\n}\n' and [f.name for f in tmp_path.iterdir()] == ["metrics.json"]
+    with pytest.raises(PermissionError):   # other failures are not a full disk
+        files.write_atomically(path, lambda tmp: (_ for _ in ()).throw(PermissionError(errno.EACCES, "denied")))

@@ -1,7 +1,10 @@
 """The training loop of lab/train.py: metrics read back at log steps only, the learning-rate
-schedule, the stop on a non-finite loss with the last good checkpoint kept, and a diverged run
-resumed from it with a lower learning rate."""
+schedule, the stop on a non-finite or exploding loss with the last good checkpoint kept, a diverged
+run resumed from it with a lower learning rate, and Ctrl-C during a step that does not end."""
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ from lab import files, runs, train
 def test_metrics_are_read_back_once_per_log_step_and_averaged_exactly(tmp_path, monkeypatch):
     reads = []
     real_read = runs.read_metrics
-    monkeypatch.setattr(train, "read_metrics", lambda metrics, device: reads.append(1) or real_read(metrics, device))
+    monkeypatch.setattr(train, "read_metrics", lambda metrics, device: reads.append(sorted(metrics)) or real_read(metrics, device))
     model = torch.nn.Linear(2, 1)
     run = runs.Run(tmp_path, torch.device("cpu"), log_every=5, checkpoint_every=100)
     seen = []
@@ -23,7 +26,8 @@ def test_metrics_are_read_back_once_per_log_step_and_averaged_exactly(tmp_path, 
         return loss, {"loss": loss.detach(), "step_plus_half": torch.tensor(step + 0.5)}
 
     history = train.fit(run, "toy", model, loss_fn, 12, lr=0.1)
-    assert len(reads) == 3 and history["step"] == [5, 10, 12]  # steps 5 and 10, and the last one
+    # steps 5 and 10 and the last, and at the checkpoint (the last step) its loss on the next batch
+    assert reads == [["_bad", "loss", "step_plus_half"]] * 3 + [["first", "next"]] and history["step"] == [5, 10, 12]
     assert history["step_plus_half"] == [4.5, 9.5, 11.5]
     assert history["loss"] == [seen[4], seen[9], seen[11]]     # float32 values, exactly
 
@@ -78,3 +82,46 @@ def test_diverged_run_keeps_a_finite_checkpoint_and_resumes_from_it_with_a_lower
     state = files.load_checkpoint(tmp_path / "toy.pt")
     assert history["step"] == [1, 2, 3, 4, 5, 6] and state["resumed"] == [{"step": 2, "lr": (0.1, 0.01)}]
     assert all(math.isfinite(v) for v in history["loss"])
+
+
+def test_an_exploding_loss_keeps_the_last_good_checkpoint_and_a_lower_lr_goes_on_from_it(tmp_path):
+    """Finite weights whose loss on the next batch is a million times the first are not good: the
+    step-2 checkpoint stays the last good one, and --resume with a lower --lr continues from it."""
+    def fit(lr, resume):
+        model = torch.nn.Linear(2, 1)
+        torch.nn.init.constant_(model.weight, 0.5)
+        run = runs.Run(tmp_path, torch.device("cpu"), resume=resume, log_every=1, checkpoint_every=2,
+                       options={"lr": lr, "world_size": 1}, resumable={"steps"})
+
+        def loss_fn(m, step):   # from step 3 on the loss is sent off (finite: the gradients' norm stays finite)
+            loss = (m(torch.ones(1, 2)) ** 2).sum() * (1e6 if step >= 3 and lr > 0.05 else 1.0)
+            return loss, {"loss": loss.detach()}
+        return train.fit(run, "toy", model, loss_fn, 6, lr)
+
+    path = tmp_path / "toy.pt"
+    with pytest.raises(SystemExit, match=rf"step 4: the loss is exploding \(.* on the next batch, over 10x the first "
+                                         rf"step's .*\); stopped without saving. Last good checkpoint: {path} \(step 2\): "
+                                         r"--resume with a lower --lr continues from it"):
+        fit(0.1, resume=False)
+    assert files.load_checkpoint(path)["step"] == 2
+    assert fit(0.01, resume=True)["step"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_step_that_does_not_end_soon_after_ctrl_c_is_stopped_at_once(tmp_path, monkeypatch):
+    """One Ctrl-C stops after the step; a step still running StopRequest.GRACE seconds later (a huge
+    codebook's) is stopped where it is: no checkpoint of it, the earlier ones kept."""
+    monkeypatch.setattr(train.StopRequest, "GRACE", 1)
+    model, ended = torch.nn.Linear(2, 1), []
+    run = runs.Run(tmp_path, torch.device("cpu"), checkpoint_every=1)
+
+    def loss_fn(m, step):
+        if step == 2 and m.training:  # the third training step (not the check of checkpoint 2)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(60)            # interrupted by the alarm, a second after Ctrl-C
+            ended.append(step)
+        loss = (m(torch.ones(1, 2)) ** 2).sum()
+        return loss, {"loss": loss.detach()}
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(run, "toy", model, loss_fn, 10, lr=0.1)
+    assert not ended and files.load_checkpoint(tmp_path / "toy.pt")["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.alarm(0) == 0
