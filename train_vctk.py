@@ -18,8 +18,10 @@ report.md, *.png, audio/*.wav.
     python train_vctk.py --data ~/VCTK-Corpus           # VCTK 0.80 (wav48/pNNN/*.wav), at 16 kHz
     python train_vctk.py --data ~/VCTK-Corpus-0.92      # VCTK 0.92 (*_mic1.flac): pip install soundfile
 
-VCTK has no digits and no phone alignments: there the digit classifier and the phone probe are
-skipped. A held-out VCTK clip is every 10th utterance of each speaker (the corpus has no split).
+The phone probe reads FSDD/alignments.tsv, which the public FSDD lacks: `python docs/align_fsdd.py
+DIR` makes it (with the optional PocketSphinx); without it the probe is skipped, with one line.
+VCTK has no digits and no alignments: there the digit classifier and the probe are skipped. A
+held-out VCTK clip is every 10th utterance of each speaker (the corpus has no split).
 """
 from __future__ import annotations
 
@@ -197,6 +199,9 @@ def evaluate(args, run, model, classifiers, data) -> dict:
                                                args.wav_clips))
     if data.alignments is not None:
         metrics.update(speech_eval.phone_probe_scores(model, data, args.seed, args.out, run.device))
+    else:
+        run.print(f"[eval] phone probe skipped: {args.data} has no alignments.tsv (FSDD's: python docs/align_fsdd.py "
+                  f"{args.data}; VCTK has none)")
     return metrics
 
 

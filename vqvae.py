@@ -448,9 +448,9 @@ class VQVAE(nn.Module):
 
 
 # ---- The prior (Sec. 3.2, 4.2): a gated PixelCNN over the map of codes, trained after the VQ-VAE ----
-# y = tanh(W_f * x + V_f h) . sigmoid(W_g * x + V_g h), h a class (or a conditioning map); a vertical
-# stack sees the rows above, a horizontal stack the pixels to the left: together everything before a
-# pixel in raster order (no blind spot).
+# y = tanh(W_f * x + V_f h) . sigmoid(W_g * x + V_g h), h a class (or a conditioning map). A vertical
+# stack sees the rows up to its own and enters a horizontal stack shifted down one row; the horizontal
+# stack adds the pixels to the left: together everything before a pixel in raster order (no blind spot).
 def _gate(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=1)
     return torch.tanh(a) * torch.sigmoid(b)

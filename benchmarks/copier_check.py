@@ -39,6 +39,7 @@ SETTINGS = {
     "paper-exact": dict(dead_code_threshold=None),                      # no remedy at all
     "kmeans": dict(kmeans_init=True),
     "codebook-loss": dict(decay=None),
+    "codebook-loss-exact": dict(decay=None, dead_code_threshold=None),   # Eq. 3 alone, as the paper trains
 }
 
 

@@ -21,26 +21,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lab import figures, files, images, runs  # noqa: E402
+from lab import figures, images, runs  # noqa: E402
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=Path("runs/cifar_quick"), help="a train_cifar.py --out folder")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("codebook_atlas.png"))
-    parser.add_argument("--data", type=Path, default=None, help="the test images (default: the run's --data)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="decoded caches (default: the run's --data-dir)")
+    images.add_run_options(parser, "codebook_atlas.png")
     parser.add_argument("--max-test-images", type=int, default=None, help="a seeded subset of the test set")
     parser.add_argument("--codes", type=int, default=128, help="how many of the most used codes to draw")
     parser.add_argument("--per-row", type=int, default=16)
     args = parser.parse_args(argv)
 
     model, _ = runs.load_run(args.run)
-    options = files.load_checkpoint(args.run / "vqvae.pt").get("options", {})   # what the run was trained with
-    data = args.data or (Path(options["data"]) if options.get("data") else None)
-    data_dir = args.data_dir or Path(options.get("data_dir", "data"))
-    test = images.load_images(data, data_dir, options.get("image_size"), options.get("channels", 3),
-                              max_test=args.max_test_images or options.get("max_test_images"))
+    test = images.load_images_of_run(args, args.max_test_images)
     with torch.no_grad():
         codes = images.encode(model, test["test_x"], "cpu")                     # (N, 8, 8)
         K = model.config.num_embeddings

@@ -25,7 +25,7 @@ import vqvae  # noqa: E402
 def never_chosen_norm(decay: float, steps: int, num_codes: int, dim: int, batch: int, seed: int) -> list[float]:
     """The norm of code 0 after each of `steps` EMA updates in which it is never chosen."""
     torch.manual_seed(seed)
-    vq = vqvae.VectorQuantizer(num_codes, dim, decay=decay).train()
+    vq = vqvae.VectorQuantizer(num_codes, dim, decay=decay, dead_code_threshold=None).train()   # the paper's
     norms = [vq.codebook[0].norm().item()]
     for _ in range(steps):
         others = vq.codebook[1:].clone()                                   # (K - 1, D)

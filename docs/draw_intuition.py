@@ -38,7 +38,7 @@ class ToyVQVAE(nn.Module):
     def __init__(self, num_embeddings: int, beta: float):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 2))
-        self.quantizer = vqvae.VectorQuantizer(num_embeddings, 2, commitment_cost=beta)
+        self.quantizer = vqvae.VectorQuantizer(num_embeddings, 2, commitment_cost=beta, dead_code_threshold=None)
         self.decoder = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 2))
 
     def forward(self, x: torch.Tensor):

@@ -1,4 +1,4 @@
-"""How stable are the video experiment's frame codes under motion? (TUTORIAL.md, Video.)
+"""How stable are the video experiment's frame codes under motion? (docs/results/video.md)
 
 Two measurements on a train_video.py run, printed as Markdown tables:
 
@@ -9,7 +9,7 @@ Two measurements on a train_video.py run, printed as Markdown tables:
 2. For the transitions of the training episodes, by action: the fraction of frame t+1's codes equal
    to frame t's codes moved by the horizontal shift (in cells) that matches best.
 
-    python docs/video_code_stability.py --out runs/train_video_quick \\
+    python docs/video_code_stability.py --out runs/video_quick \\
         --data data/vizdoom_my_way_home_48+16x200_skip4_hold4_seed0.npz
 """
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lab.files import DataError, load_npz, save_npz, seeded_subset
+from lab.files import DataError, load_checkpoint, load_npz, save_npz, seeded_subset
 from lab.guards import check_writable, source_key
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -45,6 +45,23 @@ def load_images(source: Path | None, data_dir: Path, image_size: int | None = No
         raise DataError(f"{source or data_dir}: every training pixel has the same value (variance 0): the "
                         "reconstruction loss is scaled by 1 / variance; check the images")
     return out
+
+
+def add_run_options(parser, figure: str) -> None:
+    """--run, --out, --data, --data-dir: the options of a figure drawn from a train_cifar.py run (docs/)."""
+    parser.add_argument("--run", type=Path, default=Path("runs/cifar_quick"), help="a train_cifar.py --out folder")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / figure)
+    parser.add_argument("--data", type=Path, default=None, help="the test images (default: the run's --data)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="decoded caches (default: the run's --data-dir)")
+
+
+def load_images_of_run(args, max_test: int | None = None) -> dict:
+    """load_images for the run in args.run: the --data, --data-dir and image options recorded in its
+    vqvae.pt, unless args.data or args.data_dir say otherwise."""
+    options = load_checkpoint(args.run / "vqvae.pt").get("options", {})
+    data = args.data or (Path(options["data"]) if options.get("data") else None)
+    return load_images(data, args.data_dir or Path(options.get("data_dir", "data")), options.get("image_size"),
+                       options.get("channels", 3), max_test=max_test or options.get("max_test_images"))
 
 
 def load_cifar10(source: Path | None, data_dir: Path, image_size: int | None = None, channels: int = 3) -> dict:

@@ -205,9 +205,9 @@ REMEDIES = {"paper": dict(dead_code_threshold=None), "remedies": dict(kmeans_ini
 
 @pytest.mark.parametrize("remedies", REMEDIES)
 @pytest.mark.parametrize("decay", [None, 0.99], ids=["codebook_loss", "ema"])
-def test_compiled_quantizer_has_no_graph_break_and_matches_eager(backend, decay, remedies, monkeypatch):
+@torch._inductor.config.patch(fallback_random=True)   # not monkeypatch: pytest 9.2 would delete the option after
+def test_compiled_quantizer_has_no_graph_break_and_matches_eager(backend, decay, remedies):
     # Compiled random ops draw from PyTorch's generator as eager ones do (the k-means seeding, the restarts).
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(4, 8, 5, 5, generator=g) for _ in range(3)]
     eager = vqvae.VectorQuantizer(32, 8, decay=decay, **REMEDIES[remedies])

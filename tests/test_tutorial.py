@@ -4,11 +4,14 @@ one that a command makes (a script's default --out, or an --out given in the sam
 local link and figure exists; the python snippets run, README's snippet that reuses a trained model
 verbatim on a real (tiny) run; TUTORIAL's 30-line quantizer gives what VectorQuantizer gives; and
 the scripts in docs/ that draw the figures run."""
+import ast
+import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+from fnmatch import fnmatch
 from functools import lru_cache
 from pathlib import Path
 
@@ -85,7 +88,9 @@ def test_readme_keeps_the_fresh_machine_commands():
     assert ("pip install torch numpy matplotlib pytest pybind11 ninja vizdoom==1.3.2 soundfile && pip install "
             "--no-build-isolation -e . && python -m pytest tests -q") in readme
     assert "pip install torch numpy matplotlib && python train_cifar.py" in readme
-    assert "`pip install torch --index-url https://download.pytorch.org/whl/cpu`" in readme
+    quick_start = readme[readme.index("## Quick start"):readme.index("pip install torch numpy matplotlib &&")]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu " in quick_start, \
+        "README: the CPU-only install of torch comes before the first command"
 
 
 @pytest.mark.parametrize("doc", DOCS)
@@ -105,9 +110,96 @@ def test_local_links_and_figures_exist(doc):
             assert ((ROOT / doc).parent / target).exists(), f"{doc}: link to {target}, which does not exist"
 
 
+def slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def headings(doc: str) -> list[str]:
+    return re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text(doc), flags=re.S), re.M)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_cross_references_name_sections_that_exist(doc):
+    """Links with an #anchor, `page.md`, "Heading" and README, "Heading" references, and
+    "section N" (of TUTORIAL.md) land on a heading that exists."""
+    here = (ROOT / doc).parent
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", text(doc)):
+        page = str(((here / target) if target else ROOT / doc).resolve().relative_to(ROOT))
+        assert anchor in map(slug, headings(page)), f"{doc}: #{anchor} is no heading of {page}"
+    for page, heading in re.findall(r"`?(README|[\w/.-]+\.md)`?,\s+\"([^\"]+)\"", text(doc)):
+        page = "README.md" if page == "README" else page
+        page = page if (ROOT / page).exists() else str(((here / page).resolve()).relative_to(ROOT))
+        assert heading in headings(page), f"{doc}: {page} has no section \"{heading}\""
+    numbered = {int(n) for n in re.findall(r"^## (\d+)\.", text("TUTORIAL.md"), re.M)}
+    for n in re.findall(r"\bsections? (\d+)", text(doc)):
+        assert int(n) in numbered, f"{doc}: section {n}, but TUTORIAL.md has sections {sorted(numbered)}"
+
+
+def metrics_keys() -> set[str]:
+    """Every key, at any depth, of the metrics.json files of the runs behind the results pages."""
+    keys = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            keys.update(value)
+            for v in value.values():
+                walk(v)
+    for path in (ROOT / "docs/results/runs").glob("*/metrics.json"):
+        walk(json.loads(path.read_text()))
+    return keys
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_metrics_json_keys_quoted_are_written(doc):
+    """In a paragraph that speaks of metrics.json, each `snake_case` name (or `glob_*`) is a key
+    that the runs wrote."""
+    keys = metrics_keys()
+    for paragraph in re.split(r"\n\s*\n", text(doc)):
+        if "metrics.json" not in paragraph:
+            continue
+        for name in re.findall(r"`([a-z][a-z0-9_*]*)`", paragraph):
+            assert any(fnmatch(key, name) for key in keys), f"{doc}: `{name}` is no key of metrics.json"
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_option_errors_quoted_are_what_the_scripts_say(doc):
+    """A quoted refusal of an option ("argument --steps: ...; got 0") is the message that the
+    option gives, word for word."""
+    for quote in re.findall(r"\"(argument --[^\"]+)\"", " ".join(text(doc).split())):
+        option, value = re.match(r"argument (--[\w-]+):.*got (\S+)$", quote).groups()
+        run = subprocess.run([sys.executable, str(ROOT / "train_cifar.py"), option, value], capture_output=True,
+                             text=True, cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 2 and quote in " ".join(run.stderr.split()), (doc, quote, run.stderr)
+
+
+def usage_lines(script: Path) -> list[list[str]]:
+    """The commands in a script's docstring (lines that start with python), options in [...] unwrapped."""
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+    lines = [line.split(" #")[0].replace("[", " ").replace("]", " ").replace("|", " ")
+             for line in doc.replace("\\\n", " ").splitlines() if line.strip().startswith("python ")]
+    return [shlex.split(line) for line in lines]
+
+
+HELPERS = sorted(p.relative_to(ROOT) for d in ("docs", "benchmarks") for p in (ROOT / d).rglob("*.py"))
+
+
+@pytest.mark.parametrize("script", HELPERS, ids=str)
+def test_usage_lines_of_the_scripts_in_docs_and_benchmarks(script):
+    """Each command of a helper script's docstring names a script that exists, options that its
+    --help lists, and a run folder that a training script makes by default."""
+    for words in usage_lines(ROOT / script):
+        named = next(w for w in words if w.endswith(".py"))
+        assert (ROOT / named).exists(), f"{script}: {named} does not exist"
+        for option in (w.split("=")[0] for w in words if w.startswith("--")):
+            assert option in help_text(named), f"{script}: {named} has no option {option}"
+        for folder in (w for w in words if w.startswith("runs/")):
+            assert folder.rstrip("/") in default_outs(), f"{script}: {folder} is not a default --out"
+
+
 def test_figures_drawn_by_the_scripts_in_docs_are_small():
-    drawn = ["intuition", "batch_perplexity", "dead_code_norm", "collapse_ablation", "video_runs", "model",
-             "codebook_atlas"]
+    drawn = ["intuition", "batch_perplexity", "dead_code_norm", "collapse_ablation", "model",
+             "codebook_atlas", "pixelcnn_masks", "random_codes", "code_map"]
     for figure in (ROOT / "docs" / f"{name}.png" for name in drawn):
         assert figure.stat().st_size < 200_000, f"{figure}: {figure.stat().st_size} bytes"
 
@@ -137,6 +229,11 @@ def test_readme_reuse_snippet_and_codebook_atlas_run_on_a_trained_run(tmp_path, 
                            timeout=300)
     assert atlas.returncode == 0, atlas.stderr
     assert (tmp_path / "atlas.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for script in ("draw_random_codes.py", "draw_code_map.py"):   # the tutorial's figures of a trained run
+        drawn = subprocess.run([sys.executable, str(ROOT / "docs" / script), "--run", "runs/cifar_quick", "--out",
+                                "figure.png"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert drawn.returncode == 0, drawn.stderr
+        assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_minimal_quantizer_gives_what_vector_quantizer_gives():
@@ -181,8 +278,8 @@ FIGURE_SCRIPTS = {
     "draw_batch_perplexity.py": ["--trials", "3"],
     "draw_dead_code_norm.py": ["--steps", "3"],
     "draw_collapse_ablation.py": [],
-    "draw_video_runs.py": [],
     "draw_model.py": [],
+    "draw_pixelcnn_masks.py": [],
 }
 
 
@@ -194,6 +291,7 @@ def test_figure_script_draws_a_png(script, tmp_path):
 
 
 def test_every_figure_of_the_docs_has_its_script_tested_or_comes_from_a_run():
-    """docs/draw_*.py: each one is run above (the atlas on a trained run)."""
+    """docs/draw_*.py: each one is run above (those of a trained run in the README reuse test)."""
     drawn = {p.name for p in (ROOT / "docs").glob("draw_*.py")}
-    assert drawn <= set(FIGURE_SCRIPTS) | {"draw_codebook_atlas.py"}, drawn - set(FIGURE_SCRIPTS)
+    of_a_run = {"draw_codebook_atlas.py", "draw_random_codes.py", "draw_code_map.py"}
+    assert drawn <= set(FIGURE_SCRIPTS) | of_a_run, drawn - set(FIGURE_SCRIPTS) - of_a_run
