@@ -21,19 +21,6 @@ VCTK_URL = "https://datashare.ed.ac.uk/handle/10283/3443"
 HOP = 64  # samples per code: the audio encoder's 6 stride-2 convolutions
 
 
-def random_crops(clips: list[np.ndarray], length: int, generator: torch.Generator) -> torch.Tensor:
-    """(B, length) float: a random window of each clip; a shorter clip lands at a random offset in silence."""
-    out = torch.zeros(len(clips), length)
-    for b, clip in enumerate(clips):
-        clip = torch.from_numpy(clip)
-        shift = int(torch.randint(abs(len(clip) - length) + 1, (), generator=generator))
-        if len(clip) >= length:
-            out[b] = clip[shift:shift + length]
-        else:
-            out[b, shift:shift + len(clip)] = clip
-    return out
-
-
 def fixed_length(clips: list[np.ndarray], length: int) -> torch.Tensor:
     """(B, length) float: each clip from its start, cut or padded with silence at the end."""
     out = torch.zeros(len(clips), length)
@@ -51,8 +38,17 @@ class Split:
     digit: np.ndarray | None     # (N,) int64 spoken digit (FSDD), else None
 
     def random_crops(self, indices, length: int, generator: torch.Generator) -> torch.Tensor:
-        """(B, length) float: a random window of each clip of `indices` (see random_crops)."""
-        return random_crops([self.audio[int(i)] for i in indices], length, generator)
+        """(B, length) float: a random window of each clip of `indices`; a shorter clip lands at a
+        random offset in silence."""
+        out = torch.zeros(len(indices), length)
+        for b, i in enumerate(indices):
+            clip = torch.from_numpy(self.audio[int(i)])
+            shift = int(torch.randint(abs(len(clip) - length) + 1, (), generator=generator))
+            if len(clip) >= length:
+                out[b] = clip[shift:shift + length]
+            else:
+                out[b, shift:shift + len(clip)] = clip
+        return out
 
 
 @dataclass

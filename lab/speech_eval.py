@@ -126,15 +126,11 @@ def class_probs(classifiers, x: torch.Tensor, rate: int, length: int) -> dict[st
     return {k: logits.softmax(1).cpu() for k, logits in classifiers.eval()(log_mel(x, rate)).items()}
 
 
-def classify(classifiers, x: torch.Tensor, rate: int, length: int) -> dict[str, np.ndarray]:
-    """Waveforms (B, T) -> predicted class per classifier, on the first `length` samples."""
-    return {k: p.argmax(1).numpy() for k, p in class_probs(classifiers, x, rate, length).items()}
-
-
 @torch.no_grad()
-def real_clip_scores(classifiers, test: Split, rate: int, length: int, seed: int, device) -> dict:
-    """The classifiers on all real test clips, clean and with white noise 10 dB below them: how well
+def classifier_scores(classifiers, data: Speech, length: int, seed: int, device) -> dict:
+    """The classifiers on every real test clip, clean and with white noise 10 dB below it: how well
     they work, and how well through noise, before they listen to generated audio."""
+    test, rate = data.test, data.sample_rate
     real = fixed_length(test.audio, length)
     labels = {"speaker": test.speaker, "digit": test.digit}
     metrics = {}
@@ -252,25 +248,6 @@ class EvalWaves(NamedTuple):
     conversion: torch.Tensor         # the clip's codes decoded as the target speaker
 
 
-def generated_clip_scores(classifiers, data: Speech, clips: EvalClips, waves: EvalWaves, length: int) -> dict:
-    """How often the classifiers hear the source speaker in the reconstructions, the target speaker
-    (and the source) in the conversions, and, with digits, the clip's digit in both."""
-    device, rate, digit = clips.levels.device, data.sample_rate, data.test.digit
-    recon_probs = class_probs(classifiers, waves.reconstruction.to(device), rate, length)
-    pr = {k: p.argmax(1).numpy() for k, p in recon_probs.items()}
-    pc = classify(classifiers, waves.conversion.to(device), rate, length)
-    src, tgt = clips.source.cpu().numpy(), clips.target.cpu().numpy()
-    metrics = {"reconstruction_speaker_accuracy": float((pr["speaker"] == src).mean()),
-               "conversion_target_speaker_rate": float((pc["speaker"] == tgt).mean()),
-               "conversion_source_speaker_rate": float((pc["speaker"] == src).mean())}
-    if "digit" in pr:
-        metrics["reconstruction_digit_accuracy"] = float((pr["digit"] == digit[clips.picks]).mean())
-        metrics["conversion_digit_kept_rate"] = float((pc["digit"] == digit[clips.picks]).mean())
-        metrics["reconstruction_digit_confidence"] = recon_probs["digit"].max(1).values.mean().item()
-    metrics["num_eval_clips"], metrics["speaker_chance"] = len(clips.picks), 1 / len(data.speakers)
-    return metrics
-
-
 @torch.no_grad()
 def prior_bits_per_code(model, prior, data: Speech, length: int, device) -> dict:
     """The prior's test bits per code (the codes of each test clip's first `length` samples), and
@@ -285,20 +262,28 @@ def prior_bits_per_code(model, prior, data: Speech, length: int, device) -> dict
             "unigram_test_bits_per_code": -(unigram / unigram.sum()).log2()[test].mean().item()}
 
 
-def classifier_scores(classifiers: Classifiers, data: Speech, length: int, seed: int, device) -> dict:
-    """The classifiers on every real test clip, clean and through noise (real_clip_scores)."""
-    return real_clip_scores(classifiers, data.test, data.sample_rate, length, seed, device)
-
-
 def score_generated(classifiers: Classifiers, data: Speech, clips: EvalClips, generated: torch.Tensor, length: int,
                     out: Path, wav_clips: int) -> dict:
     """generated (2N, length) on the CPU: the eval clips' codes decoded as their own speaker, then as
-    the target speaker. Their classifier scores (generated_clip_scores); WAVs of the first clip of
-    each of the first wav_clips speakers, and spectrograms (write_eval_files)."""
-    n = len(clips.picks)
+    the target speaker. How often the classifiers hear the source speaker in the reconstructions,
+    the target speaker (and the source) in the conversions, and, with digits, the clip's digit in
+    both; WAVs of the first clip of each of the first wav_clips speakers, and spectrograms
+    (write_eval_files)."""
+    n, device, rate, digit = len(clips.picks), clips.levels.device, data.sample_rate, data.test.digit
     generated = generated * clips.inside.repeat(2, 1)  # past a clip's end, zeros as in the original
     waves = EvalWaves(vqvae.mu_law_decode(clips.levels).cpu() * clips.inside, generated[:n], generated[n:])
-    metrics = generated_clip_scores(classifiers, data, clips, waves, length)
+    recon_probs = class_probs(classifiers, waves.reconstruction.to(device), rate, length)
+    pr = {k: p.argmax(1).numpy() for k, p in recon_probs.items()}
+    pc = {k: p.argmax(1).numpy() for k, p in class_probs(classifiers, waves.conversion.to(device), rate, length).items()}
+    src, tgt = clips.source.cpu().numpy(), clips.target.cpu().numpy()
+    metrics = {"reconstruction_speaker_accuracy": float((pr["speaker"] == src).mean()),
+               "conversion_target_speaker_rate": float((pc["speaker"] == tgt).mean()),
+               "conversion_source_speaker_rate": float((pc["speaker"] == src).mean())}
+    if "digit" in pr:
+        metrics["reconstruction_digit_accuracy"] = float((pr["digit"] == digit[clips.picks]).mean())
+        metrics["conversion_digit_kept_rate"] = float((pc["digit"] == digit[clips.picks]).mean())
+        metrics["reconstruction_digit_confidence"] = recon_probs["digit"].max(1).values.mean().item()
+    metrics["num_eval_clips"], metrics["speaker_chance"] = n, 1 / len(data.speakers)
     write_eval_files(out, data, clips, waves, wav_clips)
     return metrics
 

@@ -154,9 +154,10 @@ def test_unknown_layout_names_the_expected_folders(tmp_path):
 
 
 def test_random_crops_are_seeded_and_place_short_clips_inside_silence():
-    clips = [np.arange(1, 11, dtype=np.float32), np.arange(1, 101, dtype=np.float32)]
-    a = speech.random_crops(clips, 32, torch.Generator().manual_seed(1))
-    assert torch.equal(a, speech.random_crops(clips, 32, torch.Generator().manual_seed(1)))
+    clips = speech.Split([np.arange(1, 11, dtype=np.float32), np.arange(1, 101, dtype=np.float32)],
+                         np.zeros(2, np.int64), ["short", "long"], None)
+    a = clips.random_crops([0, 1], 32, torch.Generator().manual_seed(1))
+    assert torch.equal(a, clips.random_crops([0, 1], 32, torch.Generator().manual_seed(1)))
     assert a.shape == (2, 32) and (a[0] > 0).sum() == 10 and a[0][a[0] > 0].tolist() == list(range(1, 11))
     assert (a[1][1:] - a[1][:-1] == 1).all()  # a contiguous window of the long clip
 
