@@ -14,6 +14,7 @@ has the file alone). --vqvae takes another vqvae.py, e.g. an older one, to compa
     python benchmarks/copier_check.py --data ../shared/data/cifar10/cifar10-jpeg.tar.gz
     git show cf95d48:vqvae.py > /tmp/old_vqvae.py
     python benchmarks/copier_check.py --vqvae /tmp/old_vqvae.py --settings paper --seeds 0 1 2
+    python benchmarks/copier_check.py --clients notebook --settings codebook-loss --trace   # every 50 steps
 """
 import argparse
 import importlib.util
@@ -93,21 +94,34 @@ def lucidrains(vq, quantizer_args):
 CLIENTS = {"notebook": notebook, "lucidrains": lucidrains}
 
 
-def run(vq, client: str, setting: str, data: dict, seed: int) -> dict:
+def run(vq, client: str, setting: str, data: dict, seed: int, trace: bool = False) -> dict:
     torch.manual_seed(seed)
     encoder, quantizer, decoder, how = CLIENTS[client](vq, SETTINGS[setting])
     params = [*encoder.parameters(), *quantizer.parameters(), *decoder.parameters()]
     optimizer = how["optimizer"](params, lr=how["lr"])
     train, test, variance = data["train"], data["test"], data["variance"]
     generator, t0 = torch.Generator().manual_seed(seed), time.perf_counter()
-    for _ in range(how["steps"]):
+    restarted = 0
+    for step in range(1, how["steps"] + 1):
         x = train[torch.randint(len(train), (how["batch"],), generator=generator)]
-        out = quantizer(encoder(x))
+        use = quantizer.ema_cluster_size.clone() if trace else None
+        z_e = encoder(x)
+        out = quantizer(z_e)
         quantizer_loss = out.codebook_loss + out.commitment_loss
-        loss = how["loss"](decoder(out.z_q), x, variance) + how["commitment_weight"] * quantizer_loss
+        recon_loss = how["loss"](decoder(out.z_q), x, variance)
+        loss = recon_loss + how["commitment_weight"] * quantizer_loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if trace and quantizer.dead_code_threshold is not None:   # the moving use the restart saw (Eq. 6)
+            gamma = quantizer.decay or vq.USAGE_DECAY
+            restarted += int((use * gamma + (1 - gamma) * out.counts < quantizer.dead_code_threshold).sum())
+        if trace and step % 50 == 0:
+            print(f"  step {step}: reconstruction loss {recon_loss.item():.3f}, codebook loss "
+                  f"{out.codebook_loss.item():.3g} (latents' mean square {z_e.detach().pow(2).mean().item():.3g}), "
+                  f"codes in the batch {int((out.counts > 0).sum())}, "
+                  f"restarted since step {step - 50} {restarted}", flush=True)
+            restarted = 0
     quantizer.eval()
     with torch.no_grad():
         squared, codes = 0.0, []
@@ -130,6 +144,8 @@ def main(argv=None):
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
+    p.add_argument("--trace", action="store_true", help="every 50 steps: the losses, the codes in the batch and "
+                   "the codes restarted")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     vq = copied_vqvae(args.vqvae)
@@ -142,7 +158,7 @@ def main(argv=None):
     for client in args.clients:
         for setting in args.settings:
             for seed in args.seeds:
-                rows.append(run(vq, client, setting, data, seed))
+                rows.append(run(vq, client, setting, data, seed, args.trace))
                 r = rows[-1]
                 print(f"| {client} | {setting} | {seed} | {r['test_nmse']:.4f} | {r['codes_used']} of {r['of']} | "
                       f"{r['seconds']:.0f} |", flush=True)
